@@ -1,0 +1,11 @@
+"""Errors the ComfyUI adapter raises for models and options it cannot run asynchronously."""
+
+from __future__ import annotations
+
+__all__ = ["SUPPORTED_FAMILIES", "UnsupportedModelError"]
+
+SUPPORTED_FAMILIES = "SD1.x, SD2.x and SDXL (ComfyUI's openaimodel.UNetModel, image models without temporal layers)"
+
+
+class UnsupportedModelError(ValueError):
+    """The model's architecture has no per-pixel timestep adapter (message names what is supported)."""

@@ -1,0 +1,110 @@
+"""The APPLY_MODEL wrapper that turns ComfyUI's one-sigma-per-image call into a per-pixel one.
+
+ComfyUI's samplers, CFG guider, area conds, ControlNet and hooks all expect one sigma per batch
+row. The sampler passes them a "carrier" sigma and keeps the per-pixel sigma map here; at the
+innermost point (BaseModel.apply_model) we rescale the input to the map's noise level, hand the
+UNet a per-pixel timestep through the time-embedding hooks, and compute the denoised output with
+the map. Everything between the sampler and this point stays untouched.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .per_pixel import per_pixel
+
+__all__ = ["StepMaps", "PerPixelApplyModel", "WRAPPER_KEY"]
+
+WRAPPER_KEY = "asyndm_per_pixel"
+
+
+class StepMaps:
+    """This step's per-image sigma map and its unique model timesteps (set by the sampler)."""
+
+    def __init__(self) -> None:
+        self.sigma: torch.Tensor | None = None  # (B, 1, H, W) float32
+        self.unique_t: torch.Tensor | None = None  # (U,) model timesteps of the unique sigmas
+        self.inverse: torch.Tensor | None = None  # (B, H, W) long index into unique_t
+        self.areas: dict[Any, tuple[int, int, int, int]] = {}  # cond uuid -> (h, w, y, x) crop
+
+    def set(self, sigma: torch.Tensor, model_sampling: Any) -> None:
+        """Record sigma and compute the timestep of each distinct sigma once per step."""
+        unique, inverse = torch.unique(sigma, return_inverse=True)
+        self.sigma = sigma
+        self.unique_t = model_sampling.timestep(unique).float()
+        self.inverse = inverse.reshape(sigma.shape[0], sigma.shape[2], sigma.shape[3])
+
+    def clear(self) -> None:
+        self.sigma = None
+        self.unique_t = None
+        self.inverse = None
+
+
+class PerPixelApplyModel:
+    """APPLY_MODEL wrapper: wrapper(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kw)."""
+
+    def __init__(self, maps: StepMaps, time_hooks: Any) -> None:
+        self.maps = maps
+        self.time_hooks = time_hooks
+        self.calls = 0
+
+    def _rows(self, x: torch.Tensor, transformer_options: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sigma map and timestep-index map for the rows of this call (chunks of the image batch)."""
+        sigma, inverse = self.maps.sigma, self.maps.inverse
+        assert sigma is not None and inverse is not None
+        cond_or_uncond = transformer_options.get("cond_or_uncond") or [0]
+        uuids = transformer_options.get("uuids") or [None] * len(cond_or_uncond)
+        chunks = len(cond_or_uncond)
+        batch = sigma.shape[0]
+        if x.shape[0] != chunks * batch:
+            raise RuntimeError(
+                f"AsynDM: the model was called with {x.shape[0]} rows for {chunks} condition chunks, "
+                f"but the latent batch is {batch}; batch sizes of latent and conditioning must match"
+            )
+        sig_parts, inv_parts = [], []
+        for o in range(chunks):
+            s, v = sigma, inverse
+            if tuple(x.shape[-2:]) != tuple(sigma.shape[-2:]):
+                area = self.maps.areas.get(uuids[o])
+                if area is None:
+                    raise RuntimeError("AsynDM: a conditioning area crops the latent in a way the sampler cannot map")
+                h, w, y, xo = area
+                s = s[:, :, y : y + h, xo : xo + w]
+                v = v[:, y : y + h, xo : xo + w]
+            sig_parts.append(s)
+            inv_parts.append(v)
+        return torch.cat(sig_parts).to(x.device), torch.cat(inv_parts).to(x.device)
+
+    def __call__(self, executor: Any, x: torch.Tensor, t: torch.Tensor, c_concat: Any, c_crossattn: Any,
+                 control: Any, transformer_options: dict, **kwargs: Any) -> torch.Tensor:
+        if self.maps.sigma is None:
+            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        self.calls += 1
+        base_model = executor.class_obj
+        ms = base_model.model_sampling
+        sigma_rows, inverse_rows = self._rows(x, transformer_options)
+        ones = torch.ones_like(x[:, :1])
+        # Rescale so that calculate_input(carrier, x_pre) == calculate_input(sigma_map, x) per pixel.
+        c_in_map = per_pixel(ms.calculate_input, sigma_rows, ones)
+        c_in_carrier = ms.calculate_input(t, ones)
+        x_pre = x * (c_in_map / c_in_carrier)
+        unique_t = self.maps.unique_t
+        assert unique_t is not None
+        t_rows = unique_t.to(x.device)[inverse_rows]
+        captured: list[torch.Tensor] = []
+
+        def keep_output(_module: Any, _inputs: Any, output: Any) -> None:
+            captured.append(output)
+
+        handle = base_model.diffusion_model.register_forward_hook(keep_output)
+        self.time_hooks.set_map(t_rows, unique=unique_t.to(x.device), inverse=inverse_rows)
+        try:
+            executor(x_pre, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        finally:
+            handle.remove()
+            self.time_hooks.set_map(None)
+        if len(captured) != 1 or not torch.is_tensor(captured[0]):
+            raise RuntimeError("AsynDM: the diffusion model's output could not be read (packed or repeated outputs)")
+        return per_pixel(ms.calculate_denoised, sigma_rows, captured[0].float(), x)

@@ -1,0 +1,308 @@
+"""AsynSampler: a comfy.samplers.Sampler that denoises every latent pixel on its own schedule.
+
+It drives ComfyUI's own CFG guider once per step with a carrier sigma per image (the user's
+scheduler, i.e. the background track), while the per-pixel sigma map reaches the model through
+the APPLY_MODEL wrapper and the time-embedding hooks. The update itself is done element by
+element on the sigma maps (asyndm.steps). Every wrapper, patch and hook is added for the run on
+cloned options or inside try/finally, so nothing outlives it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import comfy.k_diffusion.sampling as kdiff
+import comfy.model_management
+import comfy.patcher_extension
+import comfy.samplers
+import torch
+import torch.nn.functional as F
+
+from ..masks import initial_item_masks, item_masks
+from ..schedule_spec import AsynSchedule
+from ..schedules import step as schedule_step
+from ..sigma_map import state_to_sigma
+from ..steps import ancestral_step, dpmpp_2m_step
+from ..timesteps import round_clamp
+from .attention import AttentionObserver, attn2_modules, capture_grid
+from .errors import UnsupportedModelError
+from .model_wrapper import WRAPPER_KEY, PerPixelApplyModel, StepMaps
+from .per_pixel import per_pixel
+from .tokens import KEY as TOKENS_KEY
+from .unet_time import PerPixelTimesteps
+
+__all__ = ["AsynSampler", "SUPPORTED_SAMPLERS", "StepRecord", "check_sampler_name"]
+
+# sampler name -> (update rule, default eta). eta = 0 is Euler, eta = 1 is DDPM (ancestral).
+SUPPORTED_SAMPLERS: dict[str, tuple[str, float]] = {
+    "euler": ("ancestral", 0.0),
+    "ddim": ("ancestral", 0.0),  # ComfyUI's "ddim" is Euler; set eta > 0 for DDIM(eta)
+    "euler_ancestral": ("ancestral", 1.0),
+    "ddpm": ("ancestral", 1.0),
+    "dpmpp_2m": ("dpmpp_2m", 0.0),
+}
+
+
+def check_sampler_name(name: str) -> None:
+    """Refuse samplers whose update cannot be taken element by element on a sigma map."""
+    if name not in SUPPORTED_SAMPLERS:
+        raise ValueError(
+            f"sampler {name!r} is not supported by asynchronous sampling; "
+            f"choose one of: {', '.join(SUPPORTED_SAMPLERS)}"
+        )
+
+
+@dataclass
+class StepRecord:
+    """What happened at each step, for previews: states the model saw and the item priority map."""
+
+    states: list[torch.Tensor] = field(default_factory=list)  # (B, H, W) timestep state per step
+    priorities: list[torch.Tensor] = field(default_factory=list)  # (B, H, W) k per pixel, 0 = background
+    num_train_timesteps: int = 1000
+    offset: int = 1
+
+
+class AsynSampler(comfy.samplers.Sampler):
+    """Asynchronous sampling as a ComfyUI SAMPLER (usable by SamplerCustom / SamplerCustomAdvanced)."""
+
+    def __init__(self, sampler_name: str, schedule: AsynSchedule | None, *, eta: float | None = None,
+                 reference: bool = False, s_noise: float = 1.0) -> None:
+        check_sampler_name(sampler_name)
+        self.sampler_name = sampler_name
+        self.rule, default_eta = SUPPORTED_SAMPLERS[sampler_name]
+        self.eta = default_eta if eta is None else float(eta)
+        if self.rule == "dpmpp_2m" and self.eta != 0.0:
+            raise ValueError("eta applies to euler, ddim, euler_ancestral and ddpm, not to dpmpp_2m: set eta to 0")
+        self.schedule = schedule or AsynSchedule()
+        self.reference = reference
+        self.s_noise = s_noise
+        self.num_train_timesteps = 1000
+        self.offset = 1
+        self.record: StepRecord | None = None
+
+    # ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, model_wrap: Any, sigmas: torch.Tensor, extra_args: dict, callback: Callable | None,
+               noise: torch.Tensor, latent_image: torch.Tensor | None = None, denoise_mask: torch.Tensor | None = None,
+               disable_pbar: bool = False) -> torch.Tensor:
+        inner = model_wrap.inner_model
+        ms = inner.model_sampling
+        diffusion_model = inner.diffusion_model
+        if noise.ndim != 4:
+            raise UnsupportedModelError(
+                f"asynchronous sampling needs image latents (B, C, H, W); got shape {tuple(noise.shape)}. "
+                "Supported: SD1.x, SD2.x and SDXL UNet models."
+            )
+        if latent_image is None:
+            latent_image = torch.zeros_like(noise)
+        if self.reference:
+            sigmas = self._reference_sigmas(ms, len(sigmas) - 1).to(sigmas.device)
+        num_steps = len(sigmas) - 1
+        self.record = StepRecord(num_train_timesteps=self.num_train_timesteps, offset=self.offset)
+        if num_steps < 1:
+            return ms.inverse_noise_scaling(sigmas[-1], ms.noise_scaling(sigmas[0], noise, latent_image))
+
+        time_hooks = PerPixelTimesteps(diffusion_model)
+        maps = StepMaps()
+        wrapper = PerPixelApplyModel(maps, time_hooks)
+        model_options = extra_args["model_options"]  # a per-run clone made by the CFG guider
+        comfy.patcher_extension.add_wrapper_with_key(
+            comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, wrapper, model_options, is_model_options=True
+        )
+        observer = self._observer(model_wrap, diffusion_model, noise)
+        if observer is not None:
+            to = model_options.setdefault("transformer_options", {})
+            patches = to.setdefault("patches", {})
+            patches["attn2_patch"] = list(patches.get("attn2_patch", [])) + [observer]
+
+        with time_hooks:
+            try:
+                fixed_k = self._fixed_priorities(noise)
+                if fixed_k is None and observer is not None and not self.schedule.dynamic:
+                    fixed_k = self._static_priorities(model_wrap, sigmas, extra_args, noise, latent_image,
+                                                      denoise_mask, maps, observer)
+                return self._run(model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask,
+                                 maps, observer, fixed_k, record=True)
+            finally:
+                maps.clear()
+
+    # ----------------------------------------------------------------------------------------
+    def _reference_sigmas(self, ms: Any, num_steps: int) -> torch.Tensor:
+        """The paper's sampler: linear integer timesteps from T + offset, ending at t = 0 (not sigma 0)."""
+        table = getattr(ms, "sigmas", None)
+        if table is None or table.ndim != 1:
+            raise UnsupportedModelError("reference mode needs a discrete-timestep model (SD1.x, SD2.x, SDXL)")
+        self.num_train_timesteps = int(table.shape[0])
+        from ..sigma_map import background_track
+
+        track = background_track(num_steps, num_train_timesteps=self.num_train_timesteps, offset=self.offset)
+        t = round_clamp(track, self.num_train_timesteps)
+        return torch.cat([table[t.to(table.device)], table[:1]]).float()
+
+    def _to_sigma(self, s: torch.Tensor, sigmas: torch.Tensor, ms: Any, sigma_top: float) -> torch.Tensor:
+        if self.reference:
+            table = ms.sigmas
+            return table[round_clamp(s, self.num_train_timesteps).to(table.device)].to(s.device).float()
+        return state_to_sigma(s, sigmas.float().to(s.device), sigma_top=sigma_top,
+                              num_train_timesteps=self.num_train_timesteps, offset=self.offset)
+
+    def _next_state(self, s: torch.Tensor, k_map: torch.Tensor, remaining: int, num_steps: int) -> torch.Tensor:
+        t, target = self.num_train_timesteps, float(self.offset)
+        linear = schedule_step(s, remaining, curve="linear", k=0.0, num_steps=num_steps, num_train_timesteps=t,
+                               target=target)
+        if not bool((k_map > 0).any()):
+            return linear
+        curved = schedule_step(s, remaining, curve=self.schedule.curve, k=k_map, num_steps=num_steps,
+                               num_train_timesteps=t, target=target)
+        return torch.where(k_map > 0, curved, linear)
+
+    def _fixed_priorities(self, noise: torch.Tensor) -> torch.Tensor | None:
+        """k per pixel from user masks (mask_source 'masks'), resized to the latent; None otherwise."""
+        sched = self.schedule
+        b, _, h, w = noise.shape
+        if sched.is_synchronous:
+            return torch.zeros(b, h, w, device=noise.device)
+        if sched.mask_source != "masks":
+            return None
+        masks = sched.masks
+        assert masks is not None
+        if masks.shape[0] not in (1, b):
+            raise ValueError(f"the masks have batch {masks.shape[0]} but the latent batch is {b}: give 1 or {b} masks")
+        m = masks.to(noise.device, torch.float32)
+        if tuple(m.shape[-2:]) != (h, w):
+            m = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)
+        m = m.clamp(0.0, 1.0).expand(b, -1, -1, -1)
+        k = torch.tensor(sched.k, device=noise.device, dtype=torch.float32).view(1, -1, 1, 1)
+        return (m * k).amax(dim=1)
+
+    def _observer(self, model_wrap: Any, diffusion_model: Any, noise: torch.Tensor) -> AttentionObserver | None:
+        sched = self.schedule
+        if sched.mask_source != "attention" or sched.is_synchronous:
+            return None
+        columns_by_uuid: dict[Any, list[list[int]]] = {}
+        for cond in (getattr(model_wrap, "conds", {}) or {}).get("positive", []) or []:
+            tokens = cond.get(TOKENS_KEY)
+            if tokens is not None:
+                columns_by_uuid[cond.get("uuid")] = [tokens.columns(word) for word in sched.words]
+        if not columns_by_uuid:
+            raise ValueError(
+                "key words need to know the prompt's tokens: encode the positive prompt with "
+                "'CLIP Text Encode (AsynDM)' instead of 'CLIP Text Encode', or give masks instead of words"
+            )
+        self.token_positions = [max(cols) for cols in next(iter(columns_by_uuid.values()))]
+        h, w = noise.shape[-2:]
+        grid = capture_grid((h, w))
+        modules = attn2_modules(diffusion_model)
+        return AttentionObserver(modules, grid, (h, w), noise.shape[0], columns_by_uuid)
+
+    def _priorities_from_attention(self, attn: torch.Tensor, size: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:
+        k = torch.tensor(self.schedule.k, dtype=torch.float32, device=attn.device)
+        masks = item_masks(attn.float(), k, threshold=self.schedule.threshold, size=size, grid=grid)
+        return (masks * k.view(1, -1, 1, 1)).amax(dim=1)
+
+    def _static_priorities(self, model_wrap: Any, sigmas: torch.Tensor, extra_args: dict, noise: torch.Tensor,
+                           latent_image: torch.Tensor, denoise_mask: torch.Tensor | None, maps: StepMaps,
+                           observer: AttentionObserver) -> torch.Tensor:
+        """The paper's static mask: attention averaged over a synchronous pass, applied once."""
+        b, _, h, w = noise.shape
+        zeros = torch.zeros(b, h, w, device=noise.device)
+        total = self._run(model_wrap, sigmas, extra_args, None, noise, latent_image, denoise_mask, maps, observer,
+                          zeros, record=False, collect_attention=True)
+        if total is None:
+            raise RuntimeError("AsynDM: no cross-attention was seen at 1/4 of the latent size during the pre-pass")
+        return self._priorities_from_attention(total, (h, w), observer.grid)
+
+    # ----------------------------------------------------------------------------------------
+    def _run(self, model_wrap: Any, sigmas: torch.Tensor, extra_args: dict, callback: Callable | None,
+             noise: torch.Tensor, latent_image: torch.Tensor, denoise_mask: torch.Tensor | None, maps: StepMaps,
+             observer: AttentionObserver | None, fixed_k: torch.Tensor | None, *, record: bool,
+             collect_attention: bool = False) -> Any:
+        inner = model_wrap.inner_model
+        ms = inner.model_sampling
+        num_steps = len(sigmas) - 1
+        b, _, h, w = noise.shape
+        device = noise.device
+        max_denoise = self.max_denoise(model_wrap, sigmas)
+        sigma_top = float(ms.sigma_max) if max_denoise else float(sigmas[0])
+        seed = extra_args.get("seed")
+        model_options = extra_args["model_options"]
+
+        if fixed_k is not None:
+            k_map = fixed_k
+        else:  # dynamic attention masks: before the first step every pixel follows the last-positioned item
+            init = initial_item_masks(b, self.token_positions, (h, w)).to(device)
+            k = torch.tensor(self.schedule.k, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+            k_map = (init * k).amax(dim=1)
+        dynamic = fixed_k is None
+
+        s = torch.full((b, h, w), float(self.num_train_timesteps + self.offset), device=device)
+        s = self._next_state(s, k_map, num_steps, num_steps)
+        sigma_cur = self._to_sigma(s, sigmas, ms, sigma_top).view(b, 1, h, w)
+        x = per_pixel(lambda sg, n, lat: ms.noise_scaling(sg, n, lat, max_denoise), sigma_cur, noise, latent_image)
+
+        inpaint_noise = noise
+        if denoise_mask is not None and self.sampler_name == "ddim":  # as ComfyUI's ddim: fresh noise for known pixels
+            generator = torch.manual_seed((seed if seed is not None else 41) + 1)
+            inpaint_noise = torch.randn(noise.shape, generator=generator, device="cpu").to(noise.dtype).to(device)
+        noise_sampler = kdiff.default_noise_sampler(x, seed=seed)
+        s_in = x.new_ones([b])
+        old_denoised: torch.Tensor | None = None
+        sigma_prev: torch.Tensor | None = None
+        attn_total: torch.Tensor | None = None
+
+        for i in range(num_steps):
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            remaining = num_steps - i - 1
+            s_next = self._next_state(s, k_map, remaining, num_steps) if remaining > 0 else torch.zeros_like(s)
+            sigma_next = self._to_sigma(s_next, sigmas, ms, sigma_top).view(b, 1, h, w)
+            maps.set(sigma_cur, ms)
+            carrier = sigmas[i] * s_in
+
+            x_in = x
+            mask = denoise_mask
+            if mask is not None:
+                if "denoise_mask_function" in model_options:
+                    mask = model_options["denoise_mask_function"](carrier, mask, extra_options={"model": model_wrap, "sigmas": sigmas})
+                known = per_pixel(lambda sg, n, lat: inner.scale_latent_inpaint(sigma=sg, noise=n, latent_image=lat),
+                                  sigma_cur, inpaint_noise, latent_image)
+                x_in = x * mask + known * (1.0 - mask)
+            if observer is not None:
+                observer.enabled = dynamic or collect_attention
+                observer.reset()
+            denoised = model_wrap(x_in, carrier, model_options=model_options, seed=seed)
+            if mask is not None:
+                denoised = denoised * mask + latent_image * (1.0 - mask)
+            if callback is not None:
+                callback(i, denoised, x, num_steps)
+            if record and self.record is not None:
+                self.record.states.append(s.detach().cpu())
+                self.record.priorities.append(k_map.detach().cpu())
+
+            if self.rule == "dpmpp_2m":
+                x = dpmpp_2m_step(x, denoised, old_denoised, sigma_cur, sigma_next, sigma_prev)
+            else:
+                if self.eta > 0 and float(sigmas[i + 1]) > 0:
+                    step_noise = noise_sampler(sigmas[i], sigmas[i + 1])
+                else:
+                    step_noise = torch.zeros_like(x)
+                x = ancestral_step(x, denoised, sigma_cur, sigma_next, eta=self.eta, noise=step_noise, s_noise=self.s_noise)
+            old_denoised, sigma_prev = denoised, sigma_cur
+
+            if observer is not None and observer.enabled:
+                attn = observer.mean()
+                if collect_attention:
+                    if attn is not None:
+                        attn_total = attn if attn_total is None else attn_total + attn
+                elif attn is not None:
+                    k_map = self._priorities_from_attention(attn, (h, w), observer.grid)
+                observer.enabled = False
+            s, sigma_cur = s_next, sigma_next
+
+        if observer is not None:
+            observer.enabled = False
+        maps.clear()
+        if collect_attention:
+            return attn_total
+        return ms.inverse_noise_scaling(sigmas[-1], x)

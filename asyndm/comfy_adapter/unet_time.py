@@ -1,0 +1,321 @@
+"""Give ComfyUI's SD1.x/SD2.x/SDXL UNet one timestep per latent pixel, through torch hooks.
+
+The UNet computes one time embedding per batch row (``UNetModel._forward``) and consumes it only
+in ``ResBlock._forward`` as ``emb_layers(emb)[..., None, None]`` added to (or scaling/shifting)
+the block's features. While a map is set we replace that ``emb_layers`` output with a
+(B', C, h, w) tensor: each pixel gets the projection of its own timestep's embedding, taken at
+the block's resolution. Nothing in ComfyUI is edited or patched: the hooks are registered in
+``__enter__`` and removed in ``__exit__``, and with no map set they pass everything through.
+
+The per-pixel embedding is built from a table over the U distinct timesteps (U is small: one per
+schedule track), not per pixel, so the extra cost is U rows of the time MLP and of every
+``emb_layers`` plus one gather per ResBlock.
+"""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from comfy.ldm.modules.diffusionmodules import openaimodel
+
+from .errors import SUPPORTED_FAMILIES, UnsupportedModelError
+
+__all__ = ["PerPixelTimesteps", "block_index_map", "unet_resblocks"]
+
+
+def _unsupported(what: str) -> UnsupportedModelError:
+    return UnsupportedModelError(f"per-pixel timesteps are not supported for {what}. Supported: {SUPPORTED_FAMILIES}.")
+
+
+def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The eager module of a torch.compile OptimizedModule (ComfyUI's compile node swaps one in)."""
+    inner = getattr(module, "_orig_mod", None)
+    return inner if isinstance(inner, torch.nn.Module) else module
+
+
+def unet_resblocks(diffusion_model: torch.nn.Module) -> list[openaimodel.ResBlock]:
+    """The ResBlocks that read the time embedding, after refusing what the hooks cannot serve.
+
+    Refused: anything that is not an openaimodel.UNetModel; temporal models (VideoResBlock,
+    SpatialVideoTransformer: their time_stack adds the embedding over a frame axis, via
+    exchange_temb_dims); ResBlocks that resample (up/down: their embedding resolution differs from
+    their input's) or are not 2-D. ResBlocks with skip_t_emb have no embedding and are left alone.
+    """
+    dm = _unwrap(diffusion_model)
+    if not isinstance(dm, openaimodel.UNetModel):
+        raise _unsupported(f"{type(dm).__module__}.{type(dm).__name__}")
+    if getattr(dm, "use_temporal_resblocks", False):
+        raise _unsupported("temporal (video) UNets")
+    blocks: list[openaimodel.ResBlock] = []
+    for name, module in dm.named_modules():
+        if isinstance(module, (openaimodel.VideoResBlock, openaimodel.SpatialVideoTransformer)):
+            raise _unsupported(f"temporal (video) UNets ({name} is a {type(module).__name__})")
+        if not isinstance(module, openaimodel.ResBlock) or module.emb_layers is None:
+            continue
+        if module.exchange_temb_dims:
+            raise _unsupported(f"ResBlocks that exchange time-embedding dims ({name})")
+        if module.updown:
+            raise _unsupported(f"resampling ResBlocks (resblock_updown, {name})")
+        if not isinstance(module.in_layers[-1], torch.nn.Conv2d):
+            raise _unsupported(f"non-2-D ResBlocks ({name})")
+        if not isinstance(module.emb_layers, torch.nn.Sequential):
+            raise _unsupported(f"ResBlocks with a custom emb_layers ({name}: {type(module.emb_layers).__name__})")
+        blocks.append(module)
+    if not blocks:
+        raise _unsupported("a UNet without time-conditioned ResBlocks")
+    return blocks
+
+
+def block_index_map(inverse: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, H, W) index map -> (B, h, w) at a block's resolution.
+
+    SD UNets halve with stride-2 convs (size ceil(H/2) each time), whose output pixel i is centred
+    on input pixel 2i: we take every s-th pixel from the top-left, the reference's [::s, ::s].
+    For sizes divisible by s this equals nearest-neighbour resizing, which is the fallback for
+    sizes no power-of-two stride explains.
+    """
+    big_h, big_w = inverse.shape[-2:]
+    h, w = size
+    if (h, w) == (big_h, big_w):
+        return inverse
+    s = 2
+    while s < 2 * max(big_h, big_w):
+        if -(-big_h // s) == h and -(-big_w // s) == w:
+            return inverse[:, ::s, ::s]
+        s *= 2
+    return F.interpolate(inverse[:, None].float(), size=(h, w), mode="nearest")[:, 0].long()
+
+
+class PerPixelTimesteps:
+    """Context manager: while active and a map is set, the UNet uses a timestep per pixel.
+
+    Usage (the sampler side, once per model call)::
+
+        with PerPixelTimesteps(model.diffusion_model) as hooks:
+            hooks.set_map(t_rows)        # (B', H, W) model timesteps for the next forward's rows
+            out = model.apply_model(...)  # carrier timestep per row still passed as usual
+            hooks.set_map(None)          # stock behaviour again
+
+    ``emb_patch`` (transformer_options["patches"]["emb_patch"], applied by ComfyUI to the time
+    embedding before the SDXL label is added) is honoured: each patch is applied to the table,
+    once per distinct timestep u, on B' rows that all carry u. A patch that treats rows
+    independently therefore gives each pixel exactly what the stock model gives a batch at u;
+    a patch that mixes rows, or counts its calls, sees U calls per forward instead of one.
+
+    Not covered: gradient checkpointing recomputes blocks in backward without a map (inference
+    only); torch.compile graphs traced without these hooks ignore them, which is detected (the
+    hooks count their calls per forward) and raised as RuntimeError rather than silently wrong.
+    """
+
+    def __init__(self, diffusion_model: torch.nn.Module) -> None:
+        self.unet = _unwrap(diffusion_model)
+        self.blocks = unet_resblocks(self.unet)
+        self.table_builds = 0  # time-MLP evaluations of a table (one per set_map and dtype)
+        self._handles: list[Any] = []
+        self._active = False
+        self._clear_map()
+        self._unconsumed = False  # a map was set and cleared without any forward using it
+
+    # ---------------------------------------------------------------------------------- public
+    def __enter__(self) -> PerPixelTimesteps:
+        if self._active:
+            raise RuntimeError("PerPixelTimesteps is not re-entrant")
+        self._active = True
+        try:
+            self._install()
+        except BaseException:
+            self._remove()
+            raise
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._remove()
+        unconsumed = self._unconsumed or (self._t is not None and not self._consumed)
+        self._clear_map()
+        self._unconsumed = False
+        if exc_type is None and unconsumed:
+            raise self._not_reached()
+
+    def set_map(self, t_rows: torch.Tensor | None, unique: torch.Tensor | None = None,
+                inverse: torch.Tensor | None = None) -> None:
+        """Timesteps for the rows of the next forward: (B', H, W) float at latent resolution.
+
+        B' is the row count of that forward (e.g. uncond and cond chunks). None restores stock
+        behaviour. ``unique`` (U,) and ``inverse`` (B', H, W) long, with unique[inverse] ==
+        t_rows, may be given to skip torch.unique, which synchronises the host on a GPU.
+        """
+        if self._t is not None and not self._consumed:
+            self._unconsumed = True
+        if t_rows is None:
+            self._clear_map()
+            return
+        if self._unconsumed:
+            self._unconsumed = False
+            self._clear_map()
+            raise self._not_reached()
+        if t_rows.ndim != 3:
+            raise ValueError(f"t_rows must be (rows, H, W); got shape {tuple(t_rows.shape)}")
+        if (unique is None) != (inverse is None):
+            raise ValueError("give both unique and inverse, or neither")
+        if unique is None:
+            unique, inverse = torch.unique(t_rows, return_inverse=True)
+        assert inverse is not None
+        if unique.ndim != 1 or tuple(inverse.shape) != tuple(t_rows.shape):
+            raise ValueError(f"unique must be (U,) and inverse {tuple(t_rows.shape)}; got "
+                             f"{tuple(unique.shape)} and {tuple(inverse.shape)}")
+        self._clear_map()
+        self._t = t_rows
+        self._unique = unique.float()
+        self._inverse = inverse.long()
+
+    # --------------------------------------------------------------------------------- hooks
+    def _install(self) -> None:
+        unet = self.unet
+        self._handles.append(unet.register_forward_pre_hook(self._unet_pre, with_kwargs=True))
+        self._handles.append(unet.register_forward_hook(self._unet_post))
+        label = getattr(unet, "label_emb", None)
+        if unet.num_classes is not None and label is not None:
+            self._handles.append(label.register_forward_hook(self._label_post))
+        for i, block in enumerate(self.blocks):
+            self._handles.append(block.register_forward_pre_hook(self._block_pre(i)))
+            self._handles.append(block.emb_layers.register_forward_hook(self._emb_post(i)))
+
+    def _remove(self) -> None:
+        for handle in reversed(self._handles):
+            handle.remove()
+        self._handles.clear()
+        self._active = False
+
+    def _unet_pre(self, _module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._t is None:
+            return
+        x = args[0] if args else kwargs["x"]
+        if x.ndim != 4 or x.shape[0] != self._t.shape[0] or tuple(x.shape[-2:]) != tuple(self._t.shape[-2:]):
+            raise RuntimeError(
+                f"PerPixelTimesteps: the UNet input has shape {tuple(x.shape)} but the timestep map is "
+                f"{tuple(self._t.shape)} (rows, H, W); set a map for exactly the rows and size of this forward"
+            )
+        options = kwargs.get("transformer_options", args[5] if len(args) > 5 else None) or {}
+        self._emb_patches = list((options.get("patches") or {}).get("emb_patch") or [])
+        self._options = options
+        self._x_dtype = x.dtype
+        self._fired = [0] * len(self.blocks)
+        self._sizes = [None] * len(self.blocks)
+        self._label = None
+        self._table = None
+        self._in_forward = True
+
+    def _unet_post(self, _module: torch.nn.Module, _args: tuple, _output: Any) -> None:
+        if self._t is None or not self._in_forward:
+            return
+        self._in_forward = False
+        missing = [i for i, n in enumerate(self._fired) if n != 1]
+        if missing:
+            raise RuntimeError(
+                f"PerPixelTimesteps: {len(missing)} of {len(self.blocks)} ResBlocks did not use the per-pixel "
+                f"timestep map in this forward (first: block {missing[0]}, fired {self._fired[missing[0]]}x). "
+                "A torch.compile graph traced without these hooks, gradient checkpointing or another "
+                "pack replacing ResBlock.forward bypasses them; disable that for asynchronous sampling."
+            )
+        self._consumed = True
+
+    def _label_post(self, _module: torch.nn.Module, _args: tuple, output: torch.Tensor) -> None:
+        if self._t is not None:
+            self._label = output
+
+    def _block_pre(self, i: int) -> Any:
+        def hook(_module: torch.nn.Module, args: tuple) -> None:
+            if self._t is not None and self._in_forward:
+                self._sizes[i] = tuple(args[0].shape[-2:])
+        return hook
+
+    def _emb_post(self, i: int) -> Any:
+        def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+            if self._t is None:
+                return None
+            if not self._in_forward or self._sizes[i] is None:
+                raise RuntimeError("PerPixelTimesteps: a ResBlock ran outside a UNet forward while a map was set")
+            emb = args[0]
+            table = self._embedding_table(emb)
+            out_tab = type(module).forward(module, table)  # bypasses this hook; children run normally
+            self._fired[i] += 1
+            return self._gather(out_tab, self._index(self._sizes[i], emb.device))
+        return hook
+
+    # ------------------------------------------------------------------------------ the table
+    def _embedding_table(self, emb: torch.Tensor) -> torch.Tensor:
+        """(U, E), or (B', U, E) with SDXL's label or an emb_patch: what emb would be per timestep."""
+        if self._table is not None:
+            return self._table
+        rows = self._t.shape[0]
+        if emb.ndim != 2 or emb.shape[0] != rows:
+            raise RuntimeError(f"PerPixelTimesteps: time embedding of shape {tuple(emb.shape)}, expected ({rows}, E)")
+        key = (self._x_dtype, emb.device)
+        base = self._base_cache.get(key)
+        if base is None:
+            u = self._unique.to(emb.device)
+            sinusoid = openaimodel.timestep_embedding(u, self.unet.model_channels, repeat_only=False)
+            base = self.unet.time_embed(sinusoid.to(self._x_dtype))
+            self._base_cache[key] = base
+            self.table_builds += 1
+        table = base
+        if self._emb_patches:
+            per_u = []
+            for j in range(base.shape[0]):
+                e = base[j].expand(rows, -1).clone()
+                for patch in self._emb_patches:
+                    e = patch(e, self.unet.model_channels, self._options)
+                per_u.append(e)
+            table = torch.stack(per_u, dim=1)  # (B', U, E)
+        if self._label is not None:
+            label = self._label
+            table = (table[None] if table.ndim == 2 else table) + label[:, None]
+        self._table = table.to(emb.dtype)
+        return self._table
+
+    def _index(self, size: tuple[int, int], device: torch.device) -> torch.Tensor:
+        key = (size, device)
+        idx = self._index_cache.get(key)
+        if idx is None:
+            idx = block_index_map(self._inverse.to(device), size)
+            self._index_cache[key] = idx
+        return idx
+
+    @staticmethod
+    def _gather(out_tab: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """out_tab (U, C) or (B', U, C), idx (B', h, w) -> contiguous (B', C, h, w)."""
+        if out_tab.ndim == 2:
+            picked = out_tab[idx]
+        else:
+            rows = torch.arange(idx.shape[0], device=idx.device)[:, None, None]
+            picked = out_tab[rows, idx]
+        return picked.permute(0, 3, 1, 2).contiguous()
+
+    # ------------------------------------------------------------------------------- helpers
+    def _clear_map(self) -> None:
+        self._t: torch.Tensor | None = None
+        self._unique: torch.Tensor | None = None
+        self._inverse: torch.Tensor | None = None
+        self._consumed = False
+        self._in_forward = False
+        self._base_cache: dict[tuple, torch.Tensor] = {}
+        self._index_cache: dict[tuple, torch.Tensor] = {}
+        self._table: torch.Tensor | None = None
+        self._label: torch.Tensor | None = None
+        self._emb_patches: list = []
+        self._options: dict = {}
+        self._x_dtype: torch.dtype = torch.float32
+        self._fired: list[int] = [0] * len(getattr(self, "blocks", []))
+        self._sizes: list[Any] = [None] * len(getattr(self, "blocks", []))
+
+    @staticmethod
+    def _not_reached() -> RuntimeError:
+        return RuntimeError(
+            "PerPixelTimesteps: a timestep map was set but no UNet forward used it. The hooks were "
+            "bypassed (a torch.compile graph traced without them?) or the model called is not the "
+            "one these hooks are installed on."
+        )

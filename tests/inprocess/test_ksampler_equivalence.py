@@ -1,0 +1,83 @@
+"""With no key items (a constant timestep map) the Asynchronous KSampler reproduces ComfyUI's KSampler.
+
+Both run in the same process on the default random-weight SD1.5 checkpoint, same seed, sampler,
+scheduler, steps and cfg; the asynchronous run goes through every per-pixel piece (APPLY_MODEL
+wrapper, time-embedding hooks, element-wise sampler update) with a constant sigma map.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+SAMPLERS = ["euler", "ddim", "euler_ancestral", "ddpm", "dpmpp_2m"]
+
+
+@pytest.fixture(scope="module")
+def comfy_nodes():
+    mod = importlib.import_module("nodes")
+    assert hasattr(mod, "common_ksampler"), "imported the pack's nodes/ instead of ComfyUI's nodes.py"
+    return mod
+
+
+@pytest.fixture(scope="module")
+def conds(sd15_checkpoint, pack_nodes):
+    clip = sd15_checkpoint[1]
+    positive = pack_nodes.AsynDMTextEncode.execute(clip, "a rabbit playing basketball").args[0]
+    negative = clip.encode_from_tokens_scheduled(clip.tokenize("blurry"))
+    return positive, negative
+
+
+def stock(comfy_nodes, model, positive, negative, latent, *, seed, steps, cfg, sampler, scheduler, denoise=1.0):
+    return comfy_nodes.common_ksampler(model, seed, steps, cfg, sampler, scheduler, positive, negative, latent,
+                                       denoise=denoise)[0]["samples"]
+
+
+def asyn(pack_nodes, model, positive, negative, latent, *, seed, steps, cfg, sampler, scheduler, denoise=1.0,
+         key_words="", k=0.7, eta=0.0):
+    out = pack_nodes.AsynDMKSampler.execute(model, positive, negative, latent, seed, steps, cfg, sampler, scheduler,
+                                            denoise, key_words, k, "bin", 1.0, "dynamic", eta, False)
+    return out.args[0]["samples"], out.args[1]
+
+
+def assert_close(a: torch.Tensor, b: torch.Tensor, rtol: float = 2e-4) -> None:
+    scale = float(b.abs().max())
+    err = float((a - b).abs().max())
+    assert torch.isfinite(a).all()
+    assert err <= rtol * max(scale, 1.0), f"max abs diff {err:.3g} vs scale {scale:.3g}"
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("scheduler", ["normal", "karras", "ddim_uniform"])
+def test_constant_map_equals_ksampler(comfy_nodes, pack_nodes, sd15_checkpoint, conds, sampler, scheduler):
+    model = sd15_checkpoint[0]
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    kw = dict(seed=3, steps=4, cfg=5.0, sampler=sampler, scheduler=scheduler)
+    a = stock(comfy_nodes, model, *conds, latent, **kw)
+    b, strip = asyn(pack_nodes, model, *conds, latent, **kw)
+    assert_close(b, a)
+    assert strip.ndim == 4 and strip.shape[-1] == 3
+
+
+def test_zero_priority_words_are_synchronous(comfy_nodes, pack_nodes, sd15_checkpoint, conds):
+    model = sd15_checkpoint[0]
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    kw = dict(seed=5, steps=4, cfg=5.0, sampler="euler", scheduler="normal")
+    a = stock(comfy_nodes, model, *conds, latent, **kw)
+    b, _ = asyn(pack_nodes, model, *conds, latent, key_words="rabbit, basketball", k=0.0, **kw)
+    assert_close(b, a)
+
+
+def test_batch_img2img_and_inpainting_match(comfy_nodes, pack_nodes, sd15_checkpoint, conds):
+    model = sd15_checkpoint[0]
+    g = torch.Generator().manual_seed(0)
+    init = torch.randn(2, 4, 8, 8, generator=g)
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[:, :, 2:6, 2:6] = 1.0
+    for latent, denoise in (({"samples": init}, 0.6), ({"samples": init, "noise_mask": mask}, 1.0)):
+        kw = dict(seed=11, steps=5, cfg=4.0, sampler="euler_ancestral", scheduler="normal", denoise=denoise)
+        a = stock(comfy_nodes, model, *conds, latent, **kw)
+        b, _ = asyn(pack_nodes, model, *conds, latent, **kw)
+        assert_close(b, a)
