@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .schedule_table import ScheduleTable
+
 CURVES = ("bin", "lin", "exp")
 MASK_SOURCES = ("attention", "masks")
 
@@ -30,6 +32,7 @@ class AsynSchedule:
     masks:      (B or 1, items, H, W) float in [0, 1] (mask_source "masks"); grey = soft priority.
     threshold:  attention binarisation threshold (x the per-item spatial mean).
     dynamic:    re-read attention every step (True) or once from a synchronous pre-pass (False).
+    table:      a learned schedule; when set it replaces `curve` for the item pixels.
     """
 
     curve: str = "bin"
@@ -39,6 +42,7 @@ class AsynSchedule:
     masks: torch.Tensor | None = field(default=None, compare=False)
     threshold: float = DEFAULT_THRESHOLD
     dynamic: bool = True
+    table: ScheduleTable | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.curve not in CURVES:

@@ -13,9 +13,11 @@ from typing import Any
 
 import torch
 
+import comfy.samplers
+
 from .per_pixel import per_pixel
 
-__all__ = ["StepMaps", "PerPixelApplyModel", "WRAPPER_KEY"]
+__all__ = ["StepMaps", "PerPixelApplyModel", "AreaRecorder", "WRAPPER_KEY"]
 
 WRAPPER_KEY = "asyndm_per_pixel"
 
@@ -32,9 +34,12 @@ class StepMaps:
     def set(self, sigma: torch.Tensor, model_sampling: Any) -> None:
         """Record sigma and compute the timestep of each distinct sigma once per step."""
         unique, inverse = torch.unique(sigma, return_inverse=True)
+        # Distinct sigmas can share a model timestep (discrete models round to integer t): dedupe
+        # again so the embedding table has at most one row per timestep the UNet can tell apart.
+        unique_t, inverse_t = torch.unique(model_sampling.timestep(unique).float(), return_inverse=True)
         self.sigma = sigma
-        self.unique_t = model_sampling.timestep(unique).float()
-        self.inverse = inverse.reshape(sigma.shape[0], sigma.shape[2], sigma.shape[3])
+        self.unique_t = unique_t
+        self.inverse = inverse_t[inverse].reshape(sigma.shape[0], sigma.shape[2], sigma.shape[3])
 
     def clear(self) -> None:
         self.sigma = None
@@ -108,3 +113,30 @@ class PerPixelApplyModel:
         if len(captured) != 1 or not torch.is_tensor(captured[0]):
             raise RuntimeError("AsynDM: the diffusion model's output could not be read (packed or repeated outputs)")
         return per_pixel(ms.calculate_denoised, sigma_rows, captured[0].float(), x)
+
+
+class AreaRecorder:
+    """CALC_COND_BATCH wrapper: remember where each area conditioning crops the latent.
+
+    ComfyUI runs an area cond's chunk on a crop of x; the APPLY_MODEL wrapper needs the same crop
+    of the sigma map, and only the cond's uuid reaches it.
+    """
+
+    def __init__(self, maps: StepMaps) -> None:
+        self.maps = maps
+
+    def __call__(self, executor: Any, model: Any, conds: list, x_in: torch.Tensor, timestep: torch.Tensor,
+                 model_options: dict) -> Any:
+        spatial = x_in.ndim - 2
+        for cond_list in conds:
+            for cond in cond_list or []:
+                if "area" not in cond:
+                    continue
+                found = comfy.samplers.get_area_and_mult(cond, x_in, timestep)
+                if found is None or found.area is None:
+                    continue
+                area = list(found.area)
+                if spatial != 2 or len(area) != 4:
+                    raise RuntimeError("AsynDM: area conditioning is supported on image latents only")
+                self.maps.areas[found.uuid] = (int(area[0]), int(area[1]), int(area[2]), int(area[3]))
+        return executor(model, conds, x_in, timestep, model_options)

@@ -22,13 +22,14 @@ import torch.nn.functional as F
 
 from ..masks import initial_item_masks, item_masks
 from ..schedule_spec import AsynSchedule
+from ..schedule_table import table_step
 from ..schedules import step as schedule_step
 from ..sigma_map import state_to_sigma
 from ..steps import ancestral_step, dpmpp_2m_step
 from ..timesteps import round_clamp
 from .attention import AttentionObserver, attn2_modules, capture_grid
 from .errors import UnsupportedModelError
-from .model_wrapper import WRAPPER_KEY, PerPixelApplyModel, StepMaps
+from .model_wrapper import WRAPPER_KEY, AreaRecorder, PerPixelApplyModel, StepMaps
 from .per_pixel import per_pixel
 from .tokens import KEY as TOKENS_KEY
 from .unet_time import PerPixelTimesteps
@@ -111,6 +112,10 @@ class AsynSampler(comfy.samplers.Sampler):
         comfy.patcher_extension.add_wrapper_with_key(
             comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, wrapper, model_options, is_model_options=True
         )
+        comfy.patcher_extension.add_wrapper_with_key(
+            comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, WRAPPER_KEY, AreaRecorder(maps), model_options,
+            is_model_options=True,
+        )
         observer = self._observer(model_wrap, diffusion_model, noise)
         if observer is not None:
             to = model_options.setdefault("transformer_options", {})
@@ -154,8 +159,12 @@ class AsynSampler(comfy.samplers.Sampler):
                                target=target)
         if not bool((k_map > 0).any()):
             return linear
-        curved = schedule_step(s, remaining, curve=self.schedule.curve, k=k_map, num_steps=num_steps,
-                               num_train_timesteps=t, target=target)
+        if self.schedule.table is not None:
+            curved = table_step(s, remaining, table=self.schedule.table, k=k_map, num_steps=num_steps,
+                                num_train_timesteps=t, offset=target)
+        else:
+            curved = schedule_step(s, remaining, curve=self.schedule.curve, k=k_map, num_steps=num_steps,
+                                   num_train_timesteps=t, target=target)
         return torch.where(k_map > 0, curved, linear)
 
     def _fixed_priorities(self, noise: torch.Tensor) -> torch.Tensor | None:

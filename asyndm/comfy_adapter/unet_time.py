@@ -146,13 +146,17 @@ class PerPixelTimesteps:
 
         B' is the row count of that forward (e.g. uncond and cond chunks). None restores stock
         behaviour. ``unique`` (U,) and ``inverse`` (B', H, W) long, with unique[inverse] ==
-        t_rows, may be given to skip torch.unique, which synchronises the host on a GPU.
+        t_rows, may be given to skip torch.unique, which synchronises the host on a GPU (they
+        are trusted, not checked). Setting a new map while the previous one was never used by a
+        forward raises RuntimeError: that is how hooks bypassed entirely (torch.compile) show up.
         """
         if self._t is not None and not self._consumed:
             self._unconsumed = True
         if t_rows is None:
             self._clear_map()
             return
+        if not self._active:
+            raise RuntimeError("PerPixelTimesteps.set_map: enter the context manager first (no hooks are installed)")
         if self._unconsumed:
             self._unconsumed = False
             self._clear_map()
@@ -287,13 +291,16 @@ class PerPixelTimesteps:
 
     @staticmethod
     def _gather(out_tab: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """out_tab (U, C) or (B', U, C), idx (B', h, w) -> contiguous (B', C, h, w)."""
-        if out_tab.ndim == 2:
-            picked = out_tab[idx]
-        else:
-            rows = torch.arange(idx.shape[0], device=idx.device)[:, None, None]
-            picked = out_tab[rows, idx]
-        return picked.permute(0, 3, 1, 2).contiguous()
+        """out_tab (U, C) or (B', U, C), idx (B', h, w) -> contiguous (B', C, h, w).
+
+        One gather along U writes the result directly in NCHW order (advanced indexing would
+        produce channels-last and need a second copy).
+        """
+        rows, h, w = idx.shape
+        by_channel = out_tab.t()[None].expand(rows, -1, -1) if out_tab.ndim == 2 else out_tab.transpose(1, 2)
+        channels = by_channel.shape[1]
+        picked = torch.gather(by_channel, 2, idx.reshape(rows, 1, h * w).expand(-1, channels, -1))
+        return picked.view(rows, channels, h, w)
 
     # ------------------------------------------------------------------------------- helpers
     def _clear_map(self) -> None:

@@ -49,8 +49,12 @@ def assert_close(a: torch.Tensor, b: torch.Tensor, rtol: float = 2e-4) -> None:
     assert err <= rtol * max(scale, 1.0), f"max abs diff {err:.3g} vs scale {scale:.3g}"
 
 
-@pytest.mark.parametrize("sampler", SAMPLERS)
-@pytest.mark.parametrize("scheduler", ["normal", "karras", "ddim_uniform"])
+CASES = [(sampler, "normal") for sampler in SAMPLERS] + [
+    ("dpmpp_2m", "karras"), ("euler_ancestral", "karras"), ("ddim", "ddim_uniform"), ("ddpm", "ddim_uniform"),
+]
+
+
+@pytest.mark.parametrize("sampler, scheduler", CASES)
 def test_constant_map_equals_ksampler(comfy_nodes, pack_nodes, sd15_checkpoint, conds, sampler, scheduler):
     model = sd15_checkpoint[0]
     latent = {"samples": torch.zeros(1, 4, 8, 8)}

@@ -1,0 +1,166 @@
+"""SD2 (v-prediction) and SDXL shapes, area conditioning, LoRA, and nothing left behind after a run.
+
+Models are small random-weight instances of ComfyUI's own classes (tests/model_factory.py) with
+128 channels, so a per-pixel timestep really changes the output.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import comfy.model_management
+import comfy.sample
+import comfy.samplers
+from asyndm.comfy_adapter.sampler import AsynSampler
+from asyndm.schedule_spec import AsynSchedule
+from tests.model_factory import build_sd2v, build_sd15, build_sdxl, make_conditioning
+
+BUILDERS = {"sd15": build_sd15, "sd2v": build_sd2v, "sdxl": build_sdxl}
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {name: build() for name, build in BUILDERS.items()}
+
+
+def stock(model, positive, negative, latent, *, seed=0, steps=4, cfg=4.0, sampler="euler", scheduler="normal",
+          denoise=1.0, noise_mask=None):
+    noise = comfy.sample.prepare_noise(latent, seed)
+    return comfy.sample.sample(model, noise, steps, cfg, sampler, scheduler, positive, negative, latent,
+                               denoise=denoise, noise_mask=noise_mask, seed=seed)
+
+
+def asyn(model, positive, negative, latent, *, schedule=None, seed=0, steps=4, cfg=4.0, sampler="euler",
+         scheduler="normal", denoise=1.0, callback=None, noise_mask=None):
+    noise = comfy.sample.prepare_noise(latent, seed)
+    sigmas = comfy.samplers.KSampler(model, steps=steps, device=model.load_device, sampler=sampler,
+                                     scheduler=scheduler, denoise=denoise, model_options=model.model_options).sigmas
+    return comfy.sample.sample_custom(model, noise, cfg, AsynSampler(sampler, schedule), sigmas, positive, negative,
+                                      latent, noise_mask=noise_mask, callback=callback, seed=seed)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1.0))
+
+
+def fixed_masks(b: int, h: int, w: int) -> AsynSchedule:
+    masks = torch.zeros(b, 1, h, w)
+    masks[:, :, : h // 2] = 1.0
+    return AsynSchedule(curve="bin", k=(0.8,), mask_source="masks", masks=masks)
+
+
+@pytest.mark.parametrize("family", list(BUILDERS))
+@pytest.mark.parametrize("sampler", ["euler", "euler_ancestral", "dpmpp_2m"])
+def test_constant_map_equals_ksampler_on_each_family(models, family, sampler):
+    model = models[family]
+    pos, neg = make_conditioning(model, seed=1), make_conditioning(model, seed=2)
+    latent = torch.zeros(1, 4, 16, 16)
+    a = stock(model, pos, neg, latent, seed=4, sampler=sampler)
+    b = asyn(model, pos, neg, latent, seed=4, sampler=sampler)
+    assert rel_err(b, a) < 1e-4, rel_err(b, a)
+
+
+@pytest.mark.parametrize("family", list(BUILDERS))
+def test_asynchronous_map_changes_only_through_the_schedule(models, family):
+    """A real asynchronous run differs from the synchronous one, is finite, and is deterministic."""
+    model = models[family]
+    pos, neg = make_conditioning(model, seed=1), make_conditioning(model, seed=2)
+    latent = torch.zeros(1, 4, 16, 16)
+    sync = asyn(model, pos, neg, latent, seed=4)
+    a = asyn(model, pos, neg, latent, seed=4, schedule=fixed_masks(1, 16, 16))
+    b = asyn(model, pos, neg, latent, seed=4, schedule=fixed_masks(1, 16, 16))
+    assert torch.isfinite(a).all() and torch.equal(a, b)
+    assert rel_err(a, sync) > 1e-3
+
+
+def test_area_conditioning_and_several_conds(models):
+    model = models["sd15"]
+    pos = make_conditioning(model, seed=1)
+    area = make_conditioning(model, seed=3)
+    area[0][1] = {**area[0][1], "area": (8, 8, 0, 8), "strength": 1.0, "set_area_to_bounds": False}
+    positive = pos + area
+    neg = make_conditioning(model, seed=2)
+    latent = torch.zeros(1, 4, 16, 16)
+    a = stock(model, positive, neg, latent, seed=9)
+    b = asyn(model, positive, neg, latent, seed=9)
+    assert rel_err(b, a) < 1e-4
+    c = asyn(model, positive, neg, latent, seed=9, schedule=fixed_masks(1, 16, 16))
+    assert torch.isfinite(c).all()
+
+
+def test_lora_patched_model_still_matches(models):
+    import comfy.lora
+    import comfy.sd
+
+    base = models["sd15"]
+    key_map = comfy.lora.model_lora_keys_unet(base.model, {})
+    sd = base.model.state_dict()
+    lora_sd = {}
+    g = torch.Generator().manual_seed(0)
+    for lora_key, weight_key in key_map.items():
+        if isinstance(weight_key, str) and lora_key.startswith("lora_unet_") and weight_key.endswith("attn2.to_q.weight"):
+            out_f, in_f = sd[weight_key].shape
+            lora_sd[f"{lora_key}.lora_up.weight"] = torch.randn(out_f, 4, generator=g) * 0.2
+            lora_sd[f"{lora_key}.lora_down.weight"] = torch.randn(4, in_f, generator=g) * 0.2
+    assert lora_sd, "no LoRA keys for the test model"
+    model, _ = comfy.sd.load_lora_for_models(base, None, lora_sd, 1.0, 0.0)
+    pos, neg = make_conditioning(model, seed=1), make_conditioning(model, seed=2)
+    latent = torch.zeros(1, 4, 16, 16)
+    plain = stock(models["sd15"], pos, neg, latent, seed=5)
+    a = stock(model, pos, neg, latent, seed=5)
+    b = asyn(model, pos, neg, latent, seed=5)
+    assert rel_err(a, plain) > 1e-4, "the LoRA did not change the output"
+    assert rel_err(b, a) < 1e-4
+
+
+def hook_state(model) -> list[tuple[str, int, int]]:
+    return [(name, len(m._forward_hooks), len(m._forward_pre_hooks)) for name, m in model.model.named_modules()]
+
+
+class Boom(RuntimeError):
+    pass
+
+
+@pytest.mark.parametrize("how", ["callback", "unet", "interrupt"])
+def test_nothing_outlives_a_failed_run(models, how, monkeypatch):
+    model = models["sdxl"]
+    pos, neg = make_conditioning(model, seed=1), make_conditioning(model, seed=2)
+    latent = torch.zeros(1, 4, 16, 16)
+    before = stock(model, pos, neg, latent, seed=6)
+    hooks_before = hook_state(model)
+    options_before = repr(model.model_options)
+
+    callback = None
+    if how == "callback":
+        def callback(step, x0, x, total):  # noqa: F811
+            if step == 1:
+                raise Boom("stop")
+        expected: type[BaseException] = Boom
+    elif how == "interrupt":
+        def callback(step, x0, x, total):  # noqa: F811
+            if step == 1:
+                comfy.model_management.interrupt_current_processing(True)
+        expected = comfy.model_management.InterruptProcessingException
+    else:
+        block = next(m for m in model.model.diffusion_model.modules() if type(m).__name__ == "ResBlock")
+        calls = {"n": 0}
+        original = block.forward
+
+        def failing(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise Boom("inside the UNet")
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(block, "forward", failing)
+        expected = Boom
+
+    with pytest.raises(expected):
+        asyn(model, pos, neg, latent, seed=6, schedule=fixed_masks(1, 16, 16), callback=callback)
+    monkeypatch.undo()
+    comfy.model_management.interrupt_current_processing(False)
+    assert hook_state(model) == hooks_before
+    assert repr(model.model_options) == options_before
+    after = stock(model, pos, neg, latent, seed=6)
+    assert torch.equal(after, before)
