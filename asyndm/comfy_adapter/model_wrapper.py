@@ -11,9 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 import comfy.samplers
+import torch
 
 from .per_pixel import per_pixel
 

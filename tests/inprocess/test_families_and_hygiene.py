@@ -6,12 +6,12 @@ Models are small random-weight instances of ComfyUI's own classes (tests/model_f
 
 from __future__ import annotations
 
-import pytest
-import torch
-
 import comfy.model_management
 import comfy.sample
 import comfy.samplers
+import pytest
+import torch
+
 from asyndm.comfy_adapter.sampler import AsynSampler
 from asyndm.schedule_spec import AsynSchedule
 from tests.model_factory import build_sd2v, build_sd15, build_sdxl, make_conditioning
@@ -51,7 +51,7 @@ def fixed_masks(b: int, h: int, w: int) -> AsynSchedule:
 
 
 @pytest.mark.parametrize("family", list(BUILDERS))
-@pytest.mark.parametrize("sampler", ["euler", "euler_ancestral", "dpmpp_2m"])
+@pytest.mark.parametrize("sampler", ["euler", "ddim", "euler_ancestral", "ddpm", "dpmpp_2m"])
 def test_constant_map_equals_ksampler_on_each_family(models, family, sampler):
     model = models[family]
     pos, neg = make_conditioning(model, seed=1), make_conditioning(model, seed=2)
@@ -164,3 +164,27 @@ def test_nothing_outlives_a_failed_run(models, how, monkeypatch):
     assert repr(model.model_options) == options_before
     after = stock(model, pos, neg, latent, seed=6)
     assert torch.equal(after, before)
+
+
+def test_sampler_custom_advanced_with_the_sampler_node(models, pack_nodes):
+    """AsynDMSampler's SAMPLER drives ComfyUI's SamplerCustomAdvanced like KSampler drives its own."""
+    import importlib
+
+    custom = importlib.import_module("comfy_extras.nodes_custom_sampler")
+    model = models["sd15"]
+    pos, neg = make_conditioning(model, seed=1), make_conditioning(model, seed=2)
+    latent = {"samples": torch.zeros(1, 4, 16, 16)}
+    sampler = pack_nodes.AsynDMSampler.execute("euler_ancestral", "", 0.7, "bin", 1.0, "dynamic", 0.0, False).args[0]
+    noise = custom.RandomNoise.execute(7).args[0]
+    guider = custom.CFGGuider.execute(model, pos, neg, 4.0).args[0]
+    sigmas = custom.BasicScheduler.execute(model, "karras", 5, 1.0).args[0]
+    out = custom.SamplerCustomAdvanced.execute(noise, guider, sampler, sigmas, latent).args[0]["samples"]
+    a = stock(model, pos, neg, latent["samples"], seed=7, steps=5, sampler="euler_ancestral", scheduler="karras")
+    assert rel_err(out, a) < 1e-4
+
+
+def test_unsupported_sampler_is_refused():
+    with pytest.raises(ValueError, match="not supported by asynchronous sampling.*euler"):
+        AsynSampler("lms", None)
+    with pytest.raises(ValueError, match="eta applies"):
+        AsynSampler("dpmpp_2m", None, eta=0.5)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import importlib
 
-import pytest
-import torch
-
 import comfy.patcher_extension
 import comfy.utils
+import pytest
+import torch
 
 
 @pytest.fixture(scope="module")
