@@ -36,7 +36,7 @@ __all__ = [
 
 
 def as_mask(name: str, mask: object) -> torch.Tensor:
-    """A ComfyUI MASK ((H, W), (B, H, W) or (B, 1, H, W)) as float32 (B, H, W) clamped to [0, 1].
+    """A ComfyUI MASK ((H, W), (B, H, W) or (B, 1, H, W)) as float32 CPU (B, H, W) clamped to [0, 1].
 
     NaN or infinite values are refused with a ValueError naming the input.
     """
@@ -51,9 +51,7 @@ def as_mask(name: str, mask: object) -> torch.Tensor:
         raise ValueError(f"{name} must have shape (batch, height, width), got {describe_shape(mask)}")
     if min(m.shape) < 1:
         raise ValueError(f"{name} is empty (shape {describe_shape(mask)})")
-    if m.dtype == torch.bool:
-        m = m.float()
-    m = m.detach().float()
+    m = m.detach().to("cpu", torch.float32)  # schedules are small values shared between nodes: keep them on the CPU
     if not bool(torch.isfinite(m).all()):
         raise ValueError(f"{name} holds NaN or infinite values: fix the node that produced it (masks lie in [0, 1])")
     return m.clamp(0.0, 1.0)
