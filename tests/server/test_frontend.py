@@ -29,7 +29,7 @@ SCRIPT = Path(__file__).resolve().parent / "browser" / "frontend_plot.mjs"
 ARTIFACTS = REPO_ROOT / "artifacts"
 PACK_URL = "/extensions/asyndm-comfyui"
 PLOT_MODULES = {f"{PACK_URL}/js/asyndm_schedule_plot.js", f"{PACK_URL}/js/asyndm_curves.js"}
-DOC_NODES = ("AsynDMKSampler", "AsynDMSampler", "AsynDMTextEncode")
+DOC_NODES = ("AsynDMKSampler", "AsynDMSampler", "AsynDMTextEncode", "AsynDMMaskToTimestepMap", "AsynDMCrossAttentionMask", "AsynDMSchedulerLoader", "AsynDMSaveSchedule")
 SETUP_HINT = "run `bash scripts/setup_browser.sh` first (installs chromium and playwright-core)"
 
 # (curve, k, steps) checked value by value against the JavaScript curve module.

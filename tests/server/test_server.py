@@ -12,7 +12,7 @@ from PIL import Image
 from tests.conftest import REPO_ROOT
 from tests.server.conftest import DEFAULT_CKPT
 
-PACK_NODES = {"AsynDMKSampler", "AsynDMSampler", "AsynDMTextEncode"}
+PACK_NODES = {"AsynDMKSampler", "AsynDMSampler", "AsynDMTextEncode", "AsynDMMaskToTimestepMap", "AsynDMCrossAttentionMask", "AsynDMSchedulerLoader", "AsynDMSaveSchedule"}
 
 
 def api_workflow(name: str, **overrides: object) -> dict:
