@@ -67,3 +67,12 @@ def sd15_checkpoint() -> tuple:
         pytest.fail(f"{path} is missing: run scripts/setup.sh (scripts/test.sh does)")
     out = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=True)
     return out[0], out[1], out[2]
+
+
+@pytest.fixture(scope="session")
+def conds(sd15_checkpoint: tuple, pack_nodes: ModuleType) -> tuple:
+    """(positive, negative) for the default checkpoint; the positive carries the prompt's tokens."""
+    clip = sd15_checkpoint[1]
+    positive = pack_nodes.AsynDMTextEncode.execute(clip, "a rabbit playing basketball").args[0]
+    negative = clip.encode_from_tokens_scheduled(clip.tokenize("blurry"))
+    return positive, negative

@@ -25,14 +25,6 @@ def adapter():
     return importlib.import_module(f"{PACK_MODULE}.asyndm.comfy_adapter.sampler")
 
 
-@pytest.fixture(scope="module")
-def conds(sd15_checkpoint, pack_nodes):
-    clip = sd15_checkpoint[1]
-    positive = pack_nodes.AsynDMTextEncode.execute(clip, "a rabbit playing basketball").args[0]
-    negative = clip.encode_from_tokens_scheduled(clip.tokenize("blurry"))
-    return positive, negative
-
-
 class Recorder:
     """Records the per-pixel timestep rows handed to the UNet's time hooks."""
 

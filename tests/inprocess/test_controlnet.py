@@ -14,6 +14,7 @@ accepted approximation), so:
 
 from __future__ import annotations
 
+import functools
 import importlib
 from typing import Any
 
@@ -23,8 +24,8 @@ import comfy.samplers
 import pytest
 import torch
 
-from asyndm.comfy_adapter.sampler import AsynSampler
-from asyndm.schedule_spec import AsynSchedule
+import tests.inprocess.sampling as shared
+from tests.inprocess.sampling import fixed_masks, hook_state, rel_err
 from tests.model_factory import _fill, build_sd15, make_conditioning
 
 LATENT = (1, 4, 8, 8)  # hint image 64 x 64
@@ -32,34 +33,8 @@ SEED = 4
 
 
 # ------------------------------------------------------------------------------ helpers
-# Same approach as tests/inprocess/test_families_and_hygiene.py (copied so this file stands alone).
-
-def stock(model, positive, negative, latent, *, seed=SEED, steps=4, cfg=4.0, sampler="euler", scheduler="normal"):
-    noise = comfy.sample.prepare_noise(latent, seed)
-    return comfy.sample.sample(model, noise, steps, cfg, sampler, scheduler, positive, negative, latent, seed=seed)
-
-
-def asyn(model, positive, negative, latent, *, schedule=None, seed=SEED, steps=4, cfg=4.0, sampler="euler",
-         scheduler="normal"):
-    noise = comfy.sample.prepare_noise(latent, seed)
-    sigmas = comfy.samplers.KSampler(model, steps=steps, device=model.load_device, sampler=sampler,
-                                     scheduler=scheduler, denoise=1.0, model_options=model.model_options).sigmas
-    return comfy.sample.sample_custom(model, noise, cfg, AsynSampler(sampler, schedule), sigmas, positive, negative,
-                                      latent, seed=seed)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1.0))
-
-
-def fixed_masks(b: int, h: int, w: int) -> AsynSchedule:
-    masks = torch.zeros(b, 1, h, w)
-    masks[:, :, : h // 2] = 1.0
-    return AsynSchedule(curve="bin", k=(0.8,), mask_source="masks", masks=masks)
-
-
-def hook_state(module: torch.nn.Module) -> list[tuple[str, int, int]]:
-    return [(name, len(m._forward_hooks), len(m._forward_pre_hooks)) for name, m in module.named_modules()]
+stock = functools.partial(shared.stock, seed=SEED)
+asyn = functools.partial(shared.asyn, seed=SEED)
 
 
 def build_controlnet(model: Any, *, seed: int = 7, zero_conv_scale: float = 0.5) -> Any:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from asyndm.comfy_adapter.sampler import AsynSampler
-from asyndm.schedule_spec import AsynSchedule
+from tests.inprocess.sampling import asyn, fixed_masks, hook_state, rel_err, stock
 from tests.model_factory import build_sd2v, build_sd15, build_sdxl, make_conditioning
 
 BUILDERS = {"sd15": build_sd15, "sd2v": build_sd2v, "sdxl": build_sdxl}
@@ -22,32 +22,6 @@ BUILDERS = {"sd15": build_sd15, "sd2v": build_sd2v, "sdxl": build_sdxl}
 @pytest.fixture(scope="module")
 def models():
     return {name: build() for name, build in BUILDERS.items()}
-
-
-def stock(model, positive, negative, latent, *, seed=0, steps=4, cfg=4.0, sampler="euler", scheduler="normal",
-          denoise=1.0, noise_mask=None):
-    noise = comfy.sample.prepare_noise(latent, seed)
-    return comfy.sample.sample(model, noise, steps, cfg, sampler, scheduler, positive, negative, latent,
-                               denoise=denoise, noise_mask=noise_mask, seed=seed)
-
-
-def asyn(model, positive, negative, latent, *, schedule=None, seed=0, steps=4, cfg=4.0, sampler="euler",
-         scheduler="normal", denoise=1.0, callback=None, noise_mask=None):
-    noise = comfy.sample.prepare_noise(latent, seed)
-    sigmas = comfy.samplers.KSampler(model, steps=steps, device=model.load_device, sampler=sampler,
-                                     scheduler=scheduler, denoise=denoise, model_options=model.model_options).sigmas
-    return comfy.sample.sample_custom(model, noise, cfg, AsynSampler(sampler, schedule), sigmas, positive, negative,
-                                      latent, noise_mask=noise_mask, callback=callback, seed=seed)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1.0))
-
-
-def fixed_masks(b: int, h: int, w: int) -> AsynSchedule:
-    masks = torch.zeros(b, 1, h, w)
-    masks[:, :, : h // 2] = 1.0
-    return AsynSchedule(curve="bin", k=(0.8,), mask_source="masks", masks=masks)
 
 
 @pytest.mark.parametrize("family", list(BUILDERS))
@@ -114,10 +88,6 @@ def test_lora_patched_model_still_matches(models):
     assert rel_err(b, a) < 1e-4
 
 
-def hook_state(model) -> list[tuple[str, int, int]]:
-    return [(name, len(m._forward_hooks), len(m._forward_pre_hooks)) for name, m in model.model.named_modules()]
-
-
 class Boom(RuntimeError):
     pass
 
@@ -128,7 +98,7 @@ def test_nothing_outlives_a_failed_run(models, how, monkeypatch):
     pos, neg = make_conditioning(model, seed=1), make_conditioning(model, seed=2)
     latent = torch.zeros(1, 4, 16, 16)
     before = stock(model, pos, neg, latent, seed=6)
-    hooks_before = hook_state(model)
+    hooks_before = hook_state(model.model)
     options_before = repr(model.model_options)
 
     callback = None
@@ -160,7 +130,7 @@ def test_nothing_outlives_a_failed_run(models, how, monkeypatch):
         asyn(model, pos, neg, latent, seed=6, schedule=fixed_masks(1, 16, 16), callback=callback)
     monkeypatch.undo()
     comfy.model_management.interrupt_current_processing(False)
-    assert hook_state(model) == hooks_before
+    assert hook_state(model.model) == hooks_before
     assert repr(model.model_options) == options_before
     after = stock(model, pos, neg, latent, seed=6)
     assert torch.equal(after, before)

@@ -6,16 +6,7 @@ import importlib
 
 import comfy.patcher_extension
 import comfy.utils
-import pytest
 import torch
-
-
-@pytest.fixture(scope="module")
-def conds(sd15_checkpoint, pack_nodes):
-    clip = sd15_checkpoint[1]
-    positive = pack_nodes.AsynDMTextEncode.execute(clip, "a rabbit playing basketball").args[0]
-    negative = clip.encode_from_tokens_scheduled(clip.tokenize("blurry"))
-    return positive, negative
 
 
 def run(pack_nodes, model, conds, *, key_words="rabbit", steps=4, sampler="euler", seed=1):

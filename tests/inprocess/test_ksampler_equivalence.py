@@ -22,14 +22,6 @@ def comfy_nodes():
     return mod
 
 
-@pytest.fixture(scope="module")
-def conds(sd15_checkpoint, pack_nodes):
-    clip = sd15_checkpoint[1]
-    positive = pack_nodes.AsynDMTextEncode.execute(clip, "a rabbit playing basketball").args[0]
-    negative = clip.encode_from_tokens_scheduled(clip.tokenize("blurry"))
-    return positive, negative
-
-
 def stock(comfy_nodes, model, positive, negative, latent, *, seed, steps, cfg, sampler, scheduler, denoise=1.0):
     return comfy_nodes.common_ksampler(model, seed, steps, cfg, sampler, scheduler, positive, negative, latent,
                                        denoise=denoise)[0]["samples"]

@@ -50,14 +50,6 @@ def folders(tmp_path, monkeypatch, nodes):
     folder_paths.filename_list_cache.pop(FOLDER, None)
 
 
-@pytest.fixture(scope="module")
-def conds(sd15_checkpoint, pack_nodes):
-    clip = sd15_checkpoint[1]
-    positive = pack_nodes.AsynDMTextEncode.execute(clip, "a rabbit playing basketball").args[0]
-    negative = clip.encode_from_tokens_scheduled(clip.tokenize("blurry"))
-    return positive, negative
-
-
 def mask_node(nodes, mask, k=0.7, curve="bin", threshold=0.5, feather=0, preview_steps=6, **extra):
     out = nodes.AsynDMMaskToTimestepMap.execute(mask, k, curve, threshold, feather, preview_steps, **extra)
     return out.args[0], out.args[1]

@@ -1,0 +1,45 @@
+"""Shared helpers: stock ComfyUI sampling vs the asynchronous sampler on the same inputs."""
+
+from __future__ import annotations
+
+import comfy.sample
+import comfy.samplers
+import torch
+
+from asyndm.comfy_adapter.sampler import AsynSampler
+from asyndm.schedule_spec import AsynSchedule
+
+
+def stock(model, positive, negative, latent, *, seed=0, steps=4, cfg=4.0, sampler="euler", scheduler="normal",
+          denoise=1.0, noise_mask=None):
+    """ComfyUI's own KSampler path (comfy.sample.sample)."""
+    noise = comfy.sample.prepare_noise(latent, seed)
+    return comfy.sample.sample(model, noise, steps, cfg, sampler, scheduler, positive, negative, latent,
+                               denoise=denoise, noise_mask=noise_mask, seed=seed)
+
+
+def asyn(model, positive, negative, latent, *, schedule=None, seed=0, steps=4, cfg=4.0, sampler="euler",
+         scheduler="normal", denoise=1.0, callback=None, noise_mask=None):
+    """The same inputs through AsynSampler (sigmas computed as the KSampler computes them)."""
+    noise = comfy.sample.prepare_noise(latent, seed)
+    sigmas = comfy.samplers.KSampler(model, steps=steps, device=model.load_device, sampler=sampler,
+                                     scheduler=scheduler, denoise=denoise, model_options=model.model_options).sigmas
+    return comfy.sample.sample_custom(model, noise, cfg, AsynSampler(sampler, schedule), sigmas, positive, negative,
+                                      latent, noise_mask=noise_mask, callback=callback, seed=seed)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest absolute difference relative to max(|b|, 1)."""
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1.0))
+
+
+def fixed_masks(b: int, h: int, w: int) -> AsynSchedule:
+    """A schedule whose top half is one key item (bin, k = 0.8)."""
+    masks = torch.zeros(b, 1, h, w)
+    masks[:, :, : h // 2] = 1.0
+    return AsynSchedule(curve="bin", k=(0.8,), mask_source="masks", masks=masks)
+
+
+def hook_state(module: torch.nn.Module) -> list[tuple[str, int, int]]:
+    """Forward hook and pre-hook counts of every submodule (to prove nothing was left behind)."""
+    return [(name, len(m._forward_hooks), len(m._forward_pre_hooks)) for name, m in module.named_modules()]
