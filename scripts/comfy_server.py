@@ -145,7 +145,8 @@ class ComfyServer:
 
     def output_files(self, entry: dict, kind: str = "output") -> list[Path]:
         """Paths of the images a finished prompt wrote (kind 'output' or 'temp')."""
-        base = self.run_dir / ("out" if kind == "output" else "tmp")
+        # ComfyUI keeps temp files in <--temp-directory>/temp
+        base = self.run_dir / "out" if kind == "output" else self.run_dir / "tmp" / "temp"
         files = []
         for node_out in entry.get("outputs", {}).values():
             for img in node_out.get("images", []):

@@ -72,7 +72,8 @@ def test_asynchronous_workflow_runs_end_to_end(server) -> None:
     strip = next(f for f in files if "timestep_maps" in str(f))
     assert _image(strip).shape[0] >= 64
     # the node also shows the strip in the UI as a temp preview
-    assert server.output_files(entry, kind="temp")
+    previews = server.output_files(entry, kind="temp")
+    assert previews and all(p.exists() for p in previews)
 
 
 def test_empty_key_words_reproduce_the_ksampler_through_the_server(server) -> None:

@@ -1,0 +1,444 @@
+"""The pack's example workflows (workflows/*.json, UI format): valid, listed as templates, and they run.
+
+Every workflow is converted to an API prompt by tests/server/workflow_convert.py (the frontend's
+own mapping, checked against the frontend's graphToPrompt in the browser test below), pointed at
+the random-weight test models, shrunk (64x64 latents, 3 steps) and queued through POST /prompt;
+each SaveImage / PreviewImage must then have written non-flat images of the expected size.
+
+The SDXL workflow runs on an SDXL random checkpoint when the model folders hold one
+(`asyndm-random-sdxl.safetensors`, from `scripts/make_models.py --sdxl`); writing that file takes
+about 95 s on the 2-core machines (58 s for the checkpoint alone, CLIP-G is 694M parameters), too
+slow for this module, so by default the SD1.5 test checkpoint stands in for it (at 128x128).
+
+The browser part (tests/server/browser/run_workflows.mjs, headless Chromium as in
+test_frontend.py) loads every workflow from the template URL the frontend uses, compares
+graphToPrompt with the converter, and queues two of them through the UI (app.queuePrompt).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import os
+import shutil
+import subprocess
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import REPO_ROOT
+from tests.server.conftest import DEFAULT_CKPT
+from tests.server.workflow_convert import (
+    FRONTEND_ONLY,
+    NOTE_TYPES,
+    convert,
+    linked_primitive,
+    output_nodes,
+    set_widget,
+    widget_values,
+)
+
+WORKFLOWS = REPO_ROOT / "workflows"
+PACK = "asyndm-comfyui"  # the pack's folder name in custom_nodes (scripts/comfy_server.py PACK_LINK_NAME)
+EXPECTED = {
+    "asyndm_sd15_text_to_image",
+    "asyndm_drawn_mask",
+    "asyndm_attention_mask_edit",
+    "asyndm_learned_scheduler",
+    "asyndm_sync_vs_async",
+    "asyndm_sdxl",
+    "asyndm_sampler_custom_advanced",
+}
+# Checkpoint names users actually have (what the workflows ship with).
+REAL_CKPTS = {"v1-5-pruned-emaonly-fp16.safetensors": "sd15", "sd_xl_base_1.0.safetensors": "sdxl"}
+SDXL_TEST_CKPT = "asyndm-random-sdxl.safetensors"
+SIZE, SDXL_SIZE, STEPS = 64, 128, 3
+# What each workflow must contain (the brief of each example).
+REQUIRED_NODES = {
+    "asyndm_sd15_text_to_image": {"CheckpointLoaderSimple", "AsynDMTextEncode", "CLIPTextEncode", "AsynDMKSampler",
+                                  "VAEDecode", "SaveImage", "PreviewImage"},
+    "asyndm_drawn_mask": {"AsynDMMaskToTimestepMap", "AsynDMKSampler", "SolidMask", "MaskComposite", "SaveImage"},
+    "asyndm_attention_mask_edit": {"AsynDMCrossAttentionMask", "GrowMask", "AsynDMMaskToTimestepMap", "AsynDMKSampler",
+                                   "MaskToImage", "PreviewImage", "SaveImage"},
+    "asyndm_learned_scheduler": {"AsynDMSchedulerLoader", "AsynDMKSampler", "SaveImage"},
+    "asyndm_sync_vs_async": {"KSampler", "AsynDMKSampler", "PrimitiveNode", "SaveImage"},
+    "asyndm_sdxl": {"CheckpointLoaderSimple", "AsynDMTextEncode", "AsynDMKSampler", "SaveImage"},
+    "asyndm_sampler_custom_advanced": {"AsynDMSampler", "BasicScheduler", "CFGGuider", "RandomNoise",
+                                       "SamplerCustomAdvanced", "SaveImage"},
+}
+BROWSER_RUNS = ("asyndm_sd15_text_to_image", "asyndm_sync_vs_async")  # queued through the UI
+
+CHROMIUM = Path(os.environ.get("ASYNDM_CHROMIUM", "/usr/bin/chromium"))
+NODE_DIR = REPO_ROOT / ".dev" / "node"
+BROWSER_SCRIPT = Path(__file__).resolve().parent / "browser" / "run_workflows.mjs"
+SETUP_HINT = "run `bash scripts/setup_browser.sh` first (installs chromium and playwright-core)"
+
+
+def load(name: str) -> dict[str, Any]:
+    return json.loads((WORKFLOWS / f"{name}.json").read_text())
+
+
+def nodes_of(workflow: dict[str, Any], kind: str) -> list[dict[str, Any]]:
+    return [n for n in workflow["nodes"] if n["type"] == kind]
+
+
+@pytest.fixture(scope="module")
+def object_info(server) -> dict[str, Any]:
+    return dict(server.get("/object_info"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Test settings, applied to the UI workflow (so the browser can apply exactly the same).
+
+
+def settings_for_tests(workflow: dict[str, Any], object_info: dict[str, Any], seed_offset: int = 0) -> tuple[dict, dict]:
+    """{node id: {widget: value}} that points the workflow at the test models and shrinks it, and what
+    the checks need to know ({'size': side, 'sdxl_substituted': bool})."""
+    available = set(object_info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0])
+    changes: dict[str, dict[str, Any]] = {}
+    is_sdxl = any(REAL_CKPTS.get(n["widgets_values"][0]) == "sdxl" for n in nodes_of(workflow, "CheckpointLoaderSimple"))
+    size = SDXL_SIZE if is_sdxl else SIZE
+    substituted = is_sdxl and SDXL_TEST_CKPT not in available
+
+    def change(node: dict[str, Any], widget: str, value: Any) -> None:
+        changes.setdefault(str(node["id"]), {})[widget] = value
+
+    for node in workflow["nodes"]:
+        kind = node["type"]
+        if kind == "CheckpointLoaderSimple":
+            change(node, "ckpt_name", SDXL_TEST_CKPT if is_sdxl and not substituted else DEFAULT_CKPT)
+        elif kind == "EmptyLatentImage":
+            change(node, "width", size)
+            change(node, "height", size)
+        if kind in FRONTEND_ONLY or kind not in object_info:
+            continue
+        widgets = {name for section in ("required", "optional") for name in object_info[kind]["input"].get(section, {})}
+        if "steps" in widgets:
+            change(node, "steps", STEPS)
+        for seed in ("seed", "noise_seed"):
+            if seed in widgets:
+                primitive = linked_primitive(workflow, node, seed)
+                if primitive is not None:
+                    change(primitive, "value", int(primitive["widgets_values"][0]) + seed_offset)
+                else:
+                    change(node, seed, int(widget_values(node, object_info[kind])[seed]) + seed_offset)
+    return changes, {"size": size, "sdxl_substituted": substituted}
+
+
+def apply_settings(workflow: dict[str, Any], changes: dict[str, dict[str, Any]], object_info: dict[str, Any]) -> dict:
+    out = copy.deepcopy(workflow)
+    by_id = {str(n["id"]): n for n in out["nodes"]}
+    for node_id, widgets in changes.items():
+        node = by_id[node_id]
+        for name, value in widgets.items():
+            set_widget(node, object_info.get(node["type"]), name, value)
+    return out
+
+
+def prompt_for_tests(name: str, object_info: dict[str, Any], seed_offset: int = 0) -> tuple[dict, dict]:
+    workflow = load(name)
+    changes, facts = settings_for_tests(workflow, object_info, seed_offset)
+    return convert(apply_settings(workflow, changes, object_info), object_info), facts
+
+
+# ------------------------------------------------------------------------------------------------
+# Checking what a run wrote.
+
+
+def _image(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.float32)
+
+
+def _view(server, img: dict[str, Any]) -> bytes:
+    """An output or temp image, fetched as the frontend shows it (GET /view)."""
+    query = urllib.parse.urlencode({"filename": img["filename"], "subfolder": img.get("subfolder", ""), "type": img["type"]})
+    with urllib.request.urlopen(f"{server.url}/view?{query}", timeout=30) as r:
+        return bytes(r.read())
+
+
+def _source(prompt: dict[str, Any], node_id: str) -> dict[str, Any]:
+    link = prompt[node_id]["inputs"]["images"]
+    return prompt[link[0]]
+
+
+def check_outputs(server, entry: dict[str, Any], prompt: dict[str, Any], object_info: dict[str, Any],
+                  size: int) -> dict[str, list[tuple[int, ...]]]:
+    """Every output node wrote images: decoded pictures and masks at the latent's size in pixels, non-flat
+    and finite; strips and plots at least 32 px. Returns {node id: [image shapes]}."""
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+    shapes: dict[str, list[tuple[int, ...]]] = {}
+    for node_id in output_nodes(prompt, object_info):
+        node = prompt[node_id]
+        assert node["class_type"] in ("SaveImage", "PreviewImage"), node
+        images = entry["outputs"].get(node_id, {}).get("images", [])
+        assert images, f"{node['class_type']} {node_id} ({node['_meta']['title']}) wrote nothing"
+        src = _source(prompt, node_id)
+        for img in images:
+            assert img["type"] == ("output" if node["class_type"] == "SaveImage" else "temp"), img
+            if img["type"] == "output":
+                assert (server.run_dir / "out" / img.get("subfolder", "") / img["filename"]).exists(), img
+            pixels = _image(_view(server, img))
+            assert np.isfinite(pixels).all()
+            shapes.setdefault(node_id, []).append(pixels.shape)
+            if src["class_type"] in ("VAEDecode", "MaskToImage"):
+                assert pixels.shape == (size, size, 3), (node_id, src["class_type"], pixels.shape)
+            else:  # timestep-map strips, schedule previews, table plots
+                assert min(pixels.shape[:2]) >= 32, (node_id, src["class_type"], pixels.shape)
+            if src["class_type"] == "VAEDecode":
+                assert pixels.std() > 0.5, f"{img['filename']} is one flat colour (NaN in the pipeline?)"
+    return shapes
+
+
+# ------------------------------------------------------------------------------------------------
+# The converter on its own (the browser test below checks it against the frontend on the real files).
+
+
+def test_converter_maps_widgets_links_reroutes_and_primitives() -> None:
+    info = {
+        "Src": {"input": {"required": {}}, "output": ["LATENT"]},
+        "Dst": {"input": {"required": {"x": ["LATENT", {}], "seed": ["INT", {"control_after_generate": True}],
+                                       "mode": [["a", "b"], {}], "n": ["INT", {"forceInput": True}]},
+                          "optional": {"text": ["STRING", {}], "noise_seed": ["INT", {}]}},
+                "input_order": {"required": ["x", "seed", "mode", "n"], "optional": ["text", "noise_seed"]},
+                "output": [], "output_node": True},
+    }
+    workflow = {
+        "version": 0.4,
+        "nodes": [
+            {"id": 1, "type": "Src", "inputs": [], "outputs": [{"name": "LATENT", "type": "LATENT", "links": [1]}],
+             "widgets_values": []},
+            {"id": 2, "type": "Reroute", "inputs": [{"name": "", "type": "*", "link": 1}],
+             "outputs": [{"name": "", "type": "LATENT", "links": [2]}]},
+            {"id": 3, "type": "Dst", "widgets_values": [5, "randomize", "b", "hello", 9, "fixed"],
+             "inputs": [{"name": "x", "type": "LATENT", "link": 2},
+                        {"name": "seed", "type": "INT", "widget": {"name": "seed"}, "link": 3},
+                        {"name": "n", "type": "INT", "link": None}]},
+            {"id": 4, "type": "PrimitiveNode", "widgets_values": [77, "fixed"],
+             "outputs": [{"name": "INT", "type": "INT", "links": [3], "widget": {"name": "seed"}}]},
+            {"id": 5, "type": "Note", "widgets_values": ["a note"]},
+        ],
+        "links": [[1, 1, 0, 2, 0, "LATENT"], [2, 2, 0, 3, 0, "LATENT"], [3, 4, 0, 3, 1, "INT"]],
+    }
+    prompt = convert(workflow, info)
+    assert set(prompt) == {"1", "3"}
+    # noise_seed (no control option, but named like a seed) carries a control value too, as in the frontend
+    assert prompt["3"]["inputs"] == {"x": ["1", 0], "seed": 77, "mode": "b", "text": "hello", "noise_seed": 9}
+    assert output_nodes(prompt, info) == ["3"]
+    node = workflow["nodes"][2]
+    set_widget(node, info["Dst"], "text", "bye")
+    assert node["widgets_values"] == [5, "randomize", "b", "bye", 9, "fixed"]
+    assert linked_primitive(workflow, node, "seed") is workflow["nodes"][3]
+    node["widgets_values"] = [5, "b", "hello"]  # the control value after seed is missing
+    with pytest.raises(ValueError, match="3 widget values"):
+        convert(workflow, info)
+
+
+# ------------------------------------------------------------------------------------------------
+# The files.
+
+
+def test_the_seven_workflows_are_there() -> None:
+    found = {p.stem for p in WORKFLOWS.glob("*.json")}
+    assert found == EXPECTED, f"missing {sorted(EXPECTED - found)}, unexpected {sorted(found - EXPECTED)}"
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_workflow_is_valid_ui_json(name: str, object_info: dict[str, Any]) -> None:
+    wf = load(name)
+    assert wf["version"] == 0.4 and isinstance(wf["nodes"], list) and isinstance(wf["links"], list)
+    assert isinstance(wf.get("groups", []), list) and "ds" in wf.get("extra", {})
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    assert len(nodes) == len(wf["nodes"]), "duplicate node ids"
+    assert wf["last_node_id"] >= max(nodes) and wf["last_link_id"] >= max(row[0] for row in wf["links"])
+    unknown = sorted({n["type"] for n in wf["nodes"]} - set(object_info) - FRONTEND_ONLY)
+    assert unknown == [], f"node types not in /object_info: {unknown}"
+    assert REQUIRED_NODES[name] <= {n["type"] for n in wf["nodes"]}, REQUIRED_NODES[name] - {n["type"] for n in wf["nodes"]}
+    for link_id, origin, origin_slot, target, target_slot, _type in wf["links"]:
+        assert link_id in nodes[origin]["outputs"][origin_slot]["links"], (name, link_id)
+        assert nodes[target]["inputs"][target_slot]["link"] == link_id, (name, link_id)
+    for node in wf["nodes"]:
+        for slot in node.get("inputs", []):
+            assert slot.get("link") is None or any(row[0] == slot["link"] for row in wf["links"]), (node["id"], slot)
+        assert len(node["pos"]) == 2 and len(node["size"]) == 2
+    # A note that explains the workflow, and says what the test models give.
+    notes = [n for n in wf["nodes"] if n["type"] in NOTE_TYPES]
+    assert len(notes) == 1, f"{len(notes)} notes"
+    text = notes[0]["widgets_values"][0]
+    assert len(text) > 300 and "random-weight" in text and "noise" in text, text[:200]
+    # Real model names, with where to get them (the frontend's missing-models dialog offers the download).
+    for ckpt in nodes_of(wf, "CheckpointLoaderSimple"):
+        assert ckpt["widgets_values"][0] in REAL_CKPTS, ckpt["widgets_values"]
+        models = ckpt["properties"]["models"]
+        assert models[0]["name"] == ckpt["widgets_values"][0] and models[0]["url"].startswith("https://huggingface.co/")
+        assert models[0]["directory"] == "checkpoints"
+    expected_family = "sdxl" if name == "asyndm_sdxl" else "sd15"
+    assert {REAL_CKPTS[c["widgets_values"][0]] for c in nodes_of(wf, "CheckpointLoaderSimple")} == {expected_family}
+    prompt = convert(wf, object_info)  # every node's widget values match its definition
+    assert output_nodes(prompt, object_info), "no output node"
+
+
+def test_workflow_details(object_info: dict[str, Any]) -> None:
+    """The particular wiring each example promises."""
+    t2i = convert(load("asyndm_sd15_text_to_image"), object_info)
+    sampler = next(i for i, n in t2i.items() if n["class_type"] == "AsynDMKSampler")
+    previews = [n for n in t2i.values() if n["class_type"] == "PreviewImage"]
+    assert [p["inputs"]["images"] for p in previews] == [[sampler, 1]]  # timestep_maps -> PreviewImage
+    assert t2i[sampler]["inputs"]["key_words"]
+    assert t2i[t2i[sampler]["inputs"]["positive"][0]]["class_type"] == "AsynDMTextEncode"
+    assert t2i[t2i[sampler]["inputs"]["negative"][0]]["class_type"] == "CLIPTextEncode"
+
+    sdxl = convert(load("asyndm_sdxl"), object_info)
+    latent = next(n for n in sdxl.values() if n["class_type"] == "EmptyLatentImage")
+    assert (latent["inputs"]["width"], latent["inputs"]["height"]) == (1024, 1024)
+
+    svsa = convert(load("asyndm_sync_vs_async"), object_info)
+    samplers = [n for n in svsa.values() if n["class_type"] in ("KSampler", "AsynDMKSampler")]
+    assert len(samplers) == 2 and samplers[0]["inputs"]["seed"] == samplers[1]["inputs"]["seed"]
+    for key in ("steps", "cfg", "sampler_name", "scheduler", "positive", "negative", "latent_image", "model"):
+        assert samplers[0]["inputs"][key] == samplers[1]["inputs"][key], key
+    assert sum(n["class_type"] == "SaveImage" for n in svsa.values()) == 2
+
+    for name, source in (("asyndm_drawn_mask", "AsynDMMaskToTimestepMap"), ("asyndm_attention_mask_edit", "AsynDMMaskToTimestepMap"),
+                         ("asyndm_learned_scheduler", "AsynDMSchedulerLoader")):
+        p = convert(load(name), object_info)
+        sampler = next(n for n in p.values() if n["class_type"] == "AsynDMKSampler")
+        assert p[sampler["inputs"]["schedule"][0]]["class_type"] == source, name
+    edit = convert(load("asyndm_attention_mask_edit"), object_info)
+    mt = next(n for n in edit.values() if n["class_type"] == "AsynDMMaskToTimestepMap")
+    assert mt["inputs"]["mask_batch"] == "items" and edit[mt["inputs"]["mask"][0]]["class_type"] == "GrowMask"
+    loader = next(n for n in convert(load("asyndm_learned_scheduler"), object_info).values()
+                  if n["class_type"] == "AsynDMSchedulerLoader")
+    shipped = {p.name for p in (REPO_ROOT / "schedules").glob("*.safetensors")}
+    assert loader["inputs"]["schedule_name"] in shipped, (loader["inputs"]["schedule_name"], shipped)
+
+
+def test_templates_are_listed_and_served(server) -> None:
+    """GET /workflow_templates lists the seven under the pack's folder name; the frontend fetches each from
+    /api/workflow_templates/<pack>/<name>.json (workflows/api/ is not a template)."""
+    listed = server.get("/workflow_templates")
+    assert set(listed.get(PACK, [])) == EXPECTED, listed.get(PACK)
+    for name in sorted(EXPECTED):
+        served = server.get(f"/api/workflow_templates/{PACK}/{name}.json")
+        assert served == load(name), name
+
+
+# ------------------------------------------------------------------------------------------------
+# Running them through the API.
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_workflow_runs_through_the_api(server, object_info: dict[str, Any], name: str) -> None:
+    prompt, facts = prompt_for_tests(name, object_info)
+    if name == "asyndm_sdxl":
+        ckpt = next(n for n in prompt.values() if n["class_type"] == "CheckpointLoaderSimple")["inputs"]["ckpt_name"]
+        # Without an SDXL test checkpoint the SD1.5 one stands in (see the module docstring).
+        assert ckpt == (DEFAULT_CKPT if facts["sdxl_substituted"] else SDXL_TEST_CKPT)
+    entry = server.run(prompt, timeout=240)
+    shapes = check_outputs(server, entry, prompt, object_info, facts["size"])
+    if name == "asyndm_attention_mask_edit":  # one mask per key word ("cat, dog"), in the previews
+        mask_previews = [i for i in shapes if _source(prompt, i)["class_type"] == "MaskToImage"]
+        assert len(mask_previews) == 3 and all(len(shapes[i]) == 2 for i in mask_previews), shapes
+    if name == "asyndm_sync_vs_async":
+        saved = [i for i in shapes if prompt[i]["class_type"] == "SaveImage"]
+        assert len(saved) == 2
+
+
+def test_sync_vs_async_gives_one_image_without_key_words(server, object_info: dict[str, Any]) -> None:
+    """What the example's note promises: with eta 0 and the key words cleared, both halves agree."""
+    workflow = load("asyndm_sync_vs_async")
+    changes, facts = settings_for_tests(workflow, object_info, seed_offset=2000)
+    sampler = next(n for n in workflow["nodes"] if n["type"] == "AsynDMKSampler")
+    changes.setdefault(str(sampler["id"]), {})["key_words"] = ""
+    prompt = convert(apply_settings(workflow, changes, object_info), object_info)
+    assert prompt[str(sampler["id"])]["inputs"]["eta"] == 0.0
+    entry = server.run(prompt, timeout=240)
+    check_outputs(server, entry, prompt, object_info, facts["size"])
+    saved = {}
+    for node_id, node in prompt.items():
+        if node["class_type"] == "SaveImage":
+            (img,) = entry["outputs"][node_id]["images"]
+            saved[node["inputs"]["filename_prefix"]] = _image(_view(server, img))
+    sync, asyn = saved["asyndm/compare_sync"], saved["asyndm/compare_async"]
+    assert np.abs(sync - asyn).max() <= 1.0  # 8-bit images: at most one level of rounding
+
+
+# ------------------------------------------------------------------------------------------------
+# In the browser: loaded as the frontend loads a template, converted by the frontend, queued from the UI.
+
+
+def _require_browser_tools() -> None:
+    if not (CHROMIUM.exists() and os.access(CHROMIUM, os.X_OK)):
+        pytest.fail(f"no chromium at {CHROMIUM}: {SETUP_HINT}")
+    if shutil.which("node") is None:
+        pytest.fail(f"node is not on PATH: install nodejs, then {SETUP_HINT}")
+    if not (NODE_DIR / "node_modules" / "playwright-core" / "package.json").exists():
+        pytest.fail(f"playwright-core is not installed in {NODE_DIR}: {SETUP_HINT}")
+
+
+@pytest.fixture(scope="module")
+def browser_run(server, object_info: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    _require_browser_tools()
+    tmp = Path(tmp_path_factory.mktemp("workflows_browser"))
+    server.post("/settings", {"Comfy.TutorialCompleted": True, "Comfy.VueNodes.Enabled": False,
+                              "Comfy.Workflow.ShowMissingModelsWarning": False})
+    items = []
+    for name in sorted(EXPECTED):
+        item: dict[str, Any] = {"name": name, "run": name in BROWSER_RUNS}
+        if item["run"]:
+            item["changes"], _ = settings_for_tests(load(name), object_info, seed_offset=1000)
+        items.append(item)
+    spec = {"url": server.url, "chromium": str(CHROMIUM), "nodeDir": str(NODE_DIR), "pack": PACK,
+            "userDataDir": str(tmp / "chromium-profile"), "out": str(tmp / "result.json"), "workflows": items, "timeoutMs": 20000, "runTimeoutMs": 120000}
+    spec_path = tmp / "input.json"
+    spec_path.write_text(json.dumps(spec))
+    try:
+        proc = subprocess.run(["node", str(BROWSER_SCRIPT), str(spec_path)], capture_output=True, text=True,
+                              timeout=300, cwd=REPO_ROOT)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"the browser script ran past 300 s; stderr:\n{(e.stderr or '')[-3000:]}")
+    report = tmp / "result.json"
+    if proc.returncode != 0 or not report.exists():
+        pytest.fail(f"browser script failed (rc {proc.returncode}):\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}")
+    result: dict[str, Any] = json.loads(report.read_text())
+    if not result.get("ok"):
+        pytest.fail(f"browser run stopped (done: {result.get('steps')}):\n{result.get('error')}")
+    return result
+
+
+# Console errors the frontend logs for any workflow on these offline machines: blocked calls to
+# api.comfy.org / huggingface.co (the page's CSP) and missing optional files (404).
+HARMLESS_CONSOLE = ("Content Security Policy", "Failed to load resource", "Error fetching file size", "Failed to fetch")
+
+
+def _strip_meta(prompt: dict[str, Any]) -> dict[str, Any]:
+    return {i: {"class_type": n["class_type"], "inputs": n["inputs"]} for i, n in prompt.items()}
+
+
+def test_frontend_converts_every_workflow_as_the_converter_does(browser_run: dict[str, Any],
+                                                                object_info: dict[str, Any]) -> None:
+    for name in sorted(EXPECTED):
+        seen = browser_run["workflows"][name]
+        assert seen["loadError"] is None, (name, seen["loadError"])
+        assert seen["template"] == load(name), f"{name}: the template the frontend fetched is not the file"
+        assert seen["missingTypes"] == [], (name, seen["missingTypes"])
+        assert seen["pageErrors"] == [], (name, seen["pageErrors"])
+        errors = [e for e in seen["consoleErrors"] if not any(h in e for h in HARMLESS_CONSOLE)]
+        assert errors == [], (name, errors)
+        assert _strip_meta(seen["prompt"]) == _strip_meta(convert(load(name), object_info)), name
+
+
+@pytest.mark.parametrize("name", BROWSER_RUNS)
+def test_workflow_runs_from_the_ui(server, browser_run: dict[str, Any], object_info: dict[str, Any], name: str) -> None:
+    seen = browser_run["workflows"][name]
+    entry = seen.get("history")
+    assert entry, f"{name}: no history entry after app.queuePrompt ({seen.get('runError')})"
+    prompt, facts = prompt_for_tests(name, object_info, seed_offset=1000)
+    sent = entry["prompt"][2]  # what the frontend queued: the same as the converter gives for the same settings
+    assert _strip_meta(sent) == _strip_meta(prompt)
+    check_outputs(server, entry, sent, object_info, facts["size"])
