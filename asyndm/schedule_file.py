@@ -69,7 +69,7 @@ def _read_header(path: Path) -> dict[str, Any]:
         raw = f.read(header_len)
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):  # not JSON, not text, or nested too deep to parse
         raise ScheduleFileError(f"{path.name}: corrupt safetensors header (not JSON)") from None
     if not isinstance(header, dict):
         raise ScheduleFileError(f"{path.name}: corrupt safetensors header")
@@ -92,6 +92,8 @@ def load_schedule(path: str | os.PathLike[str]) -> ScheduleTable:
         raise ScheduleFileError(f"schedule file {str(path)!r} does not exist")
     header = _read_header(path)
     meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict):
+        raise ScheduleFileError(f"{path.name}: corrupt safetensors header (__metadata__ is not a mapping)")
     if meta.get("format") != FORMAT:
         raise ScheduleFileError(
             f"{path.name}: not an AsynDM schedule (metadata format is {meta.get('format')!r}, expected {FORMAT!r}); "
@@ -107,7 +109,8 @@ def load_schedule(path: str | os.PathLike[str]) -> ScheduleTable:
         raise ScheduleFileError(f"{path.name}: expected exactly the tensors {', '.join(TENSORS)}, found {', '.join(names) or 'none'}")
     for name in TENSORS:
         info = header[name]
-        if info.get("dtype") not in FLOAT_DTYPES:
+        dtype = info.get("dtype")
+        if not isinstance(dtype, str) or dtype not in FLOAT_DTYPES:
             raise ScheduleFileError(f"{path.name}: tensor {name!r} has dtype {info.get('dtype')!r}, expected a float type")
         shape = info.get("shape")
         if not isinstance(shape, list) or any(not isinstance(d, int) or d < 0 or d > 100_000 for d in shape):
