@@ -62,6 +62,8 @@ def _schedule(key_words: str, k: float, curve: str, mask_threshold: float, mask_
               schedule: AsynSchedule | None) -> AsynSchedule:
     if schedule is not None:
         return schedule
+    if mask_mode not in ("dynamic", "static"):
+        raise ValueError(f"mask_mode must be 'dynamic' or 'static', got {mask_mode!r}")
     words, ks = parse_key_words(key_words, k)
     return AsynSchedule(curve=curve, k=ks, mask_source="attention", words=words,
                         threshold=mask_threshold, dynamic=(mask_mode == "dynamic"))
@@ -117,8 +119,9 @@ class AsynDMKSampler(io.ComfyNode):
                 sampler_name: str, scheduler: str, denoise: float, key_words: str, k: float, curve: str,
                 mask_threshold: float, mask_mode: str, eta: float, reference: bool,
                 schedule: AsynSchedule | None = None) -> io.NodeOutput:
-        if denoise <= 0.0:
-            raise ValueError("denoise is 0, so there is nothing to sample: set denoise above 0 (1.0 for text-to-image)")
+        if not denoise > 0.0:  # also NaN, which passes the server's min/max check
+            raise ValueError(f"denoise is {denoise}, so there is nothing to sample: set denoise above 0 "
+                             "(1.0 for text-to-image)")
         if scheduler not in comfy.samplers.KSampler.SCHEDULERS:
             raise ValueError(f"unknown scheduler {scheduler!r}: use one of {', '.join(comfy.samplers.KSampler.SCHEDULERS)}")
         if reference and denoise < 1.0:

@@ -9,6 +9,7 @@ cloned options or inside try/finally, so nothing outlives it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,7 +35,7 @@ from .per_pixel import per_pixel
 from .tokens import KEY as TOKENS_KEY
 from .unet_time import PerPixelTimesteps
 
-__all__ = ["AsynSampler", "SUPPORTED_SAMPLERS", "StepRecord", "check_sampler_name"]
+__all__ = ["AsynSampler", "SUPPORTED_SAMPLERS", "StepRecord", "check_inputs", "check_sampler_name"]
 
 # sampler name -> (update rule, default eta). eta = 0 is Euler, eta = 1 is DDPM (ancestral).
 SUPPORTED_SAMPLERS: dict[str, tuple[str, float]] = {
@@ -53,6 +54,36 @@ def check_sampler_name(name: str) -> None:
             f"sampler {name!r} is not supported by asynchronous sampling; "
             f"choose one of: {', '.join(SUPPORTED_SAMPLERS)}"
         )
+
+
+def check_inputs(model_wrap: Any, noise: torch.Tensor, latent_image: torch.Tensor,
+                 denoise_mask: torch.Tensor | None) -> None:
+    """Refuse what would silently give a NaN image or drop prompts, naming the input to fix."""
+    if not bool(torch.isfinite(latent_image).all()):
+        raise ValueError(
+            "the latent_image holds NaN or infinite values: fix the node that produced it (for example a "
+            "latent math node or a VAE Encode of a broken image); asynchronous sampling needs a finite latent"
+        )
+    if not bool(torch.isfinite(noise).all()):
+        raise ValueError("the noise holds NaN or infinite values: fix the node that produced the noise")
+    if denoise_mask is not None and not bool(torch.isfinite(denoise_mask).all()):
+        raise ValueError("the latent's noise_mask holds NaN or infinite values: fix the node that set the mask")
+    cfg = getattr(model_wrap, "cfg", None)  # CFGGuider's scale; NaN passes the server's min/max check
+    if isinstance(cfg, (int, float)) and not math.isfinite(cfg):
+        raise ValueError(f"cfg is {cfg}: set a finite guidance scale (for example 5.0)")
+    batch = int(noise.shape[0])
+    for name, conds in (getattr(model_wrap, "conds", None) or {}).items():
+        for cond in conds or []:
+            crossattn = (cond.get("model_conds") or {}).get("c_crossattn") if isinstance(cond, dict) else None
+            text = getattr(crossattn, "cond", None)
+            if not torch.is_tensor(text) or text.ndim == 0:
+                continue
+            n = int(text.shape[0])
+            if n != 1 and (n > batch or batch % n):  # ComfyUI would silently drop or unevenly repeat prompts
+                raise ValueError(
+                    f"the {name} conditioning has batch {n} but the latent batch is {batch}: give a conditioning "
+                    f"of batch 1 (shared by every image) or {batch} (one per image)"
+                )
 
 
 @dataclass
@@ -98,6 +129,7 @@ class AsynSampler(comfy.samplers.Sampler):
             )
         if latent_image is None:
             latent_image = torch.zeros_like(noise)
+        check_inputs(model_wrap, noise, latent_image, denoise_mask)
         if self.reference:
             sigmas = self._reference_sigmas(ms, len(sigmas) - 1).to(sigmas.device)
         num_steps = len(sigmas) - 1

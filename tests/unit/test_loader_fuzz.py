@@ -60,7 +60,7 @@ def outcome(path: Path) -> ScheduleTable | ScheduleFileError:
     try:
         result: ScheduleTable | ScheduleFileError = load_schedule(path)
     except ScheduleFileError as e:
-        assert str(e), "a ScheduleFileError without a message"
+        assert path.name in str(e), f"the message does not name the file: {e}"
         result = e
     elapsed = time.monotonic() - start
     assert elapsed < SLOW, f"load_schedule took {elapsed:.1f} s on a {path.stat().st_size}-byte file"
