@@ -90,7 +90,10 @@ def load_schedule(path: str | os.PathLike[str]) -> ScheduleTable:
     path = Path(path)
     if not path.is_file():
         raise ScheduleFileError(f"schedule file {str(path)!r} does not exist")
-    header = _read_header(path)
+    try:
+        header = _read_header(path)
+    except OSError as e:  # permissions, a folder named like a file, a disk error
+        raise ScheduleFileError(f"{path.name}: cannot be read ({e.strerror or e}); check the file's permissions") from None
     meta = header.get("__metadata__") or {}
     if not isinstance(meta, dict):
         raise ScheduleFileError(f"{path.name}: corrupt safetensors header (__metadata__ is not a mapping)")
@@ -118,7 +121,7 @@ def load_schedule(path: str | os.PathLike[str]) -> ScheduleTable:
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             tensors = {name: f.get_tensor(name).to(torch.float32) for name in TENSORS}
-    except Exception as e:  # safetensors raises its own error types for corrupt data
+    except Exception as e:  # safetensors raises its own error types for corrupt data, and OSError
         raise ScheduleFileError(f"{path.name}: unreadable safetensors data ({e})") from None
     try:
         fitted = int(meta.get("fitted_steps", "0"))

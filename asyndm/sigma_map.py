@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["background_track", "state_to_sigma"]
+__all__ = ["SigmaInterpolator", "background_track", "state_to_sigma"]
 
 
 def background_track(
@@ -35,6 +35,54 @@ def background_track(
     return torch.stack(out)
 
 
+class SigmaInterpolator:
+    """state -> sigma for one sampling run: the anchors are built once, then applied to any states.
+
+    The sampler calls this every step on a handful of distinct states; building the background
+    track and the knots once per run keeps the per-step cost to a few vector operations.
+    """
+
+    def __init__(self, carrier_sigmas: torch.Tensor, *, sigma_top: float, num_train_timesteps: int = 1000,
+                 offset: int = 1, dtype: torch.dtype = torch.float32) -> None:
+        if carrier_sigmas.ndim != 1 or carrier_sigmas.numel() < 2:
+            raise ValueError("carrier_sigmas must be a 1-D tensor of N + 1 sigmas (N >= 1)")
+        n = carrier_sigmas.numel() - 1
+        device = carrier_sigmas.device
+        sig = carrier_sigmas.to(dtype=torch.float64)
+        if not bool(torch.all(sig[:-1] > 0)):
+            raise ValueError("every carrier sigma but the last must be > 0")
+        track = background_track(n, num_train_timesteps=num_train_timesteps, offset=offset, dtype=dtype).to(device)
+        top = max(float(sigma_top), float(sig[0]))
+        # Anchors in decreasing state order: T+offset, track[0..N-1]; searchsorted needs them increasing.
+        knots_s = torch.cat([torch.tensor([float(num_train_timesteps + offset)], device=device, dtype=dtype), track])
+        knots_sigma = torch.cat([torch.tensor([top], device=device, dtype=torch.float64), sig[:-1]])
+        self.ks = knots_s.flip(0)
+        self.kv = knots_sigma.flip(0)
+        self.log_kv = torch.log(self.kv)
+        self.final = sig[-1]
+        self.out_dtype = carrier_sigmas.dtype
+
+    def __call__(self, s: torch.Tensor) -> torch.Tensor:
+        """Sigma for each state in ``s`` (any shape), in the carrier sigmas' dtype."""
+        ks, kv, log_kv = self.ks.to(s.device), self.kv.to(s.device), self.log_kv.to(s.device)
+        flat = s.reshape(-1).to(ks.dtype)
+        idx = torch.searchsorted(ks, flat, right=True).clamp(1, ks.numel() - 1)
+        lo_s, hi_s = ks[idx - 1], ks[idx]
+        lo_v, hi_v = kv[idx - 1], kv[idx]
+        w = ((flat - lo_s) / (hi_s - lo_s)).to(torch.float64).clamp(0.0, 1.0)
+        lo_log = log_kv[idx - 1]
+        interp = torch.exp(lo_log + w * (log_kv[idx] - lo_log))
+        # Exact anchors (the background track) take the scheduler's sigma itself.
+        out = torch.where(flat == lo_s, lo_v, torch.where(flat == hi_s, hi_v, interp))
+        # Below the last positive anchor: linear in sigma down to the final sigma at state 0.
+        last_s = ks[0]
+        final = self.final.to(s.device)
+        frac = (flat / last_s).to(torch.float64).clamp(0.0, 1.0)
+        out = torch.where(flat < last_s, final + frac * (kv[0] - final), out)
+        out = torch.where(flat >= ks[-1], kv[-1], out)
+        return out.reshape(s.shape).to(self.out_dtype)
+
+
 def state_to_sigma(
     s: torch.Tensor,
     carrier_sigmas: torch.Tensor,
@@ -50,35 +98,6 @@ def state_to_sigma(
     Between anchors log-sigma is interpolated linearly; below the last positive anchor sigma
     goes linearly to the final sigma (usually 0).
     """
-    if carrier_sigmas.ndim != 1 or carrier_sigmas.numel() < 2:
-        raise ValueError("carrier_sigmas must be a 1-D tensor of N + 1 sigmas (N >= 1)")
-    n = carrier_sigmas.numel() - 1
-    sig = carrier_sigmas.to(device=s.device, dtype=torch.float64)
-    if not bool(torch.all(sig[:-1] > 0)):
-        raise ValueError("every carrier sigma but the last must be > 0")
-    track = background_track(n, num_train_timesteps=num_train_timesteps, offset=offset, dtype=s.dtype).to(s.device)
-    top = max(float(sigma_top), float(sig[0]))
-    # Anchors in decreasing state order: T+offset, track[0..N-1].
-    knots_s = torch.cat([torch.tensor([float(num_train_timesteps + offset)], device=s.device, dtype=s.dtype), track])
-    knots_sigma = torch.cat([torch.tensor([top], device=s.device, dtype=torch.float64), sig[:-1]])
-    # searchsorted needs increasing order.
-    ks = knots_s.flip(0)
-    kv = knots_sigma.flip(0)
-    flat = s.reshape(-1)
-    idx = torch.searchsorted(ks, flat, right=True).clamp(1, ks.numel() - 1)
-    lo_s, hi_s = ks[idx - 1], ks[idx]
-    lo_v, hi_v = kv[idx - 1], kv[idx]
-    w = ((flat - lo_s) / (hi_s - lo_s)).to(torch.float64).clamp(0.0, 1.0)
-    interp = torch.exp(torch.log(lo_v) + w * (torch.log(hi_v) - torch.log(lo_v)))
-    # Exact anchors (the background track) take the scheduler's sigma itself.
-    exact_lo = flat == lo_s
-    exact_hi = flat == hi_s
-    out = torch.where(exact_lo, lo_v, torch.where(exact_hi, hi_v, interp))
-    # Below the last positive anchor: linear in sigma down to the final sigma at state 0.
-    last_s = ks[0]
-    final = sig[-1]
-    below = flat < last_s
-    frac = (flat / last_s).to(torch.float64).clamp(0.0, 1.0)
-    out = torch.where(below, final + frac * (kv[0] - final), out)
-    out = torch.where(flat >= ks[-1], kv[-1], out)
-    return out.reshape(s.shape).to(carrier_sigmas.dtype)
+    interpolate = SigmaInterpolator(carrier_sigmas.to(s.device), sigma_top=sigma_top,
+                                    num_train_timesteps=num_train_timesteps, offset=offset, dtype=s.dtype)
+    return interpolate(s)

@@ -203,9 +203,9 @@ def _make_naive_hooks_class() -> type:
             super()._unet_pre(module, args, kwargs)
             self._pixel_emb: torch.Tensor | None = None
 
-        def _emb_post(self, i: int) -> Any:
-            def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-                if self._t is None:
+        def _emb_pre(self, i: int) -> Any:
+            def hook(module: torch.nn.Module, args: tuple) -> tuple | None:
+                if self._inverse is None:
                     return None
                 if not self._in_forward or self._sizes[i] is None:
                     raise RuntimeError("naive hooks: a ResBlock ran outside a UNet forward while a map was set")
@@ -213,11 +213,18 @@ def _make_naive_hooks_class() -> type:
                 full = self._pixel_embedding(emb)  # (B', H*W, E)
                 h, w = self._sizes[i]
                 pos = self._positions((h, w), emb.device)
-                rows = full.shape[0]
                 pixels = full if pos is None else full[:, pos]  # (B', h*w, E)
-                out = type(module).forward(module, pixels.reshape(rows * h * w, -1))  # emb_layers, every pixel
+                return (pixels.reshape(full.shape[0] * h * w, -1),)  # emb_layers runs on every pixel
+
+            return hook
+
+        def _emb_post(self, i: int) -> Any:
+            def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+                if self._inverse is None:
+                    return None
+                h, w = self._sizes[i]
                 self._fired[i] += 1
-                return out.view(rows, h, w, -1).permute(0, 3, 1, 2).contiguous()
+                return output.view(self._rows, h, w, -1).permute(0, 3, 1, 2).contiguous()
 
             return hook
 
@@ -225,7 +232,7 @@ def _make_naive_hooks_class() -> type:
             if self._pixel_emb is None:
                 if self._emb_patches:
                     raise NotImplementedError("the naive baseline does not apply emb_patch")
-                t = self._t.to(emb.device)
+                t = self.t_map().to(emb.device)
                 rows = t.shape[0]
                 sinusoid = openaimodel.timestep_embedding(t.reshape(-1), self.unet.model_channels, repeat_only=False)
                 e = self.unet.time_embed(sinusoid.to(self._x_dtype))  # time MLP on B' x H x W rows
@@ -236,7 +243,7 @@ def _make_naive_hooks_class() -> type:
             return self._pixel_emb
 
         def _positions(self, size: tuple[int, int], device: torch.device) -> torch.Tensor | None:
-            big_h, big_w = self._t.shape[-2:]
+            big_h, big_w = self._inverse.shape[-2:]
             if tuple(size) == (big_h, big_w):
                 return None
             key = ("naive-positions", tuple(size), device)
@@ -466,25 +473,28 @@ class PieceTimer:
 
 
 UNET_LABEL = "UNet compute (without the pack's hooks)"
-EMB_LABEL = "hooks: emb_layers (pack: on the U-row table; naive: on every pixel)"
+EMB_LAYERS_LABEL = "ResBlock emb_layers (stock: B' rows; pack: U-row table; naive: every pixel)"
+EMB_LABEL = "hooks: emb_layers pre/post (table in, per-pixel out)"
 PIECES = [  # (label, what) in report order; the pieces are exclusive of each other
-    (UNET_LABEL, "diffusion_model.forward minus the hooks that run inside it"),
+    (UNET_LABEL, "diffusion_model.forward minus the hooks and emb_layers that run inside it"),
+    (EMB_LAYERS_LABEL, "every ResBlock's emb_layers module; the stock model runs it too, so it is not a pack piece"),
     ("attention observer (per-step mask capture)", "AttentionObserver.__call__ (attn2_patch on every attn2)"),
     ("item masks from attention", "AsynSampler._priorities_from_attention"),
-    ("StepMaps.set (torch.unique x2)", "unique sigmas and model timesteps per step"),
+    ("StepMaps.set + model timesteps", "distinct model timesteps of the distinct sigmas, per step"),
     ("set_map", "PerPixelTimesteps.set_map"),
     ("hooks: UNet/block pre/post", "PerPixelTimesteps._unet_pre/_unet_post/_block_pre"),
     ("hooks: time-MLP table", "PerPixelTimesteps._embedding_table (U rows)"),
-    (EMB_LABEL, "rest of the emb_layers hook"),
-    ("hooks: index maps", "PerPixelTimesteps._index (block_index_map, cached per forward)"),
-    ("hooks: gather", "PerPixelTimesteps._gather ((B', C, h, w) per ResBlock)"),
+    (EMB_LABEL, "rest of the emb_layers hooks"),
+    ("hooks: index maps and track masks", "PerPixelTimesteps._index/_track_masks (cached per forward)"),
+    ("hooks: per-pixel selection", "PerPixelTimesteps._per_pixel ((B', C, h, w) per ResBlock: torch.where or gather)"),
     ("naive: time MLP on every pixel", "naive baseline only"),
     ("naive: index positions", "naive baseline only"),
     ("apply-model wrapper (rescale, rows, t map)", "PerPixelApplyModel.__call__ minus its children"),
     ("per-pixel calculate_input/denoised", "model_wrapper.per_pixel"),
     ("per-pixel noise_scaling", "sampler.per_pixel (once per run)"),
-    ("schedule: next state", "AsynSampler._next_state"),
-    ("schedule: state to sigma", "AsynSampler._to_sigma"),
+    ("schedule: track grouping", "PixelTracks.from_map / pair_tracks / full (dynamic masks regroup per step)"),
+    ("schedule: next state", "AsynSampler._advance/_next_state on the distinct (state, k) pairs"),
+    ("schedule: state to sigma", "SigmaInterpolator on the distinct states"),
     ("sampler step math (per-pixel Euler)", "steps.ancestral_step / dpmpp_2m_step"),
 ]
 OTHER_LABEL = "rest (ComfyUI sampling, CFG, conds, setup)"
@@ -493,6 +503,7 @@ OTHER_LABEL = "rest (ComfyUI sampling, CFG, conds, setup)"
 @contextlib.contextmanager
 def profiling(bench: Bench, timer: PieceTimer) -> Iterator[None]:
     """Install the timing wrappers for one run (restored afterwards)."""
+    from asyndm import pixel_tracks, sigma_map
     from asyndm.comfy_adapter import attention, model_wrapper, unet_time
     from asyndm.comfy_adapter import sampler as asyn_sampler
 
@@ -511,22 +522,26 @@ def profiling(bench: Bench, timer: PieceTimer) -> Iterator[None]:
         for cls in (ppt, naive):
             for attr, label in (("_unet_pre", "hooks: UNet/block pre/post"), ("_unet_post", "hooks: UNet/block pre/post"),
                                 ("set_map", "set_map"), ("_embedding_table", "hooks: time-MLP table"),
-                                ("_index", "hooks: index maps"),
+                                ("_index", "hooks: index maps and track masks"),
+                                ("_track_masks", "hooks: index maps and track masks"),
+                                ("_per_pixel", "hooks: per-pixel selection"),
                                 ("_pixel_embedding", "naive: time MLP on every pixel"),
                                 ("_positions", "naive: index positions")):
                 if attr in cls.__dict__:
                     stack.enter_context(patched(cls, attr, timer.wrap(label, cls.__dict__[attr])))
-            if "_gather" in cls.__dict__:
-                stack.enter_context(patched(cls, "_gather", staticmethod(timer.wrap("hooks: gather",
-                                                                                    cls.__dict__["_gather"].__func__))))
-            if "_emb_post" in cls.__dict__:
-                stack.enter_context(patched(cls, "_emb_post", wrap_factory(EMB_LABEL,
-                                                                           cls.__dict__["_emb_post"])))
+            for attr in ("_emb_pre", "_emb_post"):
+                if attr in cls.__dict__:
+                    stack.enter_context(patched(cls, attr, wrap_factory(EMB_LABEL, cls.__dict__[attr])))
             if "_block_pre" in cls.__dict__:
                 stack.enter_context(patched(cls, "_block_pre", wrap_factory("hooks: UNet/block pre/post",
                                                                             cls.__dict__["_block_pre"])))
+        for block in unet_time.unet_resblocks(dm):
+            emb_layers = block.emb_layers
+            stack.enter_context(patched(emb_layers, "forward", timer.wrap(EMB_LAYERS_LABEL, emb_layers.forward)))
         sm = model_wrapper.StepMaps
-        stack.enter_context(patched(sm, "set", timer.wrap("StepMaps.set (torch.unique x2)", sm.__dict__["set"])))
+        stack.enter_context(patched(sm, "set", timer.wrap("StepMaps.set + model timesteps", sm.__dict__["set"])))
+        stack.enter_context(patched(asyn_sampler, "model_timesteps", timer.wrap("StepMaps.set + model timesteps",
+                                                                                 asyn_sampler.model_timesteps)))
         pam = model_wrapper.PerPixelApplyModel
         stack.enter_context(patched(pam, "__call__", timer.wrap("apply-model wrapper (rescale, rows, t map)",
                                                                 pam.__dict__["__call__"])))
@@ -534,12 +549,21 @@ def profiling(bench: Bench, timer: PieceTimer) -> Iterator[None]:
                                                                            model_wrapper.per_pixel)))
         stack.enter_context(patched(asyn_sampler, "per_pixel", timer.wrap("per-pixel noise_scaling",
                                                                           asyn_sampler.per_pixel)))
+        stack.enter_context(patched(asyn_sampler, "pair_tracks", timer.wrap("schedule: track grouping",
+                                                                            asyn_sampler.pair_tracks)))
+        tracks = pixel_tracks.PixelTracks
+        stack.enter_context(patched(tracks, "full", timer.wrap("schedule: track grouping", tracks.__dict__["full"])))
+        stack.enter_context(patched(tracks, "from_map", staticmethod(timer.wrap(
+            "schedule: track grouping", tracks.__dict__["from_map"].__func__))))
+        interp = sigma_map.SigmaInterpolator
+        stack.enter_context(patched(interp, "__call__", timer.wrap("schedule: state to sigma",
+                                                                   interp.__dict__["__call__"])))
         ao = attention.AttentionObserver
         stack.enter_context(patched(ao, "__call__", timer.wrap("attention observer (per-step mask capture)",
                                                                ao.__dict__["__call__"])))
         asn = asyn_sampler.AsynSampler
         for attr, label in (("_priorities_from_attention", "item masks from attention"),
-                            ("_next_state", "schedule: next state"), ("_to_sigma", "schedule: state to sigma")):
+                            ("_advance", "schedule: next state"), ("_next_state", "schedule: next state")):
             stack.enter_context(patched(asn, attr, timer.wrap(label, asn.__dict__[attr])))
         for attr in ("ancestral_step", "dpmpp_2m_step"):
             stack.enter_context(patched(asyn_sampler, attr, timer.wrap("sampler step math (per-pixel Euler)",
@@ -766,17 +790,22 @@ def markdown(run: dict[str, Any]) -> str:
             if base_total and "dynamic" in prof and label in prof["dynamic"]:
                 pct = f"{100.0 * prof['dynamic'][label] / base_total:.2f}%"
             lines.append(f"| {label} | " + " | ".join(cells) + f" | {pct} |")
-        sums = {v: pack_pieces_ms(prof[v]) for v in pv}
+        sums = {v: pack_pieces_ms(prof[v], prof.get("ksampler")) for v in pv}
         cells = [f"{sums[v]:.1f}" + (f" ({100.0 * sums[v] / base_total:.2f}%)" if base_total else "") for v in pv]
-        lines.append("| **sum of the pack's pieces** (rows between the UNet and the rest; % of the KSampler total) | "
+        lines.append("| **sum of the pack's pieces** (rows between the UNet and the rest, plus emb_layers over the "
+                     "KSampler's; % of the KSampler total) | "
                      + " | ".join(cells) + " | - |")
     lines.append("")
     return "\n".join(lines)
 
 
-def pack_pieces_ms(piece_ms: dict[str, float]) -> float:
-    """What the pack adds, measured piece by piece: every profiled piece except the UNet's own compute."""
-    return sum(v for k, v in piece_ms.items() if k in dict(PIECES) and k != UNET_LABEL)
+def pack_pieces_ms(piece_ms: dict[str, float], baseline: dict[str, float] | None = None) -> float:
+    """What the pack adds, measured piece by piece: every profiled piece except the UNet's own compute,
+    plus what its emb_layers calls cost over the stock ones (the KSampler run's, when given)."""
+    pieces = sum(v for k, v in piece_ms.items() if k in dict(PIECES) and k not in (UNET_LABEL, EMB_LAYERS_LABEL))
+    if baseline is not None and EMB_LAYERS_LABEL in piece_ms and EMB_LAYERS_LABEL in baseline:
+        pieces += piece_ms[EMB_LAYERS_LABEL] - baseline[EMB_LAYERS_LABEL]
+    return pieces
 
 
 def environment(device: str, threads: int) -> dict[str, Any]:

@@ -206,7 +206,8 @@ class AttentionPrepassSampler(AsynSampler):
 
     def _static_priorities(self, model_wrap: Any, sigmas: torch.Tensor, extra_args: dict, noise: torch.Tensor,
                            latent_image: torch.Tensor, denoise_mask: torch.Tensor | None, maps: Any,
-                           observer: Any) -> torch.Tensor:
+                           observer: Any, callback: Any = None) -> torch.Tensor:
+        # The pre-pass is this node's whole run: it reports the full bar (self._progress), not half of it.
         b, _, h, w = noise.shape
         zeros = torch.zeros(b, h, w, device=noise.device)
         total = self._run(model_wrap, sigmas, extra_args, self._progress, noise, latent_image, denoise_mask, maps,

@@ -48,6 +48,13 @@ def capture_grid(latent_hw: tuple[int, int]) -> tuple[int, int]:
     return h, w
 
 
+def _same_stamp(a: tuple, b: tuple) -> bool:
+    """(weight object, its fingerprint, a copy of the bias or None): the same to_k as when cached."""
+    if a[0] is not b[0] or not torch.equal(a[1], b[1]):
+        return False
+    return (a[2] is None and b[2] is None) or (a[2] is not None and b[2] is not None and torch.equal(a[2], b[2]))
+
+
 class AttentionObserver:
     """attn2_patch that accumulates per-image, per-item attention maps for one step."""
 
@@ -66,6 +73,11 @@ class AttentionObserver:
         self.columns_by_uuid = columns_by_uuid
         self.num_items = len(next(iter(columns_by_uuid.values()))) if columns_by_uuid else 0
         self.enabled = False
+        # to_k(context) per (layer, cond): the text context is the same at every step, so the keys are
+        # computed once per run. Bounded by layers x conds; checked against the context and weights.
+        self._contexts: dict[Any, torch.Tensor] = {}
+        self._keys: dict[tuple, tuple[tuple, torch.Tensor]] = {}
+        self._probes: dict[tuple, torch.Tensor] = {}
         self.reset()
 
     def reset(self) -> None:
@@ -114,11 +126,53 @@ class AttentionObserver:
                 continue
             sl = slice(o * rows, (o + 1) * rows)
             q = module.to_q(n[sl]).float()
-            k = module.to_k(context[sl]).float()
             b, hw, _ = q.shape
             q = q.view(b, hw, heads, dim_head).transpose(1, 2)
-            k = k.view(b, k.shape[1], heads, dim_head).transpose(1, 2)
+            k = self._text_keys(module, (block, extra_options.get("block_index", 0)), uuids[o], context[sl],
+                                heads, dim_head)
             probs = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(dim_head), dim=-1).mean(dim=1)  # (b, hw, L)
             per_item = torch.stack([probs[..., cols].mean(dim=-1) for cols in columns], dim=-1)  # (b, hw, items)
             self.total = per_item if self.total is None else self.total + per_item
             self.count += 1
+
+    def _text_keys(self, module: torch.nn.Module, layer: tuple, uuid: Any, context: torch.Tensor, heads: int,
+                   dim_head: int) -> torch.Tensor:
+        """(b, heads, L, dim_head) keys of the text context, reused while context and to_k are unchanged.
+
+        A changed context (another cond under the same uuid) or changed to_k weights (a LoRA hook
+        keyframe patching them between steps) recompute; weights computed at cast time
+        (weight_function, lowvram patches) are never cached. Weights are compared by a fingerprint
+        (their product with a fixed probe vector, about 1/L of the cost of to_k itself), since
+        ComfyUI samples under torch.inference_mode, where tensors keep no version counter.
+        """
+        to_k = module.to_k
+        weight = getattr(to_k, "weight", None)
+        bias = getattr(to_k, "bias", None)
+        cacheable = (torch.is_tensor(weight) and weight.ndim == 2 and not getattr(to_k, "weight_function", None)
+                     and not getattr(to_k, "bias_function", None))
+        seen = self._contexts.get(uuid)
+        if seen is None or seen.shape != context.shape or seen.dtype != context.dtype or not torch.equal(seen, context):
+            self._contexts[uuid] = context.detach().clone()
+            self._keys = {key: v for key, v in self._keys.items() if key[1] != uuid}
+        stamp = None
+        if cacheable:
+            assert weight is not None
+            stamp = (weight, self._fingerprint(weight), bias.detach().clone() if torch.is_tensor(bias) else None)
+        cached = self._keys.get((layer, uuid))
+        if cached is not None and stamp is not None and _same_stamp(cached[0], stamp):
+            return cached[1]
+        k = to_k(context).float()
+        k = k.view(k.shape[0], k.shape[1], heads, dim_head).transpose(1, 2)
+        if stamp is not None:
+            self._keys[(layer, uuid)] = (stamp, k)
+        return k
+
+    def _fingerprint(self, weight: torch.Tensor) -> torch.Tensor:
+        """weight @ probe: changes whenever the weights do (a fixed pseudo-random probe per width)."""
+        key = (weight.shape[1], weight.device, weight.dtype)
+        probe = self._probes.get(key)
+        if probe is None:
+            generator = torch.Generator().manual_seed(0x5EED)
+            probe = torch.randn(weight.shape[1], generator=generator).to(weight.device, weight.dtype)
+            self._probes[key] = probe
+        return weight.detach() @ probe

@@ -16,34 +16,42 @@ import torch
 
 from .per_pixel import per_pixel
 
-__all__ = ["StepMaps", "PerPixelApplyModel", "AreaRecorder", "WRAPPER_KEY"]
+__all__ = ["StepMaps", "PerPixelApplyModel", "AreaRecorder", "WRAPPER_KEY", "model_timesteps"]
 
 WRAPPER_KEY = "asyndm_per_pixel"
 
 
 class StepMaps:
-    """This step's per-image sigma map and its unique model timesteps (set by the sampler)."""
+    """This step's per-image sigma map and its distinct model timesteps (set by the sampler)."""
 
     def __init__(self) -> None:
         self.sigma: torch.Tensor | None = None  # (B, 1, H, W) float32
-        self.unique_t: torch.Tensor | None = None  # (U,) model timesteps of the unique sigmas
+        self.unique_t: torch.Tensor | None = None  # (U,) distinct model timesteps
         self.inverse: torch.Tensor | None = None  # (B, H, W) long index into unique_t
         self.areas: dict[Any, tuple[int, int, int, int]] = {}  # cond uuid -> (h, w, y, x) crop
 
-    def set(self, sigma: torch.Tensor, model_sampling: Any) -> None:
-        """Record sigma and compute the timestep of each distinct sigma once per step."""
-        unique, inverse = torch.unique(sigma, return_inverse=True)
-        # Distinct sigmas can share a model timestep (discrete models round to integer t): dedupe
-        # again so the embedding table has at most one row per timestep the UNet can tell apart.
-        unique_t, inverse_t = torch.unique(model_sampling.timestep(unique).float(), return_inverse=True)
+    def set(self, sigma: torch.Tensor, unique_t: torch.Tensor, inverse: torch.Tensor) -> None:
+        """Record the sigma map and its model timesteps as unique_t[inverse] (see model_timesteps)."""
         self.sigma = sigma
         self.unique_t = unique_t
-        self.inverse = inverse_t[inverse].reshape(sigma.shape[0], sigma.shape[2], sigma.shape[3])
+        self.inverse = inverse
 
     def clear(self) -> None:
         self.sigma = None
         self.unique_t = None
         self.inverse = None
+
+
+def model_timesteps(sigma_values: torch.Tensor, index: torch.Tensor,
+                    model_sampling: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(unique model timesteps, (B, H, W) index) for the sigma map sigma_values[index].
+
+    Distinct sigmas can share a model timestep (discrete models round to integer t): dedupe them
+    so the embedding table has one row per timestep the UNet can tell apart.
+    """
+    t = model_sampling.timestep(sigma_values).float()
+    unique_t, inverse = torch.unique(t, return_inverse=True)
+    return unique_t, inverse[index]
 
 
 class PerPixelApplyModel:
@@ -55,7 +63,12 @@ class PerPixelApplyModel:
         self.calls = 0
 
     def _rows(self, x: torch.Tensor, transformer_options: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sigma map and timestep-index map for the rows of this call (chunks of the image batch)."""
+        """Sigma map (B', 1, H, W) and timestep-index map (R, H, W) for the rows of this call.
+
+        The rows are the condition chunks (uncond, cond, ...) of the image batch, chunk-major. With
+        no area crop every chunk of an image shares its map, so the index map keeps one row per
+        image (R = B) and the time hooks build each image's embeddings once for all its chunks.
+        """
         sigma, inverse = self.maps.sigma, self.maps.inverse
         assert sigma is not None and inverse is not None
         cond_or_uncond = transformer_options.get("cond_or_uncond") or [0]
@@ -67,18 +80,17 @@ class PerPixelApplyModel:
                 f"AsynDM: the model was called with {x.shape[0]} rows for {chunks} condition chunks, "
                 f"but the latent batch is {batch}; batch sizes of latent and conditioning must match"
             )
+        if tuple(x.shape[-2:]) == tuple(sigma.shape[-2:]):
+            sigma_rows = sigma if chunks == 1 else sigma.repeat(chunks, 1, 1, 1)
+            return sigma_rows.to(x.device), inverse.to(x.device)
         sig_parts, inv_parts = [], []
         for o in range(chunks):
-            s, v = sigma, inverse
-            if tuple(x.shape[-2:]) != tuple(sigma.shape[-2:]):
-                area = self.maps.areas.get(uuids[o])
-                if area is None:
-                    raise RuntimeError("AsynDM: a conditioning area crops the latent in a way the sampler cannot map")
-                h, w, y, xo = area
-                s = s[:, :, y : y + h, xo : xo + w]
-                v = v[:, y : y + h, xo : xo + w]
-            sig_parts.append(s)
-            inv_parts.append(v)
+            area = self.maps.areas.get(uuids[o])
+            if area is None:
+                raise RuntimeError("AsynDM: a conditioning area crops the latent in a way the sampler cannot map")
+            h, w, y, xo = area
+            sig_parts.append(sigma[:, :, y : y + h, xo : xo + w])
+            inv_parts.append(inverse[:, y : y + h, xo : xo + w])
         return torch.cat(sig_parts).to(x.device), torch.cat(inv_parts).to(x.device)
 
     def __call__(self, executor: Any, x: torch.Tensor, t: torch.Tensor, c_concat: Any, c_crossattn: Any,
@@ -96,14 +108,13 @@ class PerPixelApplyModel:
         x_pre = x * (c_in_map / c_in_carrier)
         unique_t = self.maps.unique_t
         assert unique_t is not None
-        t_rows = unique_t.to(x.device)[inverse_rows]
         captured: list[torch.Tensor] = []
 
         def keep_output(_module: Any, _inputs: Any, output: Any) -> None:
             captured.append(output)
 
         handle = base_model.diffusion_model.register_forward_hook(keep_output)
-        self.time_hooks.set_map(t_rows, unique=unique_t.to(x.device), inverse=inverse_rows)
+        self.time_hooks.set_map(None, unique=unique_t.to(x.device), inverse=inverse_rows, rows=x.shape[0])
         try:
             executor(x_pre, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
         finally:

@@ -22,15 +22,16 @@ import torch
 import torch.nn.functional as F
 
 from ..masks import initial_item_masks, item_masks
+from ..pixel_tracks import PixelTracks, pair_tracks
 from ..schedule_spec import AsynSchedule
 from ..schedule_table import table_step
 from ..schedules import step as schedule_step
-from ..sigma_map import state_to_sigma
+from ..sigma_map import SigmaInterpolator
 from ..steps import ancestral_step, dpmpp_2m_step
 from ..timesteps import round_clamp
 from .attention import AttentionObserver, attn2_modules, capture_grid
 from .errors import UnsupportedModelError
-from .model_wrapper import WRAPPER_KEY, AreaRecorder, PerPixelApplyModel, StepMaps
+from .model_wrapper import WRAPPER_KEY, AreaRecorder, PerPixelApplyModel, StepMaps, model_timesteps
 from .per_pixel import per_pixel
 from .tokens import KEY as TOKENS_KEY
 from .unet_time import PerPixelTimesteps
@@ -96,6 +97,17 @@ class StepRecord:
     offset: int = 1
 
 
+def _progress(callback: Callable | None, half: int) -> Callable | None:
+    """callback(step, x0, x, total) reporting one of two passes as half of a 2N-step bar."""
+    if callback is None:
+        return None
+
+    def report(step: int, x0: torch.Tensor, x: torch.Tensor, total: int) -> Any:
+        return callback(half * total + step, x0, x, 2 * total)
+
+    return report
+
+
 class AsynSampler(comfy.samplers.Sampler):
     """Asynchronous sampling as a ComfyUI SAMPLER (usable by SamplerCustom / SamplerCustomAdvanced)."""
 
@@ -105,6 +117,10 @@ class AsynSampler(comfy.samplers.Sampler):
         self.sampler_name = sampler_name
         self.rule, default_eta = SUPPORTED_SAMPLERS[sampler_name]
         self.eta = default_eta if eta is None else float(eta)
+        if not math.isfinite(self.eta) or self.eta < 0:
+            raise ValueError(f"eta must be a finite number >= 0 (got {eta!r}): 0 is deterministic, 1 is DDPM-like noise")
+        if not math.isfinite(float(s_noise)) or s_noise < 0:
+            raise ValueError(f"s_noise must be a finite number >= 0 (got {s_noise!r}); the usual value is 1.0")
         if self.rule == "dpmpp_2m" and self.eta != 0.0:
             raise ValueError("eta applies to euler, ddim, euler_ancestral and ddpm, not to dpmpp_2m: set eta to 0")
         self.schedule = schedule or AsynSchedule()
@@ -158,8 +174,10 @@ class AsynSampler(comfy.samplers.Sampler):
             try:
                 fixed_k = self._fixed_priorities(noise)
                 if fixed_k is None and observer is not None and not self.schedule.dynamic:
+                    # The static mask's synchronous pre-pass is the first half of the progress bar.
                     fixed_k = self._static_priorities(model_wrap, sigmas, extra_args, noise, latent_image,
-                                                      denoise_mask, maps, observer)
+                                                      denoise_mask, maps, observer, _progress(callback, 0))
+                    callback = _progress(callback, 1)
                 return self._run(model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask,
                                  maps, observer, fixed_k, record=True)
             finally:
@@ -178,12 +196,19 @@ class AsynSampler(comfy.samplers.Sampler):
         t = round_clamp(track, self.num_train_timesteps)
         return torch.cat([table[t.to(table.device)], table[:1]]).float()
 
-    def _to_sigma(self, s: torch.Tensor, sigmas: torch.Tensor, ms: Any, sigma_top: float) -> torch.Tensor:
+    def _sigma_function(self, sigmas: torch.Tensor, ms: Any, sigma_top: float) -> Callable[[torch.Tensor], torch.Tensor]:
+        """state -> sigma for this run (built once; applied to the distinct states every step)."""
         if self.reference:
             table = ms.sigmas
-            return table[round_clamp(s, self.num_train_timesteps).to(table.device)].to(s.device).float()
-        return state_to_sigma(s, sigmas.float().to(s.device), sigma_top=sigma_top,
-                              num_train_timesteps=self.num_train_timesteps, offset=self.offset)
+            t = self.num_train_timesteps
+            return lambda s: table[round_clamp(s, t).to(table.device)].to(s.device).float()
+        return SigmaInterpolator(sigmas.float(), sigma_top=sigma_top, num_train_timesteps=self.num_train_timesteps,
+                                 offset=self.offset)
+
+    def _advance(self, states: PixelTracks, k: PixelTracks, remaining: int, num_steps: int) -> PixelTracks:
+        """Every pixel's next state, computed once per distinct (state, k) pair."""
+        s_values, k_values, index = pair_tracks(states, k)
+        return PixelTracks(self._next_state(s_values, k_values, remaining, num_steps), index)
 
     def _next_state(self, s: torch.Tensor, k_map: torch.Tensor, remaining: int, num_steps: int) -> torch.Tensor:
         t, target = self.num_train_timesteps, float(self.offset)
@@ -245,11 +270,11 @@ class AsynSampler(comfy.samplers.Sampler):
 
     def _static_priorities(self, model_wrap: Any, sigmas: torch.Tensor, extra_args: dict, noise: torch.Tensor,
                            latent_image: torch.Tensor, denoise_mask: torch.Tensor | None, maps: StepMaps,
-                           observer: AttentionObserver) -> torch.Tensor:
+                           observer: AttentionObserver, callback: Callable | None = None) -> torch.Tensor:
         """The paper's static mask: attention averaged over a synchronous pass, applied once."""
         b, _, h, w = noise.shape
         zeros = torch.zeros(b, h, w, device=noise.device)
-        total = self._run(model_wrap, sigmas, extra_args, None, noise, latent_image, denoise_mask, maps, observer,
+        total = self._run(model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask, maps, observer,
                           zeros, record=False, collect_attention=True)
         if total is None:
             raise RuntimeError("AsynDM: no cross-attention was seen at 1/4 of the latent size during the pre-pass")
@@ -277,10 +302,14 @@ class AsynSampler(comfy.samplers.Sampler):
             k = torch.tensor(self.schedule.k, dtype=torch.float32, device=device).view(1, -1, 1, 1)
             k_map = (init * k).amax(dim=1)
         dynamic = fixed_k is None
+        to_sigma = self._sigma_function(sigmas, ms, sigma_top)
 
-        s = torch.full((b, h, w), float(self.num_train_timesteps + self.offset), device=device)
-        s = self._next_state(s, k_map, num_steps, num_steps)
-        sigma_cur = self._to_sigma(s, sigmas, ms, sigma_top).view(b, 1, h, w)
+        # States live as distinct values + index (PixelTracks): the schedule math runs per track.
+        k_tracks = PixelTracks.from_map(k_map)
+        start = torch.full_like(k_tracks.values, float(self.num_train_timesteps + self.offset))
+        states = self._advance(PixelTracks(start, k_tracks.index), k_tracks, num_steps, num_steps)
+        sigma_values = to_sigma(states.values)
+        sigma_cur = sigma_values[states.index].view(b, 1, h, w)
         x = per_pixel(lambda sg, n, lat: ms.noise_scaling(sg, n, lat, max_denoise), sigma_cur, noise, latent_image)
 
         inpaint_noise = noise
@@ -296,9 +325,13 @@ class AsynSampler(comfy.samplers.Sampler):
         for i in range(num_steps):
             comfy.model_management.throw_exception_if_processing_interrupted()
             remaining = num_steps - i - 1
-            s_next = self._next_state(s, k_map, remaining, num_steps) if remaining > 0 else torch.zeros_like(s)
-            sigma_next = self._to_sigma(s_next, sigmas, ms, sigma_top).view(b, 1, h, w)
-            maps.set(sigma_cur, ms)
+            if remaining > 0:
+                states_next = self._advance(states, k_tracks, remaining, num_steps)
+            else:
+                states_next = PixelTracks(torch.zeros_like(states.values), states.index)
+            sigma_next_values = to_sigma(states_next.values)
+            sigma_next = sigma_next_values[states_next.index].view(b, 1, h, w)
+            maps.set(sigma_cur, *model_timesteps(sigma_values, states.index, ms))
             carrier = sigmas[i] * s_in
 
             x_in = x
@@ -318,8 +351,8 @@ class AsynSampler(comfy.samplers.Sampler):
             if callback is not None:
                 callback(i, denoised, x, num_steps)
             if record and self.record is not None:
-                self.record.states.append(s.detach().cpu())
-                self.record.priorities.append(k_map.detach().cpu())
+                self.record.states.append(states.full().cpu())
+                self.record.priorities.append(k_tracks.full().cpu())
 
             if self.rule == "dpmpp_2m":
                 x = dpmpp_2m_step(x, denoised, old_denoised, sigma_cur, sigma_next, sigma_prev)
@@ -337,9 +370,9 @@ class AsynSampler(comfy.samplers.Sampler):
                     if attn is not None:
                         attn_total = attn if attn_total is None else attn_total + attn
                 elif attn is not None:
-                    k_map = self._priorities_from_attention(attn, (h, w), observer.grid)
+                    k_tracks = PixelTracks.from_map(self._priorities_from_attention(attn, (h, w), observer.grid))
                 observer.enabled = False
-            s, sigma_cur = s_next, sigma_next
+            states, sigma_values, sigma_cur = states_next, sigma_next_values, sigma_next
 
         if observer is not None:
             observer.enabled = False

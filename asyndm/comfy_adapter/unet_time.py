@@ -9,7 +9,7 @@ the block's resolution. Nothing in ComfyUI is edited or patched: the hooks are r
 
 The per-pixel embedding is built from a table over the U distinct timesteps (U is small: one per
 schedule track), not per pixel, so the extra cost is U rows of the time MLP and of every
-``emb_layers`` plus one gather per ResBlock.
+``emb_layers`` plus one selection (torch.where per track) per ResBlock.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from comfy.ldm.modules.diffusionmodules import openaimodel
 from .errors import SUPPORTED_FAMILIES, UnsupportedModelError
 
 __all__ = ["PerPixelTimesteps", "block_index_map", "unet_resblocks"]
+
+MAX_WHERE_TRACKS = 6  # up to this many distinct timesteps are selected with torch.where, beyond with a gather
 
 
 def _unsupported(what: str) -> UnsupportedModelError:
@@ -134,25 +136,27 @@ class PerPixelTimesteps:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self._remove()
-        unconsumed = self._unconsumed or (self._t is not None and not self._consumed)
+        unconsumed = self._unconsumed or (self._unique is not None and not self._consumed)
         self._clear_map()
         self._unconsumed = False
         if exc_type is None and unconsumed:
             raise self._not_reached()
 
     def set_map(self, t_rows: torch.Tensor | None, unique: torch.Tensor | None = None,
-                inverse: torch.Tensor | None = None) -> None:
-        """Timesteps for the rows of the next forward: (B', H, W) float at latent resolution.
+                inverse: torch.Tensor | None = None, *, rows: int | None = None) -> None:
+        """Timesteps for the rows of the next forward; None restores stock behaviour.
 
-        B' is the row count of that forward (e.g. uncond and cond chunks). None restores stock
-        behaviour. ``unique`` (U,) and ``inverse`` (B', H, W) long, with unique[inverse] ==
-        t_rows, may be given to skip torch.unique, which synchronises the host on a GPU (they
-        are trusted, not checked). Setting a new map while the previous one was never used by a
-        forward raises RuntimeError: that is how hooks bypassed entirely (torch.compile) show up.
+        Either ``t_rows``: (B', H, W) float at latent resolution, B' being the row count of that
+        forward (e.g. uncond and cond chunks); or ``unique`` (U,) with ``inverse`` (R, H, W) long,
+        unique[inverse] being the map, where R is B' or divides it (row r then uses inverse[r % R]:
+        the CFG chunks of one image share its map, so their embeddings are built once). Given
+        unique/inverse skip torch.unique (which synchronises the host on a GPU) and are trusted.
+        Setting a new map while the previous one was never used by a forward raises RuntimeError:
+        that is how hooks bypassed entirely (torch.compile) show up.
         """
-        if self._t is not None and not self._consumed:
+        if self._unique is not None and not self._consumed:
             self._unconsumed = True
-        if t_rows is None:
+        if t_rows is None and unique is None:
             self._clear_map()
             return
         if not self._active:
@@ -161,20 +165,34 @@ class PerPixelTimesteps:
             self._unconsumed = False
             self._clear_map()
             raise self._not_reached()
-        if t_rows.ndim != 3:
-            raise ValueError(f"t_rows must be (rows, H, W); got shape {tuple(t_rows.shape)}")
         if (unique is None) != (inverse is None):
             raise ValueError("give both unique and inverse, or neither")
-        if unique is None:
-            unique, inverse = torch.unique(t_rows, return_inverse=True)
-        assert inverse is not None
-        if unique.ndim != 1 or tuple(inverse.shape) != tuple(t_rows.shape):
-            raise ValueError(f"unique must be (U,) and inverse {tuple(t_rows.shape)}; got "
-                             f"{tuple(unique.shape)} and {tuple(inverse.shape)}")
+        if t_rows is not None:
+            if t_rows.ndim != 3:
+                raise ValueError(f"t_rows must be (rows, H, W); got shape {tuple(t_rows.shape)}")
+            if unique is None:
+                unique, inverse = torch.unique(t_rows, return_inverse=True)
+            rows = t_rows.shape[0]
+        assert unique is not None and inverse is not None
+        if unique.ndim != 1 or inverse.ndim != 3:
+            raise ValueError(f"unique must be (U,) and inverse (R, H, W); got {tuple(unique.shape)} and "
+                             f"{tuple(inverse.shape)}")
+        rows = inverse.shape[0] if rows is None else int(rows)
+        if rows < 1 or rows % inverse.shape[0]:
+            raise ValueError(f"inverse has {inverse.shape[0]} rows, which does not divide the {rows} rows of the forward")
+        if t_rows is not None and tuple(inverse.shape) != tuple(t_rows.shape):
+            raise ValueError(f"inverse must have the shape of t_rows {tuple(t_rows.shape)}; got {tuple(inverse.shape)}")
         self._clear_map()
-        self._t = t_rows
+        self._rows = rows
         self._unique = unique.float()
         self._inverse = inverse.long()
+
+    def t_map(self) -> torch.Tensor | None:
+        """The (B', H, W) timestep map that is set (materialised; for checks and baselines)."""
+        if self._unique is None or self._inverse is None:
+            return None
+        full = self._unique[self._inverse]
+        return full.repeat(self._rows // full.shape[0], 1, 1)
 
     # --------------------------------------------------------------------------------- hooks
     def _install(self) -> None:
@@ -186,6 +204,7 @@ class PerPixelTimesteps:
             self._handles.append(label.register_forward_hook(self._label_post))
         for i, block in enumerate(self.blocks):
             self._handles.append(block.register_forward_pre_hook(self._block_pre(i)))
+            self._handles.append(block.emb_layers.register_forward_pre_hook(self._emb_pre(i)))
             self._handles.append(block.emb_layers.register_forward_hook(self._emb_post(i)))
 
     def _remove(self) -> None:
@@ -195,13 +214,14 @@ class PerPixelTimesteps:
         self._active = False
 
     def _unet_pre(self, _module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        if self._t is None:
+        if self._inverse is None:
             return
         x = args[0] if args else kwargs["x"]
-        if x.ndim != 4 or x.shape[0] != self._t.shape[0] or tuple(x.shape[-2:]) != tuple(self._t.shape[-2:]):
+        if x.ndim != 4 or x.shape[0] != self._rows or tuple(x.shape[-2:]) != tuple(self._inverse.shape[-2:]):
             raise RuntimeError(
                 f"PerPixelTimesteps: the UNet input has shape {tuple(x.shape)} but the timestep map is "
-                f"{tuple(self._t.shape)} (rows, H, W); set a map for exactly the rows and size of this forward"
+                f"{(self._rows, *self._inverse.shape[-2:])} (rows, H, W); set a map for exactly the rows and "
+                "size of this forward"
             )
         options = kwargs.get("transformer_options", args[5] if len(args) > 5 else None) or {}
         self._emb_patches = list((options.get("patches") or {}).get("emb_patch") or [])
@@ -214,7 +234,7 @@ class PerPixelTimesteps:
         self._in_forward = True
 
     def _unet_post(self, _module: torch.nn.Module, _args: tuple, _output: Any) -> None:
-        if self._t is None or not self._in_forward:
+        if self._inverse is None or not self._in_forward:
             return
         self._in_forward = False
         missing = [i for i, n in enumerate(self._fired) if n != 1]
@@ -228,26 +248,34 @@ class PerPixelTimesteps:
         self._consumed = True
 
     def _label_post(self, _module: torch.nn.Module, _args: tuple, output: torch.Tensor) -> None:
-        if self._t is not None:
+        if self._inverse is not None:
             self._label = output
 
     def _block_pre(self, i: int) -> Any:
         def hook(_module: torch.nn.Module, args: tuple) -> None:
-            if self._t is not None and self._in_forward:
+            if self._inverse is not None and self._in_forward:
                 self._sizes[i] = tuple(args[0].shape[-2:])
         return hook
 
-    def _emb_post(self, i: int) -> Any:
-        def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-            if self._t is None:
+    def _emb_pre(self, i: int) -> Any:
+        """emb_layers gets the U-row table instead of the B' carrier rows (their output is not used)."""
+        def hook(_module: torch.nn.Module, args: tuple) -> tuple | None:
+            if self._inverse is None:
                 return None
             if not self._in_forward or self._sizes[i] is None:
                 raise RuntimeError("PerPixelTimesteps: a ResBlock ran outside a UNet forward while a map was set")
-            emb = args[0]
-            table = self._embedding_table(emb)
-            out_tab = type(module).forward(module, table)  # bypasses this hook; children run normally
+            return (self._embedding_table(args[0]),)
+        return hook
+
+    def _emb_post(self, i: int) -> Any:
+        """emb_layers' output on the table -> the block's (B', C, h, w) per-pixel embedding."""
+        def hook(_module: torch.nn.Module, _args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+            if self._inverse is None:
+                return None
+            size = self._sizes[i]
+            assert size is not None
             self._fired[i] += 1
-            return self._gather(out_tab, self._index(self._sizes[i], emb.device))
+            return self._per_pixel(output, size)
         return hook
 
     # ------------------------------------------------------------------------------ the table
@@ -255,7 +283,7 @@ class PerPixelTimesteps:
         """(U, E), or (B', U, E) with SDXL's label or an emb_patch: what emb would be per timestep."""
         if self._table is not None:
             return self._table
-        rows = self._t.shape[0]
+        rows = self._rows
         if emb.ndim != 2 or emb.shape[0] != rows:
             raise RuntimeError(f"PerPixelTimesteps: time embedding of shape {tuple(emb.shape)}, expected ({rows}, E)")
         key = (self._x_dtype, emb.device)
@@ -285,9 +313,54 @@ class PerPixelTimesteps:
         key = (size, device)
         idx = self._index_cache.get(key)
         if idx is None:
+            assert self._inverse is not None
             idx = block_index_map(self._inverse.to(device), size)
             self._index_cache[key] = idx
         return idx
+
+    def _track_masks(self, size: tuple[int, int], device: torch.device) -> list[torch.Tensor]:
+        """Per distinct timestep u >= 1: (R, 1, h, w) bool, where the block's pixels take row u."""
+        key = ("masks", size, device)
+        masks = self._index_cache.get(key)
+        if masks is None:
+            assert self._unique is not None
+            idx = self._index(size, device)[:, None]
+            masks = [idx == u for u in range(1, self._unique.shape[0])]
+            self._index_cache[key] = masks
+        return masks
+
+    def _per_pixel(self, out_tab: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """out_tab (U, C) or (B', U, C) -> (B', C, h, w): each pixel gets its timestep's row.
+
+        Few distinct timesteps (every schedule track is one) are selected with a chain of
+        torch.where, which writes the result once in NCHW order; a gather along U costs several
+        times more on the CPU. Rows shared by the CFG chunks are built once and broadcast.
+        """
+        rows = self._rows
+        u = out_tab.shape[-2]
+        by_u = out_tab.unsqueeze(-1).unsqueeze(-1)  # (U, C, 1, 1) or (B', U, C, 1, 1)
+        if u == 1:  # one timestep everywhere: broadcast like the stock (B', C) embedding
+            col = by_u[0] if out_tab.ndim == 2 else by_u[:, 0]
+            return col.expand(rows, -1, -1, -1) if col.ndim == 3 else col
+        if u > MAX_WHERE_TRACKS:
+            idx = self._index(size, out_tab.device)
+            return self._gather(out_tab, idx.repeat(rows // idx.shape[0], 1, 1))
+        masks = self._track_masks(size, out_tab.device)
+        if out_tab.ndim == 2:
+            out = torch.where(masks[0], by_u[1][None], by_u[0][None])
+            for j in range(2, u):
+                out = torch.where(masks[j - 1], by_u[j][None], out)
+        else:
+            if masks[0].shape[0] not in (1, rows):
+                masks = [m.repeat(rows // m.shape[0], 1, 1, 1) for m in masks]
+            out = torch.where(masks[0], by_u[:, 1], by_u[:, 0])
+            for j in range(2, u):
+                out = torch.where(masks[j - 1], by_u[:, j], out)
+        if out.shape[0] == rows:
+            return out
+        if out.shape[0] == 1:
+            return out.expand(rows, -1, -1, -1)
+        return out.repeat(rows // out.shape[0], 1, 1, 1)
 
     @staticmethod
     def _gather(out_tab: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -304,7 +377,7 @@ class PerPixelTimesteps:
 
     # ------------------------------------------------------------------------------- helpers
     def _clear_map(self) -> None:
-        self._t: torch.Tensor | None = None
+        self._rows = 0
         self._unique: torch.Tensor | None = None
         self._inverse: torch.Tensor | None = None
         self._consumed = False

@@ -34,9 +34,11 @@ class Recorder:
         original = cls.set_map
 
         def set_map(hooks, t_rows, *args, **kwargs):
-            if t_rows is not None:
-                self.maps.append(t_rows.detach().clone())
-            return original(hooks, t_rows, *args, **kwargs)
+            out = original(hooks, t_rows, *args, **kwargs)
+            t_map = hooks.t_map()
+            if t_map is not None:
+                self.maps.append(t_map.detach().clone())
+            return out
 
         monkeypatch.setattr(cls, "set_map", set_map)
 

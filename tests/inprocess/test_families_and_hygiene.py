@@ -158,3 +158,12 @@ def test_unsupported_sampler_is_refused():
         AsynSampler("lms", None)
     with pytest.raises(ValueError, match="eta applies"):
         AsynSampler("dpmpp_2m", None, eta=0.5)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -0.5])
+def test_bad_eta_and_s_noise_are_refused_up_front(bad: float) -> None:
+    """JSON NaN passes the server's min/max check; refuse it before any model patch, naming the input."""
+    with pytest.raises(ValueError, match=r"eta must be a finite number >= 0 \(got"):
+        AsynSampler("ddim", None, eta=bad)
+    with pytest.raises(ValueError, match=r"s_noise must be a finite number >= 0"):
+        AsynSampler("euler_ancestral", None, s_noise=bad)

@@ -32,6 +32,21 @@ def test_progress_bar_and_latent_previews(pack_nodes, sd15_checkpoint, conds, mo
     assert all(c[2] is not None for c in calls), "no latent preview was produced"
 
 
+def test_static_mask_pre_pass_is_half_of_the_progress_bar(pack_nodes, sd15_checkpoint, conds):
+    """mask_mode static samples twice (a synchronous pass for the mask, then the real one): the bar
+    must move during both, or the UI sits at 0 for the first half of the run."""
+    calls: list[tuple[int, int]] = []
+    previous = comfy.utils.PROGRESS_BAR_HOOK
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: calls.append((value, total)))
+    try:
+        pack_nodes.AsynDMKSampler.execute(sd15_checkpoint[0], conds[0], conds[1], {"samples": torch.zeros(1, 4, 16, 16)},
+                                          3, 4, 5.0, "euler", "normal", 1.0, "rabbit", 0.7, "bin", 1.0, "static", 0.0,
+                                          False)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(previous)
+    assert calls == [(i, 8) for i in range(1, 9)]
+
+
 def test_other_packs_wrappers_still_run_and_compose(pack_nodes, sd15_checkpoint, conds):
     comfy_nodes = importlib.import_module("nodes")
     model = sd15_checkpoint[0].clone()

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from comfy.ldm.modules.diffusionmodules import openaimodel
 
 from asyndm.comfy_adapter.errors import UnsupportedModelError
 from asyndm.comfy_adapter.unet_time import PerPixelTimesteps, block_index_map
@@ -316,3 +317,67 @@ def test_unsupported_models_are_refused() -> None:
             unet = UNetModel(**{**base, **extra}, device="meta", operations=comfy.ops.disable_weight_init)
         with pytest.raises(UnsupportedModelError, match=match):
             PerPixelTimesteps(unet)
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+@pytest.mark.parametrize("tracks", [1, 3, 6, 9])  # 1: broadcast; 3, 6: torch.where chain; 9: gather fallback
+def test_every_pixel_gets_its_own_timesteps_embedding(models: dict, family: str, tracks: int) -> None:
+    """Each ResBlock's per-pixel embedding equals emb_layers(time MLP(t)) of the pixel's own t,
+    computed here independently (per distinct t, placed with advanced indexing)."""
+    p = models[family]
+    dm = p.model.diffusion_model
+    rows, h, w = 2, 16, 24
+    values = torch.linspace(20.0, 980.0, tracks)
+    inverse = torch.randint(0, tracks, (rows, h, w), generator=torch.Generator().manual_seed(tracks))
+    inverse[0, 0, 0] = tracks - 1  # every track present
+    inverse.view(-1)[: tracks] = torch.arange(tracks)
+    x = _latent(rows, h, w, seed=9)
+    kwargs = mf.diffusion_kwargs(p, rows, seed=1)
+    blocks = PerPixelTimesteps(dm).blocks
+    seen: dict[int, torch.Tensor] = {}
+    with PerPixelTimesteps(dm) as hooks:
+        handles = [b.emb_layers.register_forward_hook(lambda _m, _a, out, i=i: seen.__setitem__(i, out))
+                   for i, b in enumerate(blocks)]
+        try:
+            hooks.set_map(values[inverse])
+            with torch.no_grad():
+                dm(x, torch.full((rows,), CARRIER), **kwargs)
+        finally:
+            for hd in handles:
+                hd.remove()
+    with torch.no_grad():
+        emb = dm.time_embed(openaimodel.timestep_embedding(values, dm.model_channels).to(x.dtype))  # (U, E)
+        if dm.num_classes is not None:
+            emb = emb[None] + dm.label_emb(kwargs["y"])[:, None]  # (rows, U, E)
+        else:
+            emb = emb[None].expand(rows, -1, -1)
+        for i, block in enumerate(blocks):
+            out = seen[i]
+            idx = block_index_map(inverse, tuple(out.shape[-2:]))  # (rows, bh, bw)
+            table = block.emb_layers(emb)  # (rows, U, C)
+            want = table[torch.arange(rows)[:, None, None], idx].permute(0, 3, 1, 2)
+            assert out.shape == want.shape
+            # rounding only (emb_layers on a (rows, U) batch here): a misplaced pixel would be off by ~0.1
+            assert (out - want).abs().max().item() <= 1e-5, (i, tracks)
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_rows_sharing_one_map_give_the_same_forward(models: dict, family: str) -> None:
+    """CFG chunks share their image's map: an index with one row per image (R = B) broadcast to the
+    chunks gives exactly the forward of the map repeated per row."""
+    p = models[family]
+    dm = p.model.diffusion_model
+    batch, chunks, h, w = 2, 2, 8, 8
+    unique = torch.tensor([100.0, 400.0, 900.0])
+    inverse = torch.randint(0, 3, (batch, h, w), generator=torch.Generator().manual_seed(3))
+    x = _latent(batch * chunks, h, w, seed=10)
+    kwargs = mf.diffusion_kwargs(p, batch * chunks, seed=2)
+    carrier = torch.full((batch * chunks,), CARRIER)
+    with torch.no_grad(), PerPixelTimesteps(dm) as hooks:
+        hooks.set_map(None, unique=unique, inverse=inverse, rows=batch * chunks)
+        shared = dm(x, carrier, **kwargs)
+        hooks.set_map(unique[inverse].repeat(chunks, 1, 1))
+        full = dm(x, carrier, **kwargs)
+        with pytest.raises(ValueError, match="does not divide"):
+            hooks.set_map(None, unique=unique, inverse=inverse, rows=3)
+    assert torch.equal(shared, full)

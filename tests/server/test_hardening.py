@@ -181,7 +181,8 @@ def test_out_of_range_numbers_are_rejected_naming_each_input(server) -> None:
 
 @pytest.mark.parametrize("name, needle", [("k", "k must lie in [0, 1], got nan"),
                                           ("mask_threshold", "mask threshold must be a positive finite number"),
-                                          ("denoise", "denoise is nan"), ("cfg", "cfg is nan")])
+                                          ("denoise", "denoise is nan"), ("cfg", "cfg is nan"),
+                                          ("eta", "eta must be a finite number >= 0 (got nan)")])
 def test_nan_numbers_pass_validation_but_are_refused_by_name(server, name: str, needle: str) -> None:
     """JSON NaN slips through ComfyUI's min/max check (every comparison with NaN is false)."""
     expect_error(server, asyn(**{name: float("nan")}), needle)
@@ -364,8 +365,9 @@ def test_failed_and_interrupted_prompts_leave_no_state(server) -> None:
     a0, b0 = image_of(server, base_a), image_of(server, base_b)
     assert not np.array_equal(a0, b0)  # the patch really changes model B
 
-    # fails inside sampling: eta NaN passes validation and is refused by the update of the first step
-    expect_error(server, asyn(sampler_name="ddim", eta=float("nan"), steps=3), "eta must be a finite number")
+    # fails inside sampling, after the wrappers and time-embedding hooks are installed
+    bad_masks = latent_size(with_mask(asyn(steps=3), solid_mask(1.0, batch=3)), SIZE, SIZE, batch=2)
+    expect_error(server, bad_masks, "masks have batch 3")
 
     # interrupted while the asynchronous sampler runs (64 px, many steps: about 2-4 s per step here)
     long = asyn(size=64, steps=400)

@@ -66,6 +66,22 @@ def test_missing_file(tmp_path: Path) -> None:
         load_schedule(tmp_path / "nope.safetensors")
 
 
+def test_unreadable_file_is_our_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file the server may not read (permissions, NFS errors) is a clear error, not a raw OSError.
+
+    The tests run as root, where chmod 000 does not stop a read, so the OS's answer is simulated."""
+    import asyndm.schedule_file as schedule_file
+
+    path = write(tmp_path / "locked.safetensors", good_tensors())
+
+    def denied(*args: object, **kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(schedule_file, "open", denied, raising=False)
+    with pytest.raises(ScheduleFileError, match=r"locked.safetensors: cannot be read \(Permission denied\).*permissions"):
+        load_schedule(path)
+
+
 @pytest.mark.parametrize("keep", [0, 5, 8, 40, -4])
 def test_truncated_files_are_refused(tmp_path: Path, keep: int) -> None:
     full = write(tmp_path / "full.safetensors", good_tensors()).read_bytes()

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The benchmark runs behind benchmarks/results.md, in order (about 45 min on one core of the 2-core
+# CI machine). Raw results go to benchmarks/out/*.json; the tables are rendered into results-tables.md.
+# Run `bash scripts/setup.sh` first. Pass run names (A B C D E F) to run only some.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=.dev/venv/bin/python
+OUT=benchmarks/out
+mkdir -p "$OUT"
+runs=("$@")
+[ ${#runs[@]} -eq 0 ] && runs=(A B C D E F)
+bench() { "$PY" benchmarks/bench_sampling.py --out '' "$@"; }
+for run in "${runs[@]}"; do
+  case "$run" in
+    # A: reduced model (the hard case: a 10M UNet, 45x cheaper per step than SD1.5): size, batch, steps axes
+    A) bench --model reduced --cases 32x32:1:10,32x32:1:30,32x32:4:10,64x64:1:10 --repeats 5 --warmup 1 \
+         --json "$OUT/A_reduced.json" ;;
+    # B: reduced model at 128x128 (about 8 s per forward: 2 steps)
+    B) bench --model reduced --cases 128x128:1:2 --repeats 5 --warmup 1 --variants ksampler,dynamic,fixed \
+         --memory-steps 1 --json "$OUT/B_reduced_128.json" ;;
+    # C: full-size SD1.5 UNet (860M), 32x32, 2 steps, with peak memory
+    C) bench --model full --cases 32x32:1:2 --repeats 5 --warmup 1 --memory-steps 1 --json "$OUT/C_full_32.json" ;;
+    # D: full-size SD1.5 UNet at 64x64, 1 step
+    D) bench --model full --cases 64x64:1:1 --repeats 5 --warmup 1 --variants ksampler,dynamic,fixed --memory off \
+         --no-profile --json "$OUT/D_full_64.json" ;;
+    # E: SDXL-shaped UNet (SDXL's channels, context 2048, label_emb; depth 2 at /4: 899M), 32x32, 2 steps
+    E) bench --model sdxl --sdxl-depth 2 --cases 32x32:1:2 --repeats 5 --warmup 1 --variants ksampler,dynamic,fixed \
+         --memory off --json "$OUT/E_sdxl_32.json" ;;
+    # F: the UNet forward alone with and without the pack's hooks (reduced model), 15 interleaved repeats
+    F) bench --model reduced --cases 32x32:1:2,64x64:1:2,32x32:4:2 --repeats 0 --warmup 0 --no-profile \
+         --memory off --unet-repeats 15 --json "$OUT/F_unet.json" ;;
+    *) echo "unknown run $run (use A-F)" >&2; exit 2 ;;
+  esac
+done
+"$PY" benchmarks/bench_sampling.py --render "$OUT"/*.json --out benchmarks/results-tables.md
