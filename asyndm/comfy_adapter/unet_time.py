@@ -9,7 +9,7 @@ the block's resolution. Nothing in ComfyUI is edited or patched: the hooks are r
 
 The per-pixel embedding is built from a table over the U distinct timesteps (U is small: one per
 schedule track), not per pixel, so the extra cost is U rows of the time MLP and of every
-``emb_layers`` plus one selection (torch.where per track) per ResBlock.
+``emb_layers`` plus one gather per ResBlock (per image, shared by its CFG chunks).
 """
 
 from __future__ import annotations
@@ -24,8 +24,6 @@ from comfy.ldm.modules.diffusionmodules import openaimodel
 from .errors import SUPPORTED_FAMILIES, UnsupportedModelError
 
 __all__ = ["PerPixelTimesteps", "block_index_map", "unet_resblocks"]
-
-MAX_WHERE_TRACKS = 6  # up to this many distinct timesteps are selected with torch.where, beyond with a gather
 
 
 def _unsupported(what: str) -> UnsupportedModelError:
@@ -318,59 +316,40 @@ class PerPixelTimesteps:
             self._index_cache[key] = idx
         return idx
 
-    def _track_masks(self, size: tuple[int, int], device: torch.device) -> list[torch.Tensor]:
-        """Per distinct timestep u >= 1: (R, 1, h, w) bool, where the block's pixels take row u."""
-        key = ("masks", size, device)
-        masks = self._index_cache.get(key)
-        if masks is None:
-            assert self._unique is not None
-            idx = self._index(size, device)[:, None]
-            masks = [idx == u for u in range(1, self._unique.shape[0])]
-            self._index_cache[key] = masks
-        return masks
-
     def _per_pixel(self, out_tab: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """out_tab (U, C) or (B', U, C) -> (B', C, h, w): each pixel gets its timestep's row.
 
-        Few distinct timesteps (every schedule track is one) are selected with a chain of
-        torch.where, which writes the result once in NCHW order; a gather along U costs several
-        times more on the CPU. Rows shared by the CFG chunks are built once and broadcast.
+        Rows that share an index map (the CFG chunks of one image) are gathered once and broadcast
+        to the forward's rows, which halves the writes under CFG. One timestep everywhere needs no
+        gather at all: it broadcasts like the stock (B', C) embedding.
         """
         rows = self._rows
-        u = out_tab.shape[-2]
-        by_u = out_tab.unsqueeze(-1).unsqueeze(-1)  # (U, C, 1, 1) or (B', U, C, 1, 1)
-        if u == 1:  # one timestep everywhere: broadcast like the stock (B', C) embedding
-            col = by_u[0] if out_tab.ndim == 2 else by_u[:, 0]
+        if out_tab.shape[-2] == 1:
+            col = out_tab[..., 0, :, None, None]  # (C, 1, 1) or (B', C, 1, 1)
             return col.expand(rows, -1, -1, -1) if col.ndim == 3 else col
-        if u > MAX_WHERE_TRACKS:
-            idx = self._index(size, out_tab.device)
-            return self._gather(out_tab, idx.repeat(rows // idx.shape[0], 1, 1))
-        masks = self._track_masks(size, out_tab.device)
-        if out_tab.ndim == 2:
-            out = torch.where(masks[0], by_u[1][None], by_u[0][None])
-            for j in range(2, u):
-                out = torch.where(masks[j - 1], by_u[j][None], out)
-        else:
-            if masks[0].shape[0] not in (1, rows):
-                masks = [m.repeat(rows // m.shape[0], 1, 1, 1) for m in masks]
-            out = torch.where(masks[0], by_u[:, 1], by_u[:, 0])
-            for j in range(2, u):
-                out = torch.where(masks[j - 1], by_u[:, j], out)
-        if out.shape[0] == rows:
-            return out
-        if out.shape[0] == 1:
-            return out.expand(rows, -1, -1, -1)
-        return out.repeat(rows // out.shape[0], 1, 1, 1)
+        idx = self._index(size, out_tab.device)  # (R, h, w)
+        if out_tab.ndim == 3 and idx.shape[0] != rows:  # SDXL label / emb_patch: every row has its own table
+            idx = idx.repeat(rows // idx.shape[0], 1, 1)
+        picked = self._gather(out_tab, idx)
+        if picked.shape[0] == rows:
+            return picked
+        if picked.shape[0] == 1:
+            return picked.expand(rows, -1, -1, -1)
+        return picked.repeat(rows // picked.shape[0], 1, 1, 1)
 
     @staticmethod
     def _gather(out_tab: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """out_tab (U, C) or (B', U, C), idx (B', h, w) -> contiguous (B', C, h, w).
+        """out_tab (U, C) or (R, U, C), idx (R, h, w) -> contiguous (R, C, h, w).
 
-        One gather along U writes the result directly in NCHW order (advanced indexing would
-        produce channels-last and need a second copy).
+        One gather along U writes the result directly in NCHW order. On the CPU it is several times
+        faster than a torch.where per track or advanced indexing (which writes channels-last), and
+        unlike a one-hot matmul it is exact under TF32.
         """
         rows, h, w = idx.shape
-        by_channel = out_tab.t()[None].expand(rows, -1, -1) if out_tab.ndim == 2 else out_tab.transpose(1, 2)
+        if out_tab.ndim == 2:
+            by_channel = out_tab.t().contiguous()[None].expand(rows, -1, -1)  # (R, C, U)
+        else:
+            by_channel = out_tab.transpose(1, 2)
         channels = by_channel.shape[1]
         picked = torch.gather(by_channel, 2, idx.reshape(rows, 1, h * w).expand(-1, channels, -1))
         return picked.view(rows, channels, h, w)
