@@ -43,3 +43,16 @@ def fixed_masks(b: int, h: int, w: int) -> AsynSchedule:
 def hook_state(module: torch.nn.Module) -> list[tuple[str, int, int]]:
     """Forward hook and pre-hook counts of every submodule (to prove nothing was left behind)."""
     return [(name, len(m._forward_hooks), len(m._forward_pre_hooks)) for name, m in module.named_modules()]
+
+
+def keep_samplers(monkeypatch, adapter) -> list:
+    """Every AsynSampler the code under test builds (to read its record afterwards), in order."""
+    made: list = []
+    init = adapter.AsynSampler.__init__
+
+    def keep(self, *a, **kw):
+        init(self, *a, **kw)
+        made.append(self)
+
+    monkeypatch.setattr(adapter.AsynSampler, "__init__", keep)
+    return made

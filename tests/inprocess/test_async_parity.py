@@ -15,6 +15,7 @@ import torch
 from asyndm.schedule_spec import AsynSchedule
 from asyndm.schedules import next_state, timestep_maps
 from asyndm.timesteps import round_clamp
+from tests.inprocess.sampling import keep_samplers
 
 
 @pytest.fixture(scope="module")
@@ -86,14 +87,7 @@ def test_dynamic_masks_follow_the_lag_rule(monkeypatch, adapter, pack_nodes, sd1
         return out
 
     monkeypatch.setattr(adapter.AsynSampler, "_priorities_from_attention", spy)
-    made: list = []
-    init = adapter.AsynSampler.__init__
-
-    def keep(self, *a, **kw):
-        init(self, *a, **kw)
-        made.append(self)
-
-    monkeypatch.setattr(adapter.AsynSampler, "__init__", keep)
+    made = keep_samplers(monkeypatch, adapter)
     steps = 6
     latent = {"samples": torch.zeros(1, 4, 32, 32)}  # capture grid 8x8
     run_node(pack_nodes, model, conds, latent, steps=steps, key_words="rabbit, basketball:0.9", reference=True)

@@ -18,6 +18,7 @@ from asyndm.schedule_spec import AsynSchedule
 from asyndm.schedule_table import table_from_curve, table_step
 from asyndm.schedules import step
 from tests.inprocess.conftest import PACK_MODULE, load_pack
+from tests.inprocess.sampling import keep_samplers
 
 FOLDER = "asyndm_schedulers"
 SHIPPED = Path(__file__).resolve().parents[2] / "schedules"
@@ -53,18 +54,6 @@ def folders(tmp_path, monkeypatch, nodes):
 def mask_node(nodes, mask, k=0.7, curve="bin", threshold=0.5, feather=0, preview_steps=6, **extra):
     out = nodes.AsynDMMaskToTimestepMap.execute(mask, k, curve, threshold, feather, preview_steps, **extra)
     return out.args[0], out.args[1]
-
-
-def keep_samplers(monkeypatch, adapter) -> list:
-    made: list = []
-    init = adapter.AsynSampler.__init__
-
-    def keep(self, *a, **kw):
-        init(self, *a, **kw)
-        made.append(self)
-
-    monkeypatch.setattr(adapter.AsynSampler, "__init__", keep)
-    return made
 
 
 def ksampler(pack_nodes, model, conds, latent, schedule, *, steps=4, key_words="", mask_mode="dynamic",

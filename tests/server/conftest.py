@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,14 +20,36 @@ MODELS_CONFIG = REPO_ROOT / ".dev" / "extra_model_paths.yaml"
 DEFAULT_CKPT = "asyndm-random-sd15.safetensors"
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComfyServer]:
+# Headless Chromium + playwright-core, installed by scripts/setup_browser.sh (the browser tests).
+CHROMIUM = Path(os.environ.get("ASYNDM_CHROMIUM", "/usr/bin/chromium"))
+NODE_DIR = REPO_ROOT / ".dev" / "node"
+SETUP_HINT = "run `bash scripts/setup_browser.sh` first (installs chromium and playwright-core)"
+
+
+def require_browser_tools() -> None:
+    """Fail (not skip) with the set-up command when the browser tests cannot run."""
+    if not (CHROMIUM.exists() and os.access(CHROMIUM, os.X_OK)):
+        pytest.fail(f"no chromium at {CHROMIUM}: {SETUP_HINT}")
+    if shutil.which("node") is None:
+        pytest.fail(f"node is not on PATH: install nodejs, then {SETUP_HINT}")
+    if not (NODE_DIR / "node_modules" / "playwright-core" / "package.json").exists():
+        pytest.fail(f"playwright-core is not installed in {NODE_DIR}: {SETUP_HINT}")
+
+
+@contextlib.contextmanager
+def running_server(run_dir: Path) -> Iterator[ComfyServer]:
+    """A ComfyUI server with this pack and the default models, in run_dir; always stopped."""
     if not MODELS_CONFIG.exists():
         pytest.fail("no .dev/extra_model_paths.yaml: run scripts/setup.sh first (scripts/test.sh does)")
-    run_dir = Path(tmp_path_factory.mktemp("comfy_run"))
     srv = ComfyServer(run_dir, models_config=MODELS_CONFIG, python=os.environ.get("ASYNDM_PYTHON", sys.executable))
     srv.start()
     try:
         yield srv
     finally:
         srv.stop()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComfyServer]:
+    with running_server(Path(tmp_path_factory.mktemp("comfy_run"))) as srv:
+        yield srv

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import subprocess
 import urllib.error
 import urllib.request
@@ -22,15 +20,13 @@ from typing import Any
 import pytest
 
 from tests.conftest import REPO_ROOT
+from tests.server.conftest import CHROMIUM, NODE_DIR, require_browser_tools
 
-CHROMIUM = Path(os.environ.get("ASYNDM_CHROMIUM", "/usr/bin/chromium"))
-NODE_DIR = REPO_ROOT / ".dev" / "node"
 SCRIPT = Path(__file__).resolve().parent / "browser" / "frontend_plot.mjs"
 ARTIFACTS = REPO_ROOT / "artifacts"
 PACK_URL = "/extensions/asyndm-comfyui"
 PLOT_MODULES = {f"{PACK_URL}/js/asyndm_schedule_plot.js", f"{PACK_URL}/js/asyndm_curves.js"}
 DOC_NODES = ("AsynDMKSampler", "AsynDMSampler", "AsynDMTextEncode", "AsynDMMaskToTimestepMap", "AsynDMCrossAttentionMask", "AsynDMSchedulerLoader", "AsynDMSaveSchedule")
-SETUP_HINT = "run `bash scripts/setup_browser.sh` first (installs chromium and playwright-core)"
 
 # (curve, k, steps) checked value by value against the JavaScript curve module.
 CURVE_CASES = [
@@ -108,18 +104,11 @@ def assert_close(got: list[float], want: list[float], what: str) -> None:
 # One browser run per module.
 
 
-def _require_browser_tools() -> None:
-    if not (CHROMIUM.exists() and os.access(CHROMIUM, os.X_OK)):
-        pytest.fail(f"no chromium at {CHROMIUM}: {SETUP_HINT}")
-    if shutil.which("node") is None:
-        pytest.fail(f"node is not on PATH: install nodejs, then {SETUP_HINT}")
-    if not (NODE_DIR / "node_modules" / "playwright-core" / "package.json").exists():
-        pytest.fail(f"playwright-core is not installed in {NODE_DIR}: {SETUP_HINT}")
 
 
 @pytest.fixture(scope="module")
 def browser(server, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    _require_browser_tools()
+    require_browser_tools()
     tmp = Path(tmp_path_factory.mktemp("frontend"))
     # Settings the frontend reads at start: no tutorial dialog, classic renderer to begin with.
     server.post("/settings", {"Comfy.TutorialCompleted": True, "Comfy.VueNodes.Enabled": False})

@@ -34,7 +34,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import REPO_ROOT
-from tests.server.conftest import MODELS_CONFIG, ComfyServer
+from tests.server.conftest import running_server
 from tests.server.test_server import api_workflow
 
 
@@ -42,16 +42,8 @@ from tests.server.test_server import api_workflow
 def server(tmp_path_factory: pytest.TempPathFactory):
     """A server of this module's own: its history holds NaN inputs on purpose, which the frontend tests'
     JSON parser must never see, so these prompts stay out of the shared session server."""
-    import os
-    import sys
-
-    srv = ComfyServer(Path(tmp_path_factory.mktemp("comfy_hardening")), models_config=MODELS_CONFIG,
-                      python=os.environ.get("ASYNDM_PYTHON", sys.executable))
-    srv.start()
-    try:
+    with running_server(Path(tmp_path_factory.mktemp("comfy_hardening"))) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 ASYN = "asyndm_text_to_image.json"
 PLAIN = "ksampler_baseline.json"

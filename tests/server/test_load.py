@@ -32,7 +32,6 @@ import asyncio
 import json
 import os
 import random
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -44,7 +43,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.server.conftest import MODELS_CONFIG, ComfyServer
+from tests.server.conftest import ComfyServer, running_server
 from tests.server.test_server import api_workflow
 
 ASYN = "asyndm_text_to_image.json"
@@ -80,13 +79,8 @@ PLAIN_VARIANTS: list[dict[str, Any]] = [
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """A server of this module's own: its RSS is measured and its prompts are cancelled."""
-    srv = ComfyServer(Path(tmp_path_factory.mktemp("comfy_load")), models_config=MODELS_CONFIG,
-                      python=os.environ.get("ASYNDM_PYTHON", sys.executable))
-    srv.start()
-    try:
+    with running_server(Path(tmp_path_factory.mktemp("comfy_load"))) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 # ------------------------------------------------------------------------------------------------

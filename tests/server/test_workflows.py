@@ -33,8 +33,6 @@ from __future__ import annotations
 import copy
 import io
 import json
-import os
-import shutil
 import subprocess
 import urllib.parse
 import urllib.request
@@ -46,7 +44,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import REPO_ROOT
-from tests.server.conftest import DEFAULT_CKPT
+from tests.server.conftest import CHROMIUM, DEFAULT_CKPT, NODE_DIR, require_browser_tools
 from tests.server.workflow_convert import (
     FRONTEND_ONLY,
     NOTE_TYPES,
@@ -87,12 +85,8 @@ REQUIRED_NODES = {
     "asyndm_sampler_custom_advanced": {"AsynDMSampler", "BasicScheduler", "CFGGuider", "RandomNoise",
                                        "SamplerCustomAdvanced", "SaveImage"},
 }
-BROWSER_RUNS = ("asyndm_sd15_text_to_image", "asyndm_sync_vs_async")  # queued through the UI
 
-CHROMIUM = Path(os.environ.get("ASYNDM_CHROMIUM", "/usr/bin/chromium"))
-NODE_DIR = REPO_ROOT / ".dev" / "node"
 BROWSER_SCRIPT = Path(__file__).resolve().parent / "browser" / "run_workflows.mjs"
-SETUP_HINT = "run `bash scripts/setup_browser.sh` first (installs chromium and playwright-core)"
 
 
 def load(name: str) -> dict[str, Any]:
@@ -394,13 +388,6 @@ SEED_CONTROLS = ("fixed", "increment", "decrement", "randomize")
 PACK_URL = f"/extensions/{PACK}/"
 
 
-def _require_browser_tools() -> None:
-    if not (CHROMIUM.exists() and os.access(CHROMIUM, os.X_OK)):
-        pytest.fail(f"no chromium at {CHROMIUM}: {SETUP_HINT}")
-    if shutil.which("node") is None:
-        pytest.fail(f"node is not on PATH: install nodejs, then {SETUP_HINT}")
-    if not (NODE_DIR / "node_modules" / "playwright-core" / "package.json").exists():
-        pytest.fail(f"playwright-core is not installed in {NODE_DIR}: {SETUP_HINT}")
 
 
 def _input_specs(node_def: dict[str, Any]) -> dict[str, Any]:
@@ -483,7 +470,7 @@ def browser_items(object_info: dict[str, Any]) -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def browser_run(server, object_info: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    _require_browser_tools()
+    require_browser_tools()
     tmp = Path(tmp_path_factory.mktemp("workflows_browser"))
     server.post("/settings", {"Comfy.TutorialCompleted": True, "Comfy.VueNodes.Enabled": False,
                               "Comfy.Workflow.ShowMissingModelsWarning": False})
