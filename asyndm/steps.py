@@ -1,7 +1,7 @@
 """Sampler updates taken element by element, so every latent pixel can sit at its own noise level.
 
 - ddim_step: the reference's DDIM(eta) update in alpha space with per-pixel integer timesteps.
-- ancestral_step, dpmpp_2m_step: ComfyUI's k-diffusion updates (VE coordinates: x = x0 + sigma eps,
+- ancestral_step, ddpm_step, dpmpp_2m_step: ComfyUI's k-diffusion updates (VE coordinates: x = x0 + sigma eps,
   `denoised` is the model's x0 prediction) with sigma maps instead of one sigma per image. Their
   arithmetic follows comfy/k_diffusion/sampling.py operation for operation, so a constant sigma
   map reproduces the stock step to float rounding; Python branches on sigma become torch.where.
@@ -18,7 +18,7 @@ import torch
 
 from .checks import all_true, broadcasts_to, describe_shape, require_float_tensor
 
-__all__ = ["ddim_step", "ancestral_step", "dpmpp_2m_step"]
+__all__ = ["ddim_step", "ancestral_step", "ddpm_step", "dpmpp_2m_step"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -144,8 +144,10 @@ def ancestral_step(
 ) -> torch.Tensor:
     """Euler-ancestral step with sigma maps; eta = 0 is Euler, eta = 1 is DDPM / DDIM(1).
 
-    Where sigma_down is 0 (sigma_next == 0) the result is `denoised`, as in k-diffusion; where
-    sigma_next == sigma the pixel is left exactly as it is and gets no noise.
+    With eta > 0, where sigma_down is 0 (sigma_next == 0) the result is `denoised`, as in
+    k-diffusion's sample_euler_ancestral; with eta = 0 the step is sample_euler's x + d * dt there
+    too (the same value up to rounding, and KSampler's "euler" rounding). Where sigma_next == sigma
+    the pixel is left exactly as it is and gets no noise.
     """
     x = require_float_tensor("x", x)
     denoised = _same_shape("denoised", denoised, x)
@@ -173,7 +175,44 @@ def ancestral_step(
     out = x + d * dt
     if sigma_up is not None and z is not None:
         out = out + z * s_noise * sigma_up
-    out = torch.where(sigma_down == 0, denoised, out)
+        out = torch.where(sigma_down == 0, denoised, out)
+    return torch.where(still, x, out)
+
+
+def ddpm_step(
+    x: torch.Tensor,
+    denoised: torch.Tensor,
+    sigma: torch.Tensor,
+    sigma_next: torch.Tensor,
+    *,
+    noise: torch.Tensor | None,
+) -> torch.Tensor:
+    """ComfyUI's DDPM step (k-diffusion's DDPMSampler_step inside generic_step_sampler) with sigma maps.
+
+    Mathematically the Euler-ancestral step with eta = 1, but computed in alpha space with the
+    stock sampler's own operations, so that a constant map gives ComfyUI's "ddpm" bit for bit.
+    Fresh noise is added only where sigma_next > 0 (pass None when the carrier's next sigma is 0);
+    where sigma_next == sigma the pixel is left exactly as it is.
+    """
+    x = require_float_tensor("x", x)
+    denoised = _same_shape("denoised", denoised, x)
+    sigma = _map("sigma", sigma, x)
+    sigma_next = _map("sigma_next", sigma_next, x)
+    z = _noise(noise, x, False)
+    _check_sigmas(sigma, sigma_next)
+
+    still = sigma_next == sigma
+    safe_sigma = torch.where(sigma == 0, torch.ones_like(sigma), sigma)  # only where still
+    eps = (x - denoised) / safe_sigma
+    x_vp = x / torch.sqrt(1.0 + safe_sigma**2.0)
+    alpha_cumprod = 1 / ((safe_sigma * safe_sigma) + 1)
+    alpha_cumprod_next = 1 / ((sigma_next * sigma_next) + 1)
+    alpha = alpha_cumprod / alpha_cumprod_next
+    mu = (1.0 / alpha).sqrt() * (x_vp - (1 - alpha) * eps / (1 - alpha_cumprod).sqrt())
+    if z is not None:
+        added = mu + ((1 - alpha) * (1.0 - alpha_cumprod_next) / (1.0 - alpha_cumprod)).sqrt() * z
+        mu = torch.where(sigma_next > 0, added, mu)
+    out = torch.where(sigma_next != 0, mu * torch.sqrt(1.0 + sigma_next**2.0), mu)
     return torch.where(still, x, out)
 
 

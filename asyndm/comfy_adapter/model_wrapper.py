@@ -29,17 +29,26 @@ class StepMaps:
         self.unique_t: torch.Tensor | None = None  # (U,) distinct model timesteps
         self.inverse: torch.Tensor | None = None  # (B, H, W) long index into unique_t
         self.areas: dict[Any, tuple[int, int, int, int]] = {}  # cond uuid -> (h, w, y, x) crop
+        self.uniform: torch.Tensor | None = None  # (1,) the one sigma of every pixel, when there is one
 
     def set(self, sigma: torch.Tensor, unique_t: torch.Tensor, inverse: torch.Tensor) -> None:
         """Record the sigma map and its model timesteps as unique_t[inverse] (see model_timesteps)."""
         self.sigma = sigma
         self.unique_t = unique_t
         self.inverse = inverse
+        self.uniform = None
+
+    def set_uniform(self, sigma: torch.Tensor, value: torch.Tensor) -> None:
+        """Every pixel of every image sits at the one sigma `value` (1,): no per-pixel work is needed."""
+        self.clear()
+        self.sigma = sigma
+        self.uniform = value
 
     def clear(self) -> None:
         self.sigma = None
         self.unique_t = None
         self.inverse = None
+        self.uniform = None
 
 
 def model_timesteps(sigma_values: torch.Tensor, index: torch.Tensor,
@@ -98,6 +107,10 @@ class PerPixelApplyModel:
         if self.maps.sigma is None:
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
         self.calls += 1
+        if self.maps.uniform is not None:
+            # One sigma everywhere: the stock call at that sigma, with KSampler's shapes and operations.
+            sigma = self.maps.uniform.to(device=t.device, dtype=t.dtype).repeat(t.shape[0])
+            return executor(x, sigma, c_concat, c_crossattn, control, transformer_options, **kwargs)
         base_model = executor.class_obj
         ms = base_model.model_sampling
         sigma_rows, inverse_rows = self._rows(x, transformer_options)

@@ -26,8 +26,8 @@ from ..pixel_tracks import PixelTracks, pair_tracks
 from ..schedule_spec import AsynSchedule
 from ..schedule_table import table_step
 from ..schedules import step as schedule_step
-from ..sigma_map import SigmaInterpolator
-from ..steps import ancestral_step, dpmpp_2m_step
+from ..sigma_map import SigmaInterpolator, background_track
+from ..steps import ancestral_step, ddpm_step, dpmpp_2m_step
 from ..timesteps import round_clamp
 from .attention import AttentionObserver, attn2_modules, capture_grid
 from .errors import UnsupportedModelError
@@ -43,7 +43,7 @@ SUPPORTED_SAMPLERS: dict[str, tuple[str, float]] = {
     "euler": ("ancestral", 0.0),
     "ddim": ("ancestral", 0.0),  # ComfyUI's "ddim" is Euler; set eta > 0 for DDIM(eta)
     "euler_ancestral": ("ancestral", 1.0),
-    "ddpm": ("ancestral", 1.0),
+    "ddpm": ("ddpm", 1.0),  # DDPM as ComfyUI computes it (equal to ancestral with eta 1)
     "dpmpp_2m": ("dpmpp_2m", 0.0),
 }
 
@@ -122,7 +122,9 @@ class AsynSampler(comfy.samplers.Sampler):
         if not math.isfinite(float(s_noise)) or s_noise < 0:
             raise ValueError(f"s_noise must be a finite number >= 0 (got {s_noise!r}); the usual value is 1.0")
         if self.rule == "dpmpp_2m" and self.eta != 0.0:
-            raise ValueError("eta applies to euler, ddim, euler_ancestral and ddpm, not to dpmpp_2m: set eta to 0")
+            raise ValueError("eta applies to euler, ddim and euler_ancestral, not to dpmpp_2m: set eta to 0")
+        if self.rule == "ddpm" and self.eta != 1.0:
+            raise ValueError("ddpm always adds the full noise (eta 1): for another eta use ddim or euler_ancestral")
         self.schedule = schedule or AsynSchedule()
         self.reference = reference
         self.s_noise = s_noise
@@ -146,6 +148,11 @@ class AsynSampler(comfy.samplers.Sampler):
         if latent_image is None:
             latent_image = torch.zeros_like(noise)
         check_inputs(model_wrap, noise, latent_image, denoise_mask)
+        if self.schedule.is_synchronous and not self.reference:
+            # No pixel can leave the background: ComfyUI's own sampler, untouched (no hook, no wrapper).
+            self.record = self._synchronous_record(noise, len(sigmas) - 1)
+            return self.stock_sampler().sample(model_wrap, sigmas, extra_args, callback, noise, latent_image,
+                                               denoise_mask, disable_pbar)
         if self.reference:
             sigmas = self._reference_sigmas(ms, len(sigmas) - 1).to(sigmas.device)
         num_steps = len(sigmas) - 1
@@ -183,6 +190,28 @@ class AsynSampler(comfy.samplers.Sampler):
             finally:
                 maps.clear()
 
+    def stock_sampler(self) -> comfy.samplers.KSAMPLER:
+        """ComfyUI's own sampler for this name and eta: what KSampler runs when no pixel is a key pixel."""
+        if self.rule == "ancestral" and self.eta > 0:
+            inpaint = {"random": True} if self.sampler_name == "ddim" else {}
+            return comfy.samplers.ksampler("euler_ancestral", {"eta": self.eta, "s_noise": self.s_noise},
+                                           inpaint_options=inpaint)
+        if self.rule == "ancestral":  # eta 0: Euler ("ddim" is ComfyUI's Euler with random inpaint noise)
+            return comfy.samplers.sampler_object("ddim" if self.sampler_name == "ddim" else "euler")
+        return comfy.samplers.sampler_object(self.sampler_name)
+
+    def _synchronous_record(self, noise: torch.Tensor, num_steps: int) -> StepRecord:
+        """The previews of a run where every pixel stays on the background track."""
+        record = StepRecord(num_train_timesteps=self.num_train_timesteps, offset=self.offset)
+        if num_steps < 1:
+            return record
+        b, _, h, w = noise.shape
+        track = background_track(num_steps, num_train_timesteps=self.num_train_timesteps, offset=self.offset)
+        zeros = torch.zeros(()).expand(b, h, w)
+        record.states = [value.expand(b, h, w) for value in track]
+        record.priorities = [zeros] * num_steps
+        return record
+
     # ----------------------------------------------------------------------------------------
     def _reference_sigmas(self, ms: Any, num_steps: int) -> torch.Tensor:
         """The paper's sampler: linear integer timesteps from T + offset, ending at t = 0 (not sigma 0)."""
@@ -190,8 +219,6 @@ class AsynSampler(comfy.samplers.Sampler):
         if table is None or table.ndim != 1:
             raise UnsupportedModelError("reference mode needs a discrete-timestep model (SD1.x, SD2.x, SDXL)")
         self.num_train_timesteps = int(table.shape[0])
-        from ..sigma_map import background_track
-
         track = background_track(num_steps, num_train_timesteps=self.num_train_timesteps, offset=self.offset)
         t = round_clamp(track, self.num_train_timesteps)
         return torch.cat([table[t.to(table.device)], table[:1]]).float()
@@ -331,7 +358,10 @@ class AsynSampler(comfy.samplers.Sampler):
                 states_next = PixelTracks(torch.zeros_like(states.values), states.index)
             sigma_next_values = to_sigma(states_next.values)
             sigma_next = sigma_next_values[states_next.index].view(b, 1, h, w)
-            maps.set(sigma_cur, *model_timesteps(sigma_values, states.index, ms))
+            if states.values.numel() == 1:  # one track: the model is called exactly as KSampler calls it
+                maps.set_uniform(sigma_cur, sigma_values)
+            else:
+                maps.set(sigma_cur, *model_timesteps(sigma_values, states.index, ms))
             carrier = sigmas[i] * s_in
 
             x_in = x
@@ -356,6 +386,9 @@ class AsynSampler(comfy.samplers.Sampler):
 
             if self.rule == "dpmpp_2m":
                 x = dpmpp_2m_step(x, denoised, old_denoised, sigma_cur, sigma_next, sigma_prev)
+            elif self.rule == "ddpm":
+                step_noise = noise_sampler(sigmas[i], sigmas[i + 1]) if float(sigmas[i + 1]) > 0 else None
+                x = ddpm_step(x, denoised, sigma_cur, sigma_next, noise=step_noise)
             else:
                 if self.eta > 0 and float(sigmas[i + 1]) > 0:
                     step_noise = noise_sampler(sigmas[i], sigmas[i + 1])

@@ -40,6 +40,16 @@ def fixed_masks(b: int, h: int, w: int) -> AsynSchedule:
     return AsynSchedule(curve="bin", k=(0.8,), mask_source="masks", masks=masks)
 
 
+def empty_mask(b: int, h: int, w: int) -> AsynSchedule:
+    """A key item whose mask covers no pixel: the per-pixel machinery runs with every pixel on one track."""
+    return AsynSchedule(curve="bin", k=(0.8,), mask_source="masks", masks=torch.zeros(b, 1, h, w))
+
+
+# No key items (ComfyUI's own sampler runs) and one shared track (the pack's machinery runs):
+# both must give KSampler's result bit for bit (see test_precision.py for why and how).
+SAME_AS_KSAMPLER = {"no key items": lambda b, h, w: None, "empty mask": empty_mask}
+
+
 def hook_state(module: torch.nn.Module) -> list[tuple[str, int, int]]:
     """Forward hook and pre-hook counts of every submodule (to prove nothing was left behind)."""
     return [(name, len(m._forward_hooks), len(m._forward_pre_hooks)) for name, m in module.named_modules()]

@@ -69,7 +69,7 @@ def test_other_packs_wrappers_still_run_and_compose(pack_nodes, sd15_checkpoint,
     seen.update(apply=0, unet_fn=0)
     ours = run(pack_nodes, model, conds, key_words="")
     assert seen == stock_calls and seen["apply"] > 0 and seen["unet_fn"] > 0
-    assert float((ours - stock).abs().max()) <= 2e-4 * float(stock.abs().max())
+    assert torch.equal(ours, stock)
     # and with real key words the other pack's wrappers still run every step
     seen.update(apply=0, unet_fn=0)
     asyn = run(pack_nodes, model, conds, key_words="rabbit, basketball")

@@ -1,8 +1,9 @@
-"""With no key items (a constant timestep map) the Asynchronous KSampler reproduces ComfyUI's KSampler.
+"""With no key items the Asynchronous KSampler is ComfyUI's KSampler, bit for bit.
 
 Both run in the same process on the default random-weight SD1.5 checkpoint, same seed, sampler,
-scheduler, steps and cfg; the asynchronous run goes through every per-pixel piece (APPLY_MODEL
-wrapper, time-embedding hooks, element-wise sampler update) with a constant sigma map.
+scheduler, steps and cfg. With no key items (or only k = 0) the node runs ComfyUI's own sampler,
+so the results are equal by construction; test_precision.py and test_families_and_hygiene.py
+also hold the per-pixel machinery with one shared track to bit-identity.
 """
 
 from __future__ import annotations
@@ -34,11 +35,9 @@ def asyn(pack_nodes, model, positive, negative, latent, *, seed, steps, cfg, sam
     return out.args[0]["samples"], out.args[1]
 
 
-def assert_close(a: torch.Tensor, b: torch.Tensor, rtol: float = 2e-4) -> None:
-    scale = float(b.abs().max())
-    err = float((a - b).abs().max())
-    assert torch.isfinite(a).all()
-    assert err <= rtol * max(scale, 1.0), f"max abs diff {err:.3g} vs scale {scale:.3g}"
+def assert_equal(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Bit for bit (the difference is printed only to help when it is not)."""
+    assert torch.equal(a, b), f"max abs diff {float((a - b).abs().max()):.3g}"
 
 
 CASES = [(sampler, "normal") for sampler in SAMPLERS] + [
@@ -53,7 +52,7 @@ def test_constant_map_equals_ksampler(comfy_nodes, pack_nodes, sd15_checkpoint, 
     kw = dict(seed=3, steps=4, cfg=5.0, sampler=sampler, scheduler=scheduler)
     a = stock(comfy_nodes, model, *conds, latent, **kw)
     b, strip = asyn(pack_nodes, model, *conds, latent, **kw)
-    assert_close(b, a)
+    assert_equal(b, a)
     assert strip.ndim == 4 and strip.shape[-1] == 3
 
 
@@ -63,7 +62,7 @@ def test_zero_priority_words_are_synchronous(comfy_nodes, pack_nodes, sd15_check
     kw = dict(seed=5, steps=4, cfg=5.0, sampler="euler", scheduler="normal")
     a = stock(comfy_nodes, model, *conds, latent, **kw)
     b, _ = asyn(pack_nodes, model, *conds, latent, key_words="rabbit, basketball", k=0.0, **kw)
-    assert_close(b, a)
+    assert_equal(b, a)
 
 
 def test_batch_img2img_and_inpainting_match(comfy_nodes, pack_nodes, sd15_checkpoint, conds):
@@ -76,4 +75,4 @@ def test_batch_img2img_and_inpainting_match(comfy_nodes, pack_nodes, sd15_checkp
         kw = dict(seed=11, steps=5, cfg=4.0, sampler="euler_ancestral", scheduler="normal", denoise=denoise)
         a = stock(comfy_nodes, model, *conds, latent, **kw)
         b, _ = asyn(pack_nodes, model, *conds, latent, **kw)
-        assert_close(b, a)
+        assert_equal(b, a)

@@ -16,7 +16,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from asyndm.steps import ancestral_step, ddim_step, dpmpp_2m_step
+from asyndm.steps import ancestral_step, ddim_step, ddpm_step, dpmpp_2m_step
 
 SETTINGS = settings(max_examples=40, deadline=None)
 SHAPE = (2, 3, 4, 4)  # (B, C, H, W); maps are (B, 1, H, W)
@@ -173,12 +173,16 @@ def test_ancestral_constant_map_is_the_scalar_sampler(eta: float) -> None:
     for i in range(len(SIGMAS) - 1):
         s, sn = SIGMAS[i], SIGMAS[i + 1]
         den = _denoiser(x, s)
+        x_last = x
         x = ancestral_step(x, den, torch.full((SHAPE[0], 1, 1, 1), s, dtype=torch.float64),
                            torch.full((1, 1, 1, 1), sn, dtype=torch.float64), eta=eta, noise=noises[i])
         den_ref = _denoiser(ref, s)
         ref = elementwise(lambda xi, di, zi, s=s, sn=sn: ref_ancestral(xi, di, s, sn, eta, zi), SHAPE, ref, den_ref, noises[i])
         assert torch.allclose(x, ref, rtol=1e-12, atol=1e-12), i
-    assert torch.equal(x, den)  # the last step (sigma_next = 0) returns the denoised estimate itself
+    if eta > 0:  # as sample_euler_ancestral, the last step (sigma_next = 0) returns the denoised estimate itself
+        assert torch.equal(x, den)
+    else:  # as sample_euler, the last step is x + d * dt with dt = -sigma
+        assert torch.equal(x, x_last + (x_last - den) / SIGMAS[-2] * (0.0 - SIGMAS[-2]))
 
 
 @SETTINGS
@@ -192,6 +196,35 @@ def test_ancestral_per_pixel_matches_reference(eta: float, s_noise: float, seed:
     got = ancestral_step(x, den, sigma, sigma_next, eta=eta, noise=z, s_noise=s_noise)
     want = elementwise(lambda xi, di, s, sn, zi: ref_ancestral(xi, di, s, sn, eta, zi, s_noise),
                        SHAPE, x, den, sigma, sigma_next, z)
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**16))
+def test_ddpm_per_pixel_is_ancestral_with_eta_one(seed: int) -> None:
+    """ComfyUI's DDPM step, computed in alpha space, is the Euler-ancestral step with eta = 1
+    (method.md: DDIM(1) in sigma space): checked per pixel against the scalar reference."""
+    g = torch.Generator().manual_seed(seed)
+    sigma = pixel_map(SIGMAS[:-1], g)
+    drop = pixel_map([0.0, 0.3, 0.6, 1.0], g)  # 0.0: last step to sigma 0; 1.0: the pixel stays
+    sigma_next = torch.where(drop == 1.0, sigma, sigma * drop)
+    x, den, z = (torch.randn(SHAPE, generator=g, dtype=torch.float64) for _ in range(3))
+    got = ddpm_step(x, den, sigma, sigma_next, noise=z)
+    want = elementwise(lambda xi, di, s, sn, zi: ref_ancestral(xi, di, s, sn, 1.0, zi), SHAPE, x, den, sigma,
+                       sigma_next, z)
+    assert torch.allclose(got, want, rtol=1e-9, atol=1e-9)
+    still = (sigma_next == sigma).expand(SHAPE)
+    assert torch.equal(got[still], x[still])
+
+
+def test_ddpm_without_noise_is_the_deterministic_mean() -> None:
+    """noise=None (the carrier's next sigma is 0) adds nothing: the ancestral step with z = 0."""
+    g = torch.Generator().manual_seed(5)
+    x, den = (torch.randn(SHAPE, generator=g, dtype=torch.float64) for _ in range(2))
+    sigma = torch.full((SHAPE[0], 1, 1, 1), 3.3, dtype=torch.float64)
+    sigma_next = torch.full_like(sigma, 1.7)
+    got = ddpm_step(x, den, sigma, sigma_next, noise=None)
+    want = elementwise(lambda xi, di: ref_ancestral(xi, di, 3.3, 1.7, 1.0, 0.0), SHAPE, x, den)
     assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
