@@ -34,7 +34,7 @@ from .errors import UnsupportedModelError
 from .model_wrapper import WRAPPER_KEY, AreaRecorder, PerPixelApplyModel, StepMaps, model_timesteps
 from .per_pixel import per_pixel
 from .tokens import KEY as TOKENS_KEY
-from .unet_time import PerPixelTimesteps
+from .unet_time import PerPixelTimesteps, unet_resblocks
 
 __all__ = ["AsynSampler", "SUPPORTED_SAMPLERS", "StepRecord", "check_inputs", "check_sampler_name"]
 
@@ -148,6 +148,7 @@ class AsynSampler(comfy.samplers.Sampler):
         if latent_image is None:
             latent_image = torch.zeros_like(noise)
         check_inputs(model_wrap, noise, latent_image, denoise_mask)
+        unet_resblocks(diffusion_model)  # an unsupported family is refused by name, key words or not
         if self.schedule.is_synchronous and not self.reference:
             # No pixel can leave the background: ComfyUI's own sampler, untouched (no hook, no wrapper).
             self.record = self._synchronous_record(noise, len(sigmas) - 1)
