@@ -3,16 +3,21 @@
 The paper's schedules live in a "linear timestep" space: the background moves on the straight
 line from T + offset to offset in N steps (981, 961, ..., 1 for N = 50), object pixels on concave
 curves above it. A ComfyUI user picks any scheduler (karras, normal, ...), which gives one sigma
-per step. We anchor the background's linear values to those sigmas, so a pixel on the background
-track gets exactly the scheduler's sigma, and interpolate log-sigma between anchors for pixels
-off the track. With the ddim_uniform scheduler the anchors are the paper's integer timesteps.
+per step. Two mappings keep the background on those sigmas exactly:
+
+- TimestepTable, when the scheduler's sigmas are the model's own sigmas at the background's
+  rounded timesteps (ddim_uniform with N dividing T, and the reference sampler): every state s
+  is the paper's integer timestep round(s), so every pixel gets the model's sigma at it, key
+  pixels above the scheduler's first timestep included (995, 988, ... for bin, k = 0.7, N = 50).
+- SigmaInterpolator otherwise: the background's linear values are anchored to the scheduler's
+  sigmas and log-sigma is interpolated between anchors for pixels off the track.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["SigmaInterpolator", "background_track", "state_to_sigma"]
+__all__ = ["SigmaInterpolator", "TimestepTable", "background_track", "state_to_sigma", "track_on_table"]
 
 
 def background_track(
@@ -33,6 +38,42 @@ def background_track(
         s = s + (target - s) / remaining
         out.append(s)
     return torch.stack(out)
+
+
+def track_on_table(carrier_sigmas: torch.Tensor, table: torch.Tensor, *, offset: int = 1) -> bool:
+    """True when the first N carrier sigmas are exactly table[round(background track)].
+
+    table is the model's sigma per integer timestep (length T). Then the scheduler samples the
+    paper's own timesteps, and TimestepTable reproduces it for the background bit for bit.
+    """
+    if carrier_sigmas.ndim != 1 or carrier_sigmas.numel() < 2 or table.ndim != 1 or table.numel() < 2:
+        return False
+    n = carrier_sigmas.numel() - 1
+    t = table.numel()
+    track = background_track(n, num_train_timesteps=t, offset=offset)
+    index = torch.round(track).clamp(0, t - 1).long().to(table.device)
+    return torch.equal(carrier_sigmas[:n].to(table.device, table.dtype), table[index])
+
+
+class TimestepTable:
+    """state -> the model's sigma at the rounded (integer) timestep: the paper's sampler exactly.
+
+    A state of exactly 0 (after the last step) maps to `final`: ComfyUI's last sigma (0) for a
+    scheduler run, alphas_cumprod[0]'s sigma (table[0]) for the reference sampler.
+    """
+
+    def __init__(self, table: torch.Tensor, final: torch.Tensor | float, *, out_dtype: torch.dtype = torch.float32) -> None:
+        if table.ndim != 1 or table.numel() < 2:
+            raise ValueError("table must be the model's 1-D sigma table (one sigma per training timestep)")
+        self.table = table
+        self.final = torch.as_tensor(final, dtype=table.dtype, device=table.device)
+        self.out_dtype = out_dtype
+
+    def __call__(self, s: torch.Tensor) -> torch.Tensor:
+        """Sigma for each state in ``s`` (any shape)."""
+        t = torch.round(s.to(self.table.device)).clamp(0, self.table.numel() - 1).long()
+        sigma = torch.where(s.to(self.table.device) == 0, self.final, self.table[t])
+        return sigma.to(device=s.device, dtype=self.out_dtype)
 
 
 class SigmaInterpolator:

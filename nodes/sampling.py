@@ -51,7 +51,9 @@ def _async_inputs() -> list[Any]:
                                "paper's setting). euler_ancestral and ddpm always use 1, euler and dpmpp_2m 0."),
         io.Boolean.Input("reference", default=False,
                          tooltip="Reproduce the paper's sampler exactly: linear integer timesteps from 1001 "
-                                 "(the scheduler is ignored) and a last step to t = 0 that keeps a little noise."),
+                                 "(the scheduler is ignored), unit noise x_T as the start, a last step to t = 0 "
+                                 "that keeps a little noise, and the paper's x_0 as the output. Use ddim, eta 1, "
+                                 "cfg 5 for the paper's settings."),
         ScheduleType.Input("schedule", optional=True,
                            tooltip="A schedule from 'Attention Mask to Timestep Map' or 'Load Learned Scheduler'; "
                                    "when connected it replaces key_words, k, curve and the mask options."),
@@ -84,7 +86,9 @@ class AsynDMKSampler(io.ComfyNode):
                 "KSampler whose latent pixels each follow their own timestep schedule (AsynDM, arXiv 2510.04504): "
                 "pixels of the key words are denoised later and more gradually, reading a clearer context, "
                 f"which improves text-image alignment. Samplers: {SUPPORTED_TEXT} (others are refused). "
-                "Schedulers: all of ComfyUI's; the background follows the chosen one exactly. Models: SD1.x, "
+                "Schedulers: all of ComfyUI's; the background follows the chosen one exactly. With ddim_uniform "
+                "every pixel gets the paper's own integer timestep (key pixels above the scheduler's first one "
+                "included); with other schedulers key pixels are interpolated between its sigmas. Models: SD1.x, "
                 "SD2.x and SDXL UNets. ControlNet hints are computed at the background's noise level. "
                 + NOISE_NOTE
             ),
@@ -101,7 +105,8 @@ class AsynDMKSampler(io.ComfyNode):
                 io.Combo.Input("sampler_name", options=list(SUPPORTED_SAMPLERS), default="euler",
                                tooltip=f"Update rule, taken pixel by pixel: {SUPPORTED_TEXT}."),
                 io.Combo.Input("scheduler", options=list(comfy.samplers.KSampler.SCHEDULERS), default="normal",
-                               tooltip="Noise schedule of the background pixels (ddim_uniform = the paper's timesteps)."),
+                               tooltip="Noise schedule of the background pixels. ddim_uniform = the paper's timesteps "
+                                       "for every pixel; others: key pixels interpolated between its sigmas."),
                 io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="How much of the schedule to run (below 1 for img2img)."),
                 *_async_inputs(),

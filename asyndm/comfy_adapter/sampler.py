@@ -26,7 +26,7 @@ from ..pixel_tracks import PixelTracks, pair_tracks
 from ..schedule_spec import AsynSchedule
 from ..schedule_table import table_step
 from ..schedules import step as schedule_step
-from ..sigma_map import SigmaInterpolator, background_track
+from ..sigma_map import SigmaInterpolator, TimestepTable, background_track, track_on_table
 from ..steps import ancestral_step, ddpm_step, dpmpp_2m_step
 from ..timesteps import round_clamp
 from .attention import AttentionObserver, attn2_modules, capture_grid
@@ -225,13 +225,34 @@ class AsynSampler(comfy.samplers.Sampler):
         return torch.cat([table[t.to(table.device)], table[:1]]).float()
 
     def _sigma_function(self, sigmas: torch.Tensor, ms: Any, sigma_top: float) -> Callable[[torch.Tensor], torch.Tensor]:
-        """state -> sigma for this run (built once; applied to the distinct states every step)."""
+        """state -> sigma for this run (built once; applied to the distinct states every step).
+
+        Where the scheduler samples the paper's integer timesteps (ddim_uniform, reference), every
+        pixel gets the model's sigma at its rounded timestep; otherwise states between the
+        scheduler's sigmas are interpolated (sigma_map.py).
+        """
+        table = getattr(ms, "sigmas", None)
         if self.reference:
-            table = ms.sigmas
-            t = self.num_train_timesteps
-            return lambda s: table[round_clamp(s, t).to(table.device)].to(s.device).float()
+            return TimestepTable(table, final=table[0])
+        if torch.is_tensor(table) and table.numel() == self.num_train_timesteps and track_on_table(
+                sigmas, table, offset=self.offset):
+            return TimestepTable(table, final=sigmas[-1])
         return SigmaInterpolator(sigmas.float(), sigma_top=sigma_top, num_train_timesteps=self.num_train_timesteps,
                                  offset=self.offset)
+
+    def _starts_at_the_top(self, ms: Any, sigmas: torch.Tensor, max_denoise: bool) -> bool:
+        """Does the scheduler start where the paper does (within one step of the top timestep)?
+
+        Then states above the background's first one are the paper's noisier key pixels and may
+        rise towards the model's largest sigma (ddim_uniform starts at t = 981 of 999, say). An
+        img2img run starts lower on purpose; there no pixel goes above its first sigma.
+        """
+        if max_denoise:
+            return True
+        num_steps = len(sigmas) - 1
+        first = float(background_track(num_steps, num_train_timesteps=self.num_train_timesteps, offset=self.offset)[0])
+        step = self.num_train_timesteps / num_steps
+        return float(ms.timestep(sigmas[:1].float())[0]) >= first - step
 
     def _advance(self, states: PixelTracks, k: PixelTracks, remaining: int, num_steps: int) -> PixelTracks:
         """Every pixel's next state, computed once per distinct (state, k) pair."""
@@ -319,7 +340,7 @@ class AsynSampler(comfy.samplers.Sampler):
         b, _, h, w = noise.shape
         device = noise.device
         max_denoise = self.max_denoise(model_wrap, sigmas)
-        sigma_top = float(ms.sigma_max) if max_denoise else float(sigmas[0])
+        sigma_top = float(ms.sigma_max) if self._starts_at_the_top(ms, sigmas, max_denoise) else float(sigmas[0])
         seed = extra_args.get("seed")
         model_options = extra_args["model_options"]
 
@@ -338,7 +359,10 @@ class AsynSampler(comfy.samplers.Sampler):
         states = self._advance(PixelTracks(start, k_tracks.index), k_tracks, num_steps, num_steps)
         sigma_values = to_sigma(states.values)
         sigma_cur = sigma_values[states.index].view(b, 1, h, w)
-        x = per_pixel(lambda sg, n, lat: ms.noise_scaling(sg, n, lat, max_denoise), sigma_cur, noise, latent_image)
+        # Every pixel starts at its own sigma. The reference starts from the paper's x_T: unit noise
+        # in the model's input scaling at every pixel (ComfyUI's max_denoise scaling).
+        unit_start = max_denoise or self.reference
+        x = per_pixel(lambda sg, n, lat: ms.noise_scaling(sg, n, lat, unit_start), sigma_cur, noise, latent_image)
 
         inpaint_noise = noise
         if denoise_mask is not None and self.sampler_name == "ddim":  # as ComfyUI's ddim: fresh noise for known pixels
@@ -413,4 +437,6 @@ class AsynSampler(comfy.samplers.Sampler):
         maps.clear()
         if collect_attention:
             return attn_total
+        if self.reference:  # the paper ends at t = 0 and returns x_0 in its own (variance-preserving) scaling
+            return ms.calculate_input(sigmas[-1:].expand(b), x)
         return ms.inverse_noise_scaling(sigmas[-1], x)

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import importlib
 
+import comfy.samplers
 import pytest
 import torch
+
+from tests.inprocess.sampling import SAME_AS_KSAMPLER
 
 SAMPLERS = ["euler", "ddim", "euler_ancestral", "ddpm", "dpmpp_2m"]
 
@@ -76,3 +79,20 @@ def test_batch_img2img_and_inpainting_match(comfy_nodes, pack_nodes, sd15_checkp
         a = stock(comfy_nodes, model, *conds, latent, **kw)
         b, _ = asyn(pack_nodes, model, *conds, latent, **kw)
         assert_equal(b, a)
+
+
+@pytest.mark.parametrize("scheduler", list(comfy.samplers.KSampler.SCHEDULERS))
+@pytest.mark.parametrize("sampler", ["euler", "ddpm", "dpmpp_2m"])
+def test_every_scheduler_matches_with_no_key_pixels(comfy_nodes, pack_nodes, sd15_checkpoint, conds, sampler,
+                                                    scheduler):
+    """No key items, and a key item with an empty mask (the per-pixel machinery with one track,
+    whose sigmas come from the paper-timestep table on ddim_uniform and from the interpolator
+    elsewhere): the scheduler's own sigmas, bit for bit."""
+    model = sd15_checkpoint[0]
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    kw = dict(seed=8, steps=4, cfg=5.0, sampler=sampler, scheduler=scheduler)
+    a = stock(comfy_nodes, model, *conds, latent, **kw)
+    for case, schedule in SAME_AS_KSAMPLER.items():
+        out = pack_nodes.AsynDMKSampler.execute(model, *conds, latent, 8, 4, 5.0, sampler, scheduler, 1.0, "", 0.7,
+                                                "bin", 1.0, "dynamic", 0.0, False, schedule(1, 8, 8))
+        assert torch.equal(out.args[0]["samples"], a), case

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from asyndm.sigma_map import background_track, state_to_sigma
+from asyndm.sigma_map import TimestepTable, background_track, state_to_sigma, track_on_table
 
 
 def karras(n: int, lo: float = 0.03, hi: float = 14.6, rho: float = 7.0) -> torch.Tensor:
@@ -61,3 +61,38 @@ def test_bad_carrier_is_refused() -> None:
         state_to_sigma(torch.tensor([5.0]), torch.tensor([1.0]), sigma_top=1.0)
     with pytest.raises(ValueError, match="> 0"):
         state_to_sigma(torch.tensor([5.0]), torch.tensor([1.0, 0.0, 0.0]), sigma_top=1.0)
+
+
+def sd_sigma_table() -> torch.Tensor:
+    """The model's sigma per integer timestep (SD's scaled-linear schedule), float32 like ComfyUI's."""
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    ac = torch.cumprod(1 - betas, dim=0)
+    return ((1 - ac) / ac).sqrt().float()
+
+
+def ddim_uniform(table: torch.Tensor, n: int) -> torch.Tensor:
+    """ComfyUI's ddim_uniform for n steps dividing 1000: table at 1, 1 + 1000/n, ..., reversed, then 0."""
+    picked = [float(table[t]) for t in range(1, 1000, 1000 // n)][::-1]
+    return torch.tensor(picked + [0.0])
+
+
+@pytest.mark.parametrize("n", [4, 10, 50])
+def test_ddim_uniform_lies_on_the_table_and_other_schedules_do_not(n: int) -> None:
+    table = sd_sigma_table()
+    sigmas = ddim_uniform(table, n)
+    assert track_on_table(sigmas, table)
+    assert not track_on_table(torch.cat([sigmas[:-1] * 1.001, sigmas[-1:]]), table)
+    assert not track_on_table(karras(n), table)
+
+
+def test_timestep_table_gives_every_state_the_models_sigma_at_its_integer_timestep() -> None:
+    table = sd_sigma_table()
+    sigmas = ddim_uniform(table, 50)
+    to_sigma = TimestepTable(table, final=sigmas[-1])
+    track = background_track(50)
+    assert torch.equal(to_sigma(track), sigmas[:-1])  # the background: the scheduler's sigmas, bit for bit
+    states = torch.tensor([994.72, 988.0, 980.5, 1000.6, 0.4, 0.0])
+    want = [table[995], table[988], table[980], table[999], table[0], 0.0]  # round half to even; clamp at 999
+    assert to_sigma(states).tolist() == [float(v) for v in want]
+    reference = TimestepTable(table, final=table[0])  # the paper's last step, t = 0
+    assert float(reference(torch.tensor([0.0]))[0]) == float(table[0]) > 0
