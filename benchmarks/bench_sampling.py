@@ -196,7 +196,7 @@ def _make_naive_hooks_class() -> type:
     import torch
     from comfy.ldm.modules.diffusionmodules import openaimodel
 
-    from asyndm.comfy_adapter import unet_time
+    from asyndm.comfy_adapter.families import unet as unet_time
 
     class NaivePerPixelTimesteps(unet_time.PerPixelTimesteps):
         def _unet_pre(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -335,7 +335,9 @@ class Bench:
         schedule = self.schedules["fixed" if variant == "fixed" else "dynamic"]
         with contextlib.ExitStack() as stack:
             if variant == "naive":
-                stack.enter_context(patched(asyn_sampler, "PerPixelTimesteps", naive_hooks_class()))
+                from asyndm.comfy_adapter.families import unet as unet_family
+
+                stack.enter_context(patched(unet_family, "PerPixelTimesteps", naive_hooks_class()))
             elif variant not in ("dynamic", "fixed"):
                 raise ValueError(f"unknown variant {variant!r}: use one of {', '.join(VARIANTS)}")
             # As the Asynchronous KSampler node does: the user's scheduler gives the background sigmas.
@@ -504,8 +506,9 @@ OTHER_LABEL = "rest (ComfyUI sampling, CFG, conds, setup)"
 def profiling(bench: Bench, timer: PieceTimer) -> Iterator[None]:
     """Install the timing wrappers for one run (restored afterwards)."""
     from asyndm import pixel_tracks, sigma_map
-    from asyndm.comfy_adapter import attention, model_wrapper, unet_time
+    from asyndm.comfy_adapter import attention, model_wrapper
     from asyndm.comfy_adapter import sampler as asyn_sampler
+    from asyndm.comfy_adapter.families import unet as unet_time
 
     dm = bench.patcher.model.diffusion_model
     naive = naive_hooks_class()
@@ -608,7 +611,7 @@ def unet_forward_overhead(bench: Bench, repeats: int, device: str) -> dict[str, 
     import comfy.model_management
     import torch
 
-    from asyndm.comfy_adapter.unet_time import PerPixelTimesteps
+    from asyndm.comfy_adapter.families.unet import PerPixelTimesteps
 
     comfy.model_management.load_models_gpu([bench.patcher])
     dm = bench.patcher.model.diffusion_model

@@ -89,11 +89,14 @@ class AsynDMKSampler(io.ComfyNode):
                 "Schedulers: all of ComfyUI's; the background follows the chosen one exactly. With ddim_uniform "
                 "every pixel gets the paper's own integer timestep (key pixels above the scheduler's first one "
                 "included); with other schedulers key pixels are interpolated between its sigmas. Models: SD1.x, "
-                "SD2.x and SDXL UNets. ControlNet hints are computed at the background's noise level. "
+                "SD2.x and SDXL UNets; Flux (dev, schnell) with key items drawn as masks (Attention Mask to "
+                "Timestep Map) and euler, ddim (eta 0) or dpmpp_2m. ControlNet hints are computed at the "
+                "background's noise level. "
                 + NOISE_NOTE
             ),
             inputs=[
-                io.Model.Input("model", tooltip="The diffusion model (SD1.x, SD2.x or SDXL), LoRAs applied."),
+                io.Model.Input("model", tooltip="The diffusion model (SD1.x, SD2.x, SDXL; Flux with masks as key items), "
+                                                "LoRAs applied."),
                 io.Conditioning.Input("positive", tooltip="Positive prompt; encode it with 'CLIP Text Encode (AsynDM)' to use key words."),
                 io.Conditioning.Input("negative", tooltip="Negative prompt."),
                 io.Latent.Input("latent_image", tooltip="The latent to denoise (empty latent, img2img or inpainting latent)."),

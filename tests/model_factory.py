@@ -24,12 +24,15 @@ from typing import Any
 import torch
 
 __all__ = [
+    "build_chroma",
+    "build_flux",
     "build_sd15",
     "build_sd2v",
     "build_sdxl",
     "diffusion_kwargs",
     "family_of",
     "make_conditioning",
+    "make_flux_conditioning",
     "random_context",
 ]
 
@@ -162,6 +165,51 @@ def build_sdxl(model_channels: int = 128, *, seed: int = 0, num_heads: int = 4, 
                         channel_mult=channel_mult, adm_in_channels=pooled_dim + SDXL_SIZE_EMBEDDINGS)
     config = _config(comfy.supported_models.SDXL, unet, num_heads, unet_overrides)
     return _patcher(config.get_model({}, ""), seed)
+
+
+FLUX_TEXT_DIM, FLUX_POOLED_DIM = 32, 24  # T5 and CLIP-L widths, shrunk
+
+
+def _flux_layout(hidden_size: int, depth: int, depth_single: int) -> dict[str, Any]:
+    """The Flux transformer's shape (comfy.ldm.flux.model), narrow: 2 heads of 32 channels."""
+    return {"in_channels": 16, "out_channels": 16, "context_in_dim": FLUX_TEXT_DIM, "hidden_size": hidden_size,
+            "mlp_ratio": 2.0, "num_heads": 2, "depth": depth, "depth_single_blocks": depth_single,
+            "axes_dim": [8, 12, 12], "theta": 10000, "patch_size": 2, "qkv_bias": True}
+
+
+def build_flux(guidance: bool = True, *, hidden_size: int = 64, depth: int = 2, depth_single: int = 2,
+               seed: int = 0) -> Any:
+    """A Flux-dev (guidance embedding) or Flux-schnell shaped ModelPatcher, ComfyUI's own classes."""
+    import comfy.supported_models
+
+    cls = comfy.supported_models.Flux if guidance else comfy.supported_models.FluxSchnell
+    unet = {"image_model": "flux", "guidance_embed": guidance, "vec_in_dim": FLUX_POOLED_DIM,
+            **_flux_layout(hidden_size, depth, depth_single)}
+    config = cls(unet)
+    config.set_inference_dtype(torch.float32, None)
+    return _patcher(config.get_model({}, ""), seed)
+
+
+def build_chroma(*, hidden_size: int = 64, seed: int = 0) -> Any:
+    """A Chroma-shaped ModelPatcher (Flux layout, modulation from one approximator): a family the pack refuses."""
+    import comfy.supported_models
+
+    unet = {"image_model": "chroma", "in_dim": 64, "out_dim": hidden_size, "hidden_dim": 32, "n_layers": 1,
+            **_flux_layout(hidden_size, 1, 1)}
+    config = comfy.supported_models.Chroma(unet)
+    config.set_inference_dtype(torch.float32, None)
+    return _patcher(config.get_model({}, ""), seed)
+
+
+def make_flux_conditioning(batch: int = 1, tokens: int = 12, *, seed: int = 0,
+                           guidance: float | None = 3.5) -> list[list[Any]]:
+    """[[T5-like context, {pooled_output (CLIP-L-like), guidance}]] for the models above."""
+    gen = torch.Generator().manual_seed(seed)
+    context = torch.randn(batch, tokens, FLUX_TEXT_DIM, generator=gen)
+    extra: dict[str, Any] = {"pooled_output": torch.randn(batch, FLUX_POOLED_DIM, generator=gen)}
+    if guidance is not None:
+        extra["guidance"] = guidance
+    return [[context, extra]]
 
 
 def family_of(patcher: Any) -> str:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 __all__ = ["SUPPORTED_FAMILIES", "UnsupportedModelError"]
 
-SUPPORTED_FAMILIES = "SD1.x, SD2.x and SDXL (ComfyUI's openaimodel.UNetModel, image models without temporal layers)"
+SUPPORTED_FAMILIES = ("SD1.x, SD2.x and SDXL (ComfyUI's openaimodel.UNetModel, image models without temporal layers), "
+                      "and Flux (dev and schnell, comfy.ldm.flux.model.Flux)")
 
 
 class UnsupportedModelError(ValueError):

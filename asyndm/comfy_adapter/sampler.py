@@ -16,6 +16,7 @@ from typing import Any
 
 import comfy.k_diffusion.sampling as kdiff
 import comfy.model_management
+import comfy.model_sampling
 import comfy.patcher_extension
 import comfy.samplers
 import torch
@@ -30,11 +31,11 @@ from ..sigma_map import SigmaInterpolator, TimestepTable, background_track, trac
 from ..steps import ancestral_step, ddpm_step, dpmpp_2m_step
 from ..timesteps import round_clamp
 from .attention import AttentionObserver, attn2_modules, capture_grid
-from .errors import UnsupportedModelError
+from .errors import SUPPORTED_FAMILIES, UnsupportedModelError
+from .families import time_adapter
 from .model_wrapper import WRAPPER_KEY, AreaRecorder, PerPixelApplyModel, StepMaps, model_timesteps
 from .per_pixel import per_pixel
 from .tokens import KEY as TOKENS_KEY
-from .unet_time import PerPixelTimesteps, unet_resblocks
 
 __all__ = ["AsynSampler", "SUPPORTED_SAMPLERS", "StepRecord", "check_inputs", "check_sampler_name"]
 
@@ -108,6 +109,16 @@ def _progress(callback: Callable | None, half: int) -> Callable | None:
     return report
 
 
+def patch_constant(k_map: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(B, H, W) priorities made constant on each patch of a transformer's token grid (the patch's
+    largest k), so that a token's timestep and the updates of its pixels agree."""
+    if patch_size == 1:
+        return k_map
+    h, w = k_map.shape[-2:]
+    pooled = F.max_pool2d(k_map[:, None], kernel_size=patch_size, stride=patch_size, ceil_mode=True)[:, 0]
+    return pooled.repeat_interleave(patch_size, dim=-2).repeat_interleave(patch_size, dim=-1)[..., :h, :w]
+
+
 class AsynSampler(comfy.samplers.Sampler):
     """Asynchronous sampling as a ComfyUI SAMPLER (usable by SamplerCustom / SamplerCustomAdvanced)."""
 
@@ -131,6 +142,7 @@ class AsynSampler(comfy.samplers.Sampler):
         self.num_train_timesteps = 1000
         self.offset = 1
         self.record: StepRecord | None = None
+        self.patch_size = 1
 
     # ----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -143,12 +155,13 @@ class AsynSampler(comfy.samplers.Sampler):
         if noise.ndim != 4:
             raise UnsupportedModelError(
                 f"asynchronous sampling needs image latents (B, C, H, W); got shape {tuple(noise.shape)}. "
-                "Supported: SD1.x, SD2.x and SDXL UNet models."
+                f"Supported: {SUPPORTED_FAMILIES}."
             )
         if latent_image is None:
             latent_image = torch.zeros_like(noise)
         check_inputs(model_wrap, noise, latent_image, denoise_mask)
-        unet_resblocks(diffusion_model)  # an unsupported family is refused by name, key words or not
+        time_hooks = time_adapter(diffusion_model)  # an unsupported family is refused by name, key words or not
+        self._check_family(time_hooks, ms)
         if self.schedule.is_synchronous and not self.reference:
             # No pixel can leave the background: ComfyUI's own sampler, untouched (no hook, no wrapper).
             self.record = self._synchronous_record(noise, len(sigmas) - 1)
@@ -161,7 +174,7 @@ class AsynSampler(comfy.samplers.Sampler):
         if num_steps < 1:
             return ms.inverse_noise_scaling(sigmas[-1], ms.noise_scaling(sigmas[0], noise, latent_image))
 
-        time_hooks = PerPixelTimesteps(diffusion_model)
+        self.patch_size = int(getattr(time_hooks, "patch_size", 1))
         maps = StepMaps()
         wrapper = PerPixelApplyModel(maps, time_hooks)
         model_options = extra_args["model_options"]  # a per-run clone made by the CFG guider
@@ -190,6 +203,21 @@ class AsynSampler(comfy.samplers.Sampler):
                                  maps, observer, fixed_k, record=True)
             finally:
                 maps.clear()
+
+    def _check_family(self, adapter: Any, ms: Any) -> None:
+        """What this family cannot do yet, refused by name before any step runs."""
+        family = getattr(adapter, "family", "UNet")
+        if family == "UNet":
+            return
+        if self.reference:
+            raise ValueError(f"reference mode reproduces the paper's DDIM sampler on SD's discrete-time UNets; "
+                             f"turn it off for {family}")
+        if self.schedule.mask_source == "attention" and not self.schedule.is_synchronous:
+            raise ValueError(f"key words are not supported on {family} yet: give the key items as masks instead "
+                             "(draw one and connect 'Attention Mask to Timestep Map' to the schedule input)")
+        if isinstance(ms, comfy.model_sampling.CONST) and not (self.rule in ("ancestral", "dpmpp_2m") and self.eta == 0):
+            raise ValueError(f"{family} is a flow model: asynchronous sampling on it supports euler, ddim (eta 0) "
+                             f"and dpmpp_2m; {self.sampler_name} with eta {self.eta:g} is not supported there yet")
 
     def stock_sampler(self) -> comfy.samplers.KSAMPLER:
         """ComfyUI's own sampler for this name and eta: what KSampler runs when no pixel is a key pixel."""
@@ -290,7 +318,7 @@ class AsynSampler(comfy.samplers.Sampler):
             m = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)
         m = m.clamp(0.0, 1.0).expand(b, -1, -1, -1)
         k = torch.tensor(sched.k, device=noise.device, dtype=torch.float32).view(1, -1, 1, 1)
-        return (m * k).amax(dim=1)
+        return patch_constant((m * k).amax(dim=1), self.patch_size)
 
     def _observer(self, model_wrap: Any, diffusion_model: Any, noise: torch.Tensor) -> AttentionObserver | None:
         sched = self.schedule
@@ -315,7 +343,7 @@ class AsynSampler(comfy.samplers.Sampler):
     def _priorities_from_attention(self, attn: torch.Tensor, size: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:
         k = torch.tensor(self.schedule.k, dtype=torch.float32, device=attn.device)
         masks = item_masks(attn.float(), k, threshold=self.schedule.threshold, size=size, grid=grid)
-        return (masks * k.view(1, -1, 1, 1)).amax(dim=1)
+        return patch_constant((masks * k.view(1, -1, 1, 1)).amax(dim=1), self.patch_size)
 
     def _static_priorities(self, model_wrap: Any, sigmas: torch.Tensor, extra_args: dict, noise: torch.Tensor,
                            latent_image: torch.Tensor, denoise_mask: torch.Tensor | None, maps: StepMaps,

@@ -74,15 +74,15 @@ def test_main_on_a_tiny_model_prints_a_table_with_finite_ratios(bench, tmp_path,
 
 def test_naive_baseline_computes_what_the_pack_computes(bench):
     """The naive per-pixel hooks are a slower route to the same output (fixed masks: no mask feedback)."""
-    from asyndm.comfy_adapter import sampler as asyn_sampler
-
     bench.setup_comfyui()
+    from asyndm.comfy_adapter.families import unet as unet_family
+
     model = bench.build_model("tiny")
     case = bench.Bench(model, bench.Case(16, 16, 2, 3))
     pack = case.run("fixed")
-    with bench.patched(asyn_sampler, "PerPixelTimesteps", bench.naive_hooks_class()):
+    with bench.patched(unet_family, "PerPixelTimesteps", bench.naive_hooks_class()):
         naive = case.run("fixed")
-    assert asyn_sampler.PerPixelTimesteps is not bench.naive_hooks_class()
+    assert unet_family.PerPixelTimesteps is not bench.naive_hooks_class()
     assert float((naive - pack).abs().max() / pack.abs().max()) < 1e-4
     stock = case.run("ksampler")
     assert float((pack - stock).abs().max()) > 1e-3, "the fixed masks did not make the run asynchronous"

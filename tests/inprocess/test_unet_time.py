@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from comfy.ldm.modules.diffusionmodules import openaimodel
 
 from asyndm.comfy_adapter.errors import UnsupportedModelError
-from asyndm.comfy_adapter.unet_time import PerPixelTimesteps, block_index_map
+from asyndm.comfy_adapter.families.unet import PerPixelTimesteps, block_index_map
 from tests import model_factory as mf
 
 CARRIER = 700.0  # the per-row timestep ComfyUI would pass; the map must override it

@@ -409,36 +409,20 @@ def _node_sample(comfy_inprocess: str, model: Any, positive: Any, negative: Any,
     return sampling.AsynDMKSampler.execute(model, positive, negative, latent, **args).args[0]["samples"]
 
 
-def _tiny_flux() -> Any:
-    import comfy.model_patcher
-    import comfy.supported_models
-    import torch
-
-    from tests.model_factory import _fill
-
-    config = comfy.supported_models.FluxSchnell({
-        "image_model": "flux", "guidance_embed": False, "in_channels": 16, "out_channels": 16, "vec_in_dim": 32,
-        "context_in_dim": 32, "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": 1,
-        "depth_single_blocks": 1, "axes_dim": [8, 12, 12], "theta": 10000, "patch_size": 2, "qkv_bias": True})
-    config.set_inference_dtype(torch.float32, None)
-    model = config.get_model({}, "")
-    _fill(model, 0)
-    cpu = torch.device("cpu")
-    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
-
-
 def test_unsupported_model_family_is_named(comfy_inprocess: str) -> None:
     import torch
 
-    flux = _tiny_flux()
-    cond = [[torch.randn(1, 8, 32), {"pooled_output": torch.randn(1, 32)}]]
+    from tests.model_factory import build_chroma, make_flux_conditioning
+
+    chroma = build_chroma()  # Flux's layout, but its modulation comes from one approximator
+    cond = make_flux_conditioning(seed=0, guidance=None)
     latent = {"samples": torch.zeros(1, 16, 8, 8)}
     for key_words in ("", "rabbit"):
         with pytest.raises(ValueError) as info:
-            _node_sample(comfy_inprocess, flux, cond, cond, latent, key_words=key_words, cfg=1.0)
+            _node_sample(comfy_inprocess, chroma, cond, cond, latent, key_words=key_words, cfg=1.0)
         msg = str(info.value)
-        assert "not supported" in msg and "Flux" in msg, msg
-        for family in ("SD1.x", "SD2.x", "SDXL"):
+        assert "not supported" in msg and "Chroma" in msg, msg
+        for family in ("SD1.x", "SD2.x", "SDXL", "Flux"):
             assert family in msg, msg
 
 

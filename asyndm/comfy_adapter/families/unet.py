@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from comfy.ldm.modules.diffusionmodules import openaimodel
 
-from .errors import SUPPORTED_FAMILIES, UnsupportedModelError
+from ..errors import SUPPORTED_FAMILIES, UnsupportedModelError
 
 __all__ = ["PerPixelTimesteps", "block_index_map", "unet_resblocks"]
 
