@@ -206,7 +206,7 @@ class AsynSampler(comfy.samplers.Sampler):
 
     def _check_family(self, adapter: Any, ms: Any) -> None:
         """What this family cannot do yet, refused by name before any step runs."""
-        family = getattr(adapter, "family", "UNet")
+        family = adapter.family
         if family == "UNet":
             return
         if self.reference:

@@ -66,3 +66,13 @@ def keep_samplers(monkeypatch, adapter) -> list:
 
     monkeypatch.setattr(adapter.AsynSampler, "__init__", keep)
     return made
+
+
+def unet_hooks_class() -> type:
+    """The UNet family's time hooks as the pack loaded by ComfyUI uses them (to spy on set_map)."""
+    import importlib
+
+    from tests.inprocess.conftest import PACK_MODULE, load_pack
+
+    load_pack()
+    return importlib.import_module(f"{PACK_MODULE}.asyndm.comfy_adapter.families.unet").PerPixelTimesteps

@@ -15,7 +15,7 @@ import torch
 from asyndm.schedule_spec import AsynSchedule
 from asyndm.schedules import next_state, timestep_maps
 from asyndm.timesteps import round_clamp
-from tests.inprocess.sampling import keep_samplers
+from tests.inprocess.sampling import keep_samplers, unet_hooks_class
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ class Recorder:
 
     def __init__(self, monkeypatch, adapter) -> None:
         self.maps: list[torch.Tensor] = []
-        cls = adapter.PerPixelTimesteps
+        cls = unet_hooks_class()
         original = cls.set_map
 
         def set_map(hooks, t_rows, *args, **kwargs):

@@ -18,7 +18,7 @@ import torch
 from comfy.ldm.modules.diffusionmodules import openaimodel
 
 from asyndm.schedule_spec import AsynSchedule
-from tests.inprocess.sampling import keep_samplers
+from tests.inprocess.sampling import keep_samplers, unet_hooks_class
 
 T, OFFSET = 1000, 1
 STEPS, CFG, SEED, K = 50, 5.0, 21, 0.7
@@ -133,18 +133,18 @@ def run_node(pack_nodes, model, conds, size, *, schedule=None, key_words="", sch
 class UNetInputs:
     """The diffusion model's input and the per-pixel timesteps it was given, call by call."""
 
-    def __init__(self, monkeypatch, adapter, model) -> None:
+    def __init__(self, monkeypatch, model) -> None:
         self.x: list[torch.Tensor] = []
         self.t: list[torch.Tensor] = []
         self._map: list[torch.Tensor | None] = [None]
-        original = adapter.PerPixelTimesteps.set_map
+        original = unet_hooks_class().set_map
 
         def set_map(hooks, *args, **kwargs):
             out = original(hooks, *args, **kwargs)
             self._map[0] = hooks.t_map()
             return out
 
-        monkeypatch.setattr(adapter.PerPixelTimesteps, "set_map", set_map)
+        monkeypatch.setattr(unet_hooks_class(), "set_map", set_map)
         model.model.diffusion_model.register_forward_pre_hook(self._record)
         self.model = model
 
@@ -171,8 +171,8 @@ def adapter():
 
 
 @pytest.fixture()
-def recorder(monkeypatch, adapter, sd15_checkpoint):
-    rec = UNetInputs(monkeypatch, adapter, sd15_checkpoint[0])
+def recorder(monkeypatch, sd15_checkpoint):
+    rec = UNetInputs(monkeypatch, sd15_checkpoint[0])
     yield rec
     rec.close()
 

@@ -22,18 +22,13 @@ import torch.nn.functional as F
 from comfy.ldm.modules.diffusionmodules import openaimodel
 
 from ..errors import SUPPORTED_FAMILIES, UnsupportedModelError
+from . import unwrap
 
 __all__ = ["PerPixelTimesteps", "block_index_map", "unet_resblocks"]
 
 
 def _unsupported(what: str) -> UnsupportedModelError:
     return UnsupportedModelError(f"per-pixel timesteps are not supported for {what}. Supported: {SUPPORTED_FAMILIES}.")
-
-
-def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    """The eager module of a torch.compile OptimizedModule (ComfyUI's compile node swaps one in)."""
-    inner = getattr(module, "_orig_mod", None)
-    return inner if isinstance(inner, torch.nn.Module) else module
 
 
 def unet_resblocks(diffusion_model: torch.nn.Module) -> list[openaimodel.ResBlock]:
@@ -44,7 +39,7 @@ def unet_resblocks(diffusion_model: torch.nn.Module) -> list[openaimodel.ResBloc
     exchange_temb_dims); ResBlocks that resample (up/down: their embedding resolution differs from
     their input's) or are not 2-D. ResBlocks with skip_t_emb have no embedding and are left alone.
     """
-    dm = _unwrap(diffusion_model)
+    dm = unwrap(diffusion_model)
     if not isinstance(dm, openaimodel.UNetModel):
         raise _unsupported(f"{type(dm).__module__}.{type(dm).__name__}")
     if getattr(dm, "use_temporal_resblocks", False):
@@ -110,8 +105,11 @@ class PerPixelTimesteps:
     hooks count their calls per forward) and raised as RuntimeError rather than silently wrong.
     """
 
+    family = "UNet"
+    patch_size = 1
+
     def __init__(self, diffusion_model: torch.nn.Module) -> None:
-        self.unet = _unwrap(diffusion_model)
+        self.unet = unwrap(diffusion_model)
         self.blocks = unet_resblocks(self.unet)
         self.table_builds = 0  # time-MLP evaluations of a table (one per set_map and dtype)
         self._handles: list[Any] = []
