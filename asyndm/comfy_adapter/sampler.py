@@ -174,7 +174,7 @@ class AsynSampler(comfy.samplers.Sampler):
         if num_steps < 1:
             return ms.inverse_noise_scaling(sigmas[-1], ms.noise_scaling(sigmas[0], noise, latent_image))
 
-        self.patch_size = int(getattr(time_hooks, "patch_size", 1))
+        self.patch_size = int(time_hooks.patch_size)
         maps = StepMaps()
         wrapper = PerPixelApplyModel(maps, time_hooks)
         model_options = extra_args["model_options"]  # a per-run clone made by the CFG guider
