@@ -6,7 +6,9 @@ Pure torch helpers behind the mask and schedule-file nodes:
 - `priority_map`: k per pixel, k_map = max_j(mask_j * k_j), 0 = background (the sampler's rule);
 - `preview_states`: the timestep states a sampler would give each pixel for a fixed k map;
 - `normalize_attention`: averaged cross-attention (B, h*w, items) as per-item maps scaled to [0, 1];
-- `plot_table`: a ScheduleTable's levels drawn as curves (timestep against progress) in an IMAGE.
+- `plot_table`: a ScheduleTable's levels drawn as curves (timestep against progress) in an IMAGE;
+- `table_tracks`: the timesteps a background pixel and key pixels of given k see over a run that
+  follows a table (the numbers behind the loader's in-node plot).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ __all__ = [
     "preview_states",
     "normalize_attention",
     "plot_table",
+    "table_tracks",
 ]
 
 
@@ -186,6 +189,23 @@ def preview_states(k_map: torch.Tensor, *, curve: str = "bin", num_steps: int = 
         states.append(s)
         s = advance(s, n - i - 1)
     return states
+
+
+def table_tracks(table: ScheduleTable, k: Sequence[float], *, num_steps: int, num_train_timesteps: int = 1000,
+                 offset: int = 1) -> torch.Tensor:
+    """The timestep of every step for the background and for key pixels with priorities k following `table`.
+
+    Returns a float64 tensor of shape (1 + len(k), num_steps + 1): row 0 is the background (the straight
+    line), row j + 1 a pixel with priority k[j]; column i < num_steps is the timestep of the model call at
+    step i (as `preview_states`, i.e. as the sampler moves a pixel whose class does not change), the last
+    column the final 0. A k of 0 gives the background's row.
+    """
+    n = check_positive_int("num_steps", num_steps)
+    ks = [check_fraction("k", float(v)) for v in k]
+    k_map = torch.tensor([[[0.0, *ks]]], dtype=torch.float64)  # (1, 1, 1 + items)
+    states = preview_states(k_map, num_steps=n, table=table, num_train_timesteps=num_train_timesteps, offset=offset)
+    rows = torch.stack([s[0, 0] for s in states], dim=1)  # (1 + items, N)
+    return torch.cat([rows, torch.zeros(rows.shape[0], 1, dtype=torch.float64)], dim=1)
 
 
 def normalize_attention(attn: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:

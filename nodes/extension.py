@@ -1,4 +1,4 @@
-"""The pack's ComfyExtension: the node list, and the model folder for schedule files."""
+"""The pack's ComfyExtension: the node list, the model folder for schedule files, the plot route."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 import folder_paths
 from comfy_api.latest import ComfyExtension, io
 
+from .plot_route import register_routes
 from .sampling import NODES as SAMPLING_NODES
 from .schedules import NODES as SCHEDULE_NODES
 from .schedules import SHIPPED_SCHEDULES  # the pack's schedules/ folder: the paper's curves, tabulated
@@ -38,4 +39,5 @@ class AsynDMExtension(ComfyExtension):
 
 async def comfy_entrypoint() -> AsynDMExtension:
     register_model_folder()
+    register_routes()  # GET /asyndm/schedule_plot for Load Learned Scheduler's in-node plot
     return AsynDMExtension()

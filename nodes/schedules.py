@@ -370,12 +370,15 @@ class AsynDMSchedulerLoader(io.ComfyNode):
                 "Loads a schedule table (.safetensors from models/asyndm_schedulers, or one shipped with the pack: "
                 "the paper's bin, lin and exp curves at k = 0.7 tabulated for 50 steps) and makes the key pixels "
                 "follow it instead of an analytic curve. With a schedule connected, that schedule gets the table; "
-                "otherwise the key words below define the items. The IMAGE plots the table."
+                "otherwise the key words below define the items. The chart in the node shows the chosen file's "
+                "table as soon as it is chosen (the timestep of the background and of the key pixels over the steps; "
+                "a file that does not load shows why); the IMAGE output plots the table's levels."
             ),
             inputs=[
                 io.Combo.Input("schedule_name", options=folder_paths.get_filename_list(SCHEDULER_FOLDER)
                                if SCHEDULER_FOLDER in folder_paths.folder_names_and_paths else [],
-                               tooltip="A schedule file from models/asyndm_schedulers (or shipped with the pack)."),
+                               tooltip="A schedule file from models/asyndm_schedulers (or shipped with the pack). "
+                                       "The chart in the node shows its curves, or why it does not load."),
                 io.String.Input("key_words", default="",
                                 tooltip="Used only when 'schedule' is not connected: words of the positive prompt "
                                         "whose pixels follow the table ('word:0.9' sets that word's k), comma "

@@ -4,13 +4,18 @@
 # the large virtual environment is cached under ~/.cache/asyndm-comfyui keyed by the lock files.
 #
 #   COMFYUI_PATH=/path/to/ComfyUI   use that checkout instead of the bundled 0.3.75 tree
-#   ASYNDM_CACHE=/path              where the cached environment lives
+#   ASYNDM_CACHE=/path              where the cached environment (and downloaded wheels) live
+#
+# It also fetches the newest frontend build (comfyui-frontend-package, NEWEST_FRONTEND_VERSION
+# below) into the cache and links it as .dev/frontend-<version>: the browser tests run ComfyUI a
+# second time with `--front-end-root` on it, so they watch the newest frontend besides the pinned one.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 DEV="$ROOT/.dev"
 CACHE="${ASYNDM_CACHE:-$HOME/.cache/asyndm-comfyui}"
 HORDE_WHEEL_VERSION="2.22.2"
+NEWEST_FRONTEND_VERSION="1.58.1"   # keep in step with tests/server/conftest.py
 PACK_LINK_NAME="asyndm-comfyui"
 PYTHON="${PYTHON:-python3}"
 mkdir -p "$DEV" "$CACHE"
@@ -83,4 +88,27 @@ asyndm_dev:
     vae_approx: vae_approx
     asyndm_schedulers: asyndm_schedulers
 YAML
+# 5. The newest frontend, for the browser tests (static files only; 29 MB wheel, 120 MB unpacked) ----
+fe_dir="$CACHE/frontend-$NEWEST_FRONTEND_VERSION"
+if [ ! -f "$fe_dir/.complete" ]; then
+  log "fetching comfyui-frontend-package==$NEWEST_FRONTEND_VERSION (the newest frontend, for the browser tests)"
+  wheel_dir="$CACHE/wheels"
+  mkdir -p "$wheel_dir"
+  fe_wheel="$wheel_dir/comfyui_frontend_package-$NEWEST_FRONTEND_VERSION-py3-none-any.whl"
+  [ -f "$fe_wheel" ] || "$PYTHON" -m pip download -q --no-deps "comfyui-frontend-package==$NEWEST_FRONTEND_VERSION" -d "$wheel_dir"
+  tmp="$(mktemp -d "$CACHE/frontend.XXXXXX")"
+  "$PYTHON" - "$fe_wheel" "$tmp" <<'PY'
+import sys, zipfile
+wheel, out = sys.argv[1], sys.argv[2]
+with zipfile.ZipFile(wheel) as z:
+    z.extractall(out, [n for n in z.namelist() if n.startswith("comfyui_frontend_package/static/")])
+PY
+  [ -f "$tmp/comfyui_frontend_package/static/index.html" ] || { log "$fe_wheel holds no static/index.html"; exit 2; }
+  touch "$tmp/comfyui_frontend_package/static/.complete"
+  rm -rf "$fe_dir"
+  # another set-up sharing the cache may have finished first: then keep its copy
+  mv -T "$tmp/comfyui_frontend_package/static" "$fe_dir" 2>/dev/null || [ -f "$fe_dir/.complete" ]
+  rm -rf "$tmp"
+fi
+ln -sfn "$fe_dir" "$DEV/frontend-$NEWEST_FRONTEND_VERSION"
 log "ready in $(( $(date +%s) - t0 )) s: python $PY, ComfyUI $COMFY"

@@ -1,4 +1,6 @@
-"""One real ComfyUI server per test session, with this pack whitelisted and the default models."""
+"""Real ComfyUI servers for the session, with this pack whitelisted and the default models: `server` serves
+the frontend that ComfyUI pins (1.32.9 for the bundled 0.3.75), `newest_frontend_server` (started for the modules
+that ask for it) the newest frontend build that scripts/setup.sh fetches, through --front-end-root."""
 
 from __future__ import annotations
 
@@ -25,6 +27,10 @@ CHROMIUM = Path(os.environ.get("ASYNDM_CHROMIUM", "/usr/bin/chromium"))
 NODE_DIR = REPO_ROOT / ".dev" / "node"
 SETUP_HINT = "run `bash scripts/setup_browser.sh` first (installs chromium and playwright-core)"
 
+# The newest frontend (comfyui-frontend-package), fetched by scripts/setup.sh (NEWEST_FRONTEND_VERSION there).
+NEWEST_FRONTEND_VERSION = "1.58.1"
+NEWEST_FRONTEND = Path(os.environ.get("ASYNDM_NEWEST_FRONTEND") or REPO_ROOT / ".dev" / f"frontend-{NEWEST_FRONTEND_VERSION}")
+
 
 def require_browser_tools() -> None:
     """Fail (not skip) with the set-up command when the browser tests cannot run."""
@@ -37,11 +43,12 @@ def require_browser_tools() -> None:
 
 
 @contextlib.contextmanager
-def running_server(run_dir: Path) -> Iterator[ComfyServer]:
+def running_server(run_dir: Path, extra_args: list[str] | None = None) -> Iterator[ComfyServer]:
     """A ComfyUI server with this pack and the default models, in run_dir; always stopped."""
     if not MODELS_CONFIG.exists():
         pytest.fail("no .dev/extra_model_paths.yaml: run scripts/setup.sh first (scripts/test.sh does)")
-    srv = ComfyServer(run_dir, models_config=MODELS_CONFIG, python=os.environ.get("ASYNDM_PYTHON", sys.executable))
+    srv = ComfyServer(run_dir, models_config=MODELS_CONFIG, python=os.environ.get("ASYNDM_PYTHON", sys.executable),
+                      extra_args=extra_args)
     srv.start()
     try:
         yield srv
@@ -52,4 +59,15 @@ def running_server(run_dir: Path) -> Iterator[ComfyServer]:
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComfyServer]:
     with running_server(Path(tmp_path_factory.mktemp("comfy_run"))) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def newest_frontend_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComfyServer]:
+    """The same ComfyUI serving the newest frontend build (ComfyUI's --front-end-root)."""
+    if not (NEWEST_FRONTEND / "index.html").is_file():
+        pytest.fail(f"no frontend build at {NEWEST_FRONTEND}: run `bash scripts/setup.sh` (it fetches "
+                    f"comfyui-frontend-package=={NEWEST_FRONTEND_VERSION})")
+    run_dir = Path(tmp_path_factory.mktemp("comfy_run_newest_frontend"))
+    with running_server(run_dir, ["--front-end-root", str(NEWEST_FRONTEND.resolve())]) as srv:
         yield srv

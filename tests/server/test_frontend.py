@@ -1,31 +1,39 @@
-"""The pack's frontend in a real browser: the schedule plot extension, its curve math, the node docs.
+"""The pack's frontend in a real browser: the schedule plots, their curve math, the node docs, the template thumbnails.
 
 Headless Chromium (Debian's /usr/bin/chromium) is driven by tests/server/browser/frontend_plot.mjs
 through playwright-core in .dev/node; both are installed by scripts/setup_browser.sh. The node
-script runs once per module (about 15 s) and reports what it saw as JSON; the tests below judge it.
+script runs once per frontend (about 12 s each) and reports what it saw as JSON; the tests below
+judge it. Every browser test runs twice: on the frontend ComfyUI pins (`pinned`, 1.32.9 with the
+bundled 0.3.75) and on the newest frontend build (`newest`, comfyui-frontend-package 1.58.1, fetched
+by scripts/setup.sh and served by a second ComfyUI through --front-end-root).
 The curve values the JavaScript computes are checked against asyndm.schedules.step when it is
-importable and always against an independent float64 statement of method.md's formulas.
+importable and always against an independent float64 statement of method.md's formulas; the
+curves Load Learned Scheduler plots (numbers from the server) against an independent reading of
+the schedule file's table.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import math
+import os
 import subprocess
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import REPO_ROOT
-from tests.server.conftest import CHROMIUM, NODE_DIR, require_browser_tools
+from tests.server.conftest import CHROMIUM, NEWEST_FRONTEND_VERSION, NODE_DIR, require_browser_tools
 
 SCRIPT = Path(__file__).resolve().parent / "browser" / "frontend_plot.mjs"
 ARTIFACTS = REPO_ROOT / "artifacts"
 PACK_URL = "/extensions/asyndm-comfyui"
-PLOT_MODULES = {f"{PACK_URL}/js/asyndm_schedule_plot.js", f"{PACK_URL}/js/asyndm_curves.js"}
+PLOT_MODULES = {f"{PACK_URL}/js/{name}.js" for name in ("asyndm_schedule_plot", "asyndm_curves", "asyndm_plot_widget", "asyndm_loader_plot")}
 DOC_NODES = ("AsynDMKSampler", "AsynDMSampler", "AsynDMTextEncode", "AsynDMMaskToTimestepMap", "AsynDMCrossAttentionMask", "AsynDMSchedulerLoader", "AsynDMSaveSchedule")
 
 # (curve, k, steps) checked value by value against the JavaScript curve module.
@@ -37,6 +45,12 @@ CURVE_CASES = [
     if not (curve == "linear" and k != 0.0)
 ]
 TOL = 1e-6
+PACK = "asyndm-comfyui"
+SHIPPED = REPO_ROOT / "schedules"
+USER_SCHEDULES = REPO_ROOT / ".dev" / "models" / "asyndm_schedulers"  # asyndm_schedulers in .dev/extra_model_paths.yaml
+TEMPLATES = sorted(p.stem for p in (REPO_ROOT / "workflows").glob("*.json"))
+# The server a browser run talks to, and the frontend version that server must serve.
+FRONTENDS = {"pinned": "server", "newest": "newest_frontend_server"}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -101,20 +115,77 @@ def assert_close(got: list[float], want: list[float], what: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# One browser run per module.
+# The curves of a schedule file, restated from the file (README, "Schedule files"): a pixel whose k
+# stays put is at offset + T * tau_k(u) after each step, tau_k interpolated in u, then in k (below
+# the first level blended with the background line 1 - u, above the last the last level).
 
 
+def file_table(path: Path) -> tuple[list[float], list[list[float]], list[float]]:
+    from safetensors.torch import load_file
+
+    t = load_file(str(path))
+    return t["progress"].double().tolist(), t["timesteps"].double().tolist(), t["priorities"].double().tolist()
+
+
+def _interp(x: float, xp: list[float], fp: list[float]) -> float:
+    if x <= xp[0]:
+        return fp[0]
+    for j in range(1, len(xp)):
+        if x <= xp[j]:
+            w = (x - xp[j - 1]) / (xp[j] - xp[j - 1])
+            return fp[j - 1] * (1 - w) + fp[j] * w
+    return fp[-1]
+
+
+def expected_file_track(path: Path, k: float, n: int) -> list[float]:
+    progress, rows, levels = file_table(path)
+
+    def tau(u: float) -> float:
+        col = [_interp(u, progress, row) for row in rows]
+        if k <= levels[0]:
+            w = k / levels[0]
+            return (1 - w) * (1 - u) + w * col[0]
+        if k >= levels[-1]:
+            return col[-1]
+        return _interp(k, levels, col)
+
+    return [1.0 + 1000.0 * tau((i + 1) / n) for i in range(n)] + [0.0]
+
+
+# ------------------------------------------------------------------------------------------------
+# One browser run per frontend.
 
 
 @pytest.fixture(scope="module")
-def browser(server, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def broken_schedule() -> Iterator[str]:
+    """A schedule file that the loader lists but that does not load (a truncated copy of a shipped one),
+    in the user's schedule folder of the test servers; removed after the module."""
+    USER_SCHEDULES.mkdir(parents=True, exist_ok=True)
+    path = USER_SCHEDULES / f"asyndm-test-truncated-{os.getpid()}.safetensors"
+    path.write_bytes((SHIPPED / "asyndm-bin-k0.7.safetensors").read_bytes()[:100])
+    try:
+        yield path.name
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def expected_frontend(which: str) -> str:
+    return NEWEST_FRONTEND_VERSION if which == "newest" else importlib.metadata.version("comfyui-frontend-package")
+
+
+@pytest.fixture(scope="module", params=list(FRONTENDS))
+def browser(request: pytest.FixtureRequest, broken_schedule: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     require_browser_tools()
-    tmp = Path(tmp_path_factory.mktemp("frontend"))
+    which = request.param
+    server = request.getfixturevalue(FRONTENDS[which])
+    tmp = Path(tmp_path_factory.mktemp(f"frontend_{which}"))
     # Settings the frontend reads at start: no tutorial dialog, classic renderer to begin with.
     server.post("/settings", {"Comfy.TutorialCompleted": True, "Comfy.VueNodes.Enabled": False})
+    suffix = "" if which == "pinned" else f"_{NEWEST_FRONTEND_VERSION}"
     shots = {
-        "classic": [str(ARTIFACTS / "frontend_plot.png"), str(tmp / "frontend_plot.png")],
-        "vue": [str(ARTIFACTS / "frontend_plot_vue.png"), str(tmp / "frontend_plot_vue.png")],
+        key: [str(ARTIFACTS / f"{stem}{suffix}.png"), str(tmp / f"{stem}.png")]
+        for key, stem in (("classic", "frontend_plot"), ("vue", "frontend_plot_vue"), ("loader", "loader_plot"),
+                          ("loaderVue", "loader_plot_vue"), ("templates", "template_browser"))
     }
     for group in shots.values():
         for p in group:
@@ -126,6 +197,8 @@ def browser(server, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "userDataDir": str(tmp / "chromium-profile"),
         "screenshots": shots,
         "curveCases": [{"curve": c, "k": k, "steps": n} for c, k, n in CURVE_CASES],
+        "loader": {"files": ["asyndm-bin-k0.7.safetensors", "asyndm-exp-k0.7.safetensors"], "broken": broken_schedule},
+        "templates": {"pack": PACK, "names": TEMPLATES},
         "timeoutMs": 20000,
     }
     spec_path = tmp / "input.json"
@@ -142,6 +215,9 @@ def browser(server, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         pytest.fail(f"browser script failed (rc {proc.returncode}):\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}")
     result: dict[str, Any] = json.loads(lines[-1])
     result["tmp"] = str(tmp)
+    result["frontend"] = which
+    result["suffix"] = suffix
+    result["broken"] = broken_schedule
     (tmp / "result.json").write_text(json.dumps(result, indent=1))
     return result
 
@@ -274,13 +350,142 @@ def test_plot_in_the_vue_node_renderer(browser: dict[str, Any]) -> None:
 
 def test_screenshots_saved(browser: dict[str, Any]) -> None:
     part(browser, "classic")
-    for name in ("frontend_plot.png", "frontend_plot_vue.png"):
-        if name.endswith("_vue.png") and not browser.get("vue"):
-            continue
-        for folder in (ARTIFACTS, Path(browser["tmp"])):
-            path = folder / name
+    part(browser, "loader")
+    part(browser, "templates")
+    stems = ["frontend_plot", "loader_plot", "template_browser"]
+    if browser.get("vue"):
+        stems += ["frontend_plot_vue", "loader_plot_vue"]
+    for stem in stems:
+        for path in (ARTIFACTS / f"{stem}{browser['suffix']}.png", Path(browser["tmp"]) / f"{stem}.png"):
             assert path.exists(), path
             assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000, path
+
+
+# ------------------------------------------------------------------------------------------------
+# The frontend under test, curves that coincide, Load Learned Scheduler's plot, template thumbnails.
+
+
+def test_the_run_used_the_frontend_it_names(browser: dict[str, Any]) -> None:
+    """The page reports the frontend version of the build under test (graphToPrompt's extra.frontendVersion)."""
+    assert part(browser, "frontendVersion") == expected_frontend(browser["frontend"])
+
+
+def test_curves_with_equal_k_are_drawn_once_with_a_combined_legend(browser: dict[str, Any]) -> None:
+    """key_words "rabbit, basketball" at k 0.7: one curve for both, and the legend names both on it."""
+    m = part(browser, "equalK")
+    assert m["found"] and m["visible"] and m["firstCurve"] > 50, m
+    series = m["series"]
+    assert [s["label"] for s in series] == ["background", "rabbit, basketball k=0.7"], series
+    assert series[1]["members"] == [{"background": False, "word": "rabbit", "k": 0.7},
+                                    {"background": False, "word": "basketball", "k": 0.7}]
+    assert_close(series[1]["values"], expected_track("bin", 0.7, 30), "the shared curve")
+    assert m["legend"] == ["background", "rabbit, basketball k=0.7"], m["legend"]
+
+
+def _loader_series(m: dict[str, Any], file: str, items: list[tuple[str, float]], steps: int) -> None:
+    """The plot shows `file` for the items (label, k): the background, then one curve per distinct k."""
+    assert m["state"] == "ready" and m["error"] is None, m.get("error")
+    assert m["response"]["name"] == file and m["response"]["steps"] == steps, m["response"]
+    series = m["series"]
+    assert series[0]["background"] and series[0]["label"] == "background"
+    assert_close(series[0]["values"], expected_track("linear", 0.0, steps), "the loader's background")
+    assert [s["label"] for s in series[1:]] == [label for label, _ in items], [s["label"] for s in series]
+    for s, (label, k) in zip(series[1:], items, strict=True):
+        assert_close(s["values"], expected_file_track(SHIPPED / file, k, steps), f"{file}: the curve of {label}")
+    assert m["legend"] == [s["label"] for s in series], m["legend"]
+
+
+def test_loader_plot_draws_the_chosen_file(browser: dict[str, Any]) -> None:
+    loader = part(browser, "loader")
+    m = loader["first"]
+    assert m["found"] and m["visible"] and m["onTop"] and not m["inVueNode"], m
+    assert m["cssHeight"] >= 140 and m["cssWidth"] >= 200, m
+    assert m["nonBackground"] > 0.03 * m["pixels"] and m["firstCurve"] > 50, m
+    assert m["params"]["name"] == "asyndm-bin-k0.7.safetensors" and m["params"]["mode"] == "key words"
+    # the shipped file at its fitted 50 steps, for both words (one curve: the same k)
+    _loader_series(m, "asyndm-bin-k0.7.safetensors", [("rabbit, basketball k=0.7", 0.7)], 50)
+    # ... which is the paper's bin curve, tabulated
+    assert max(abs(a - b) for a, b in zip(m["series"][1]["values"], reference_track("bin", 0.7, 50), strict=True)) < 1e-3
+    assert "step" in m["xTitle"] and "50" in m["xTitle"] and m["response"]["curve"] == "bin"
+
+
+def test_loader_plot_follows_a_file_change(browser: dict[str, Any]) -> None:
+    loader = part(browser, "loader")
+    before, after = loader["first"], loader["fileChange"]
+    assert after["hash"] != before["hash"] and after["draws"] > before["draws"]
+    _loader_series(after, "asyndm-exp-k0.7.safetensors", [("rabbit, basketball k=0.7", 0.7)], 50)
+    assert after["response"]["curve"] == "exp" and after["firstCurve"] > 50
+
+
+def test_loader_plot_shows_a_load_error_instead_of_a_curve(browser: dict[str, Any]) -> None:
+    """A listed file that does not load: the message the loader would raise, in the plot area, and no curve."""
+    from asyndm.schedule_file import load_schedule
+
+    loader = part(browser, "loader")
+    m = loader["broken"]
+    with pytest.raises(ValueError) as err:
+        load_schedule(USER_SCHEDULES / browser["broken"])
+    assert m["state"] == "error" and m["error"] == str(err.value), (m["error"], str(err.value))
+    assert "truncated" in m["error"] and browser["broken"] in m["error"]
+    assert m["series"] == [] and m["legend"] == []
+    assert m["firstCurve"] == 0, "a curve (the previous file's?) is still drawn under the error"
+    assert m["nonBackground"] > 500 and m["hash"] != loader["fileChange"]["hash"], m  # the message is drawn
+    # and a good file afterwards draws again
+    back = loader["recovered"]
+    _loader_series(back, "asyndm-bin-k0.7.safetensors", [("rabbit, basketball k=0.7", 0.7)], 50)
+    assert back["firstCurve"] > 50
+
+
+def test_loader_plot_follows_the_connected_schedule_and_the_sampler_steps(browser: dict[str, Any]) -> None:
+    links = part(browser, "loader")["links"]
+    file = "asyndm-bin-k0.7.safetensors"
+    up = links["upstream"]  # Attention Mask to Timestep Map (k 0.4) connected: its k, not the key words
+    assert up["params"]["mode"] == "schedule" and up["params"]["upstream"]["type"] == "AsynDMMaskToTimestepMap"
+    _loader_series(up, file, [("mask k=0.4", 0.4)], 50)  # below the table's level: blended with the background
+    assert "Attention Mask to Timestep Map" in up["note"]
+    _loader_series(links["upstreamK"], file, [("mask k=0.9", 0.9)], 50)  # the upstream k edited: above the level
+    down = links["downstream"]  # the schedule output feeds an Asynchronous KSampler with 20 steps
+    _loader_series(down, file, [("mask k=0.9", 0.9)], 20)
+    assert "20" in down["xTitle"] and "Asynchronous KSampler" in down["xTitle"], down["xTitle"]
+    gone = links["disconnected"]  # back on its own key words
+    assert gone["params"]["mode"] == "key words" and gone["params"]["upstream"] is None
+    _loader_series(gone, file, [("rabbit, basketball k=0.7", 0.7)], 20)
+
+
+def test_loader_plot_in_the_vue_node_renderer(browser: dict[str, Any]) -> None:
+    if not part(browser, "vueAvailable"):
+        pytest.fail("this frontend has no Comfy.VueNodes.Enabled setting: the Vue renderer cannot be checked")
+    loader = part(browser, "loaderVue")
+    first = loader["first"]
+    assert first["inVueNode"] and first["vueNodeId"] == str(loader["node"]["id"]), first
+    assert first["visible"] and first["onTop"] and first["cssHeight"] >= 140 and first["cssWidth"] >= 200, first
+    assert first["nonBackground"] > 0.03 * first["pixels"] and first["firstCurve"] > 50, first
+    _loader_series(first, "asyndm-bin-k0.7.safetensors", [("rabbit, basketball k=0.7", 0.7)], 50)
+    change = loader["fileChange"]
+    assert change["hash"] != first["hash"]
+    _loader_series(change, "asyndm-exp-k0.7.safetensors", [("rabbit, basketball k=0.7", 0.7)], 50)
+    broken = loader["broken"]
+    assert broken["inVueNode"] and broken["state"] == "error" and broken["series"] == [], broken
+    assert browser["broken"] in broken["error"] and broken["firstCurve"] == 0
+    _loader_series(loader["recovered"], "asyndm-bin-k0.7.safetensors", [("rabbit, basketball k=0.7", 0.7)], 50)
+
+
+def test_template_browser_shows_every_thumbnail(browser: dict[str, Any]) -> None:
+    """Workflow > Browse Templates, the pack's category: every template is listed, and its card shows the
+    pack's workflows/<name>.jpg (fetched from /api/workflow_templates/<pack>/<name>.jpg and decoded)."""
+    from PIL import Image
+
+    templates = part(browser, "templates")
+    assert sorted(templates["listed"]) == TEMPLATES, templates["listed"]
+    for name in TEMPLATES:
+        served = templates["served"].get(name)
+        assert served == {"status": 200, "type": "image/jpeg"}, (name, served)
+        card = templates["cards"][name]
+        assert not card.get("error"), (name, card.get("error"))
+        with Image.open(REPO_ROOT / "workflows" / f"{name}.jpg") as img:
+            size = img.size
+        assert card["complete"] and (card["width"], card["height"]) == size, (name, card, size)
+        assert min(card["shown"]) >= 100, (name, card)  # on screen, not a hidden placeholder
 
 
 def _fetch_text(url: str) -> tuple[int, str]:

@@ -26,6 +26,9 @@ import importlib
 import itertools
 import json
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -320,6 +323,36 @@ def test_schedule_names_cannot_leave_the_folders_through_the_server(server) -> N
                     "hostname.safetensors"]:
         for folder in [comfy, comfy / "models", Path("/etc"), server.run_dir, server.run_dir / "out"]:
             assert not (folder / written).exists(), folder / written
+    still_serving(server)
+
+
+def _plot_route(server: Any, prefix: str = "/api", **query: str) -> tuple[int, dict]:
+    url = f"{server.url}{prefix}/asyndm/schedule_plot?{urllib.parse.urlencode(query)}"
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_the_plot_route_reads_only_listed_files(server) -> None:
+    """GET /asyndm/schedule_plot (Load Learned Scheduler's in-node plot) answers for a listed file, under
+    /api too, and refuses every name that is not one the loader lists, reading and writing nothing."""
+    from tests.conftest import comfyui_path
+
+    for prefix in ("", "/api"):
+        status, body = _plot_route(server, prefix, name="asyndm-lin-k0.7.safetensors", k="0.7,0.2", steps="12")
+        assert status == 200 and body["curve"] == "lin" and body["steps"] == 12, body
+        assert [t["k"] for t in body["tracks"]] == [0.7, 0.2] and len(body["background"]) == 13
+    roots = [server.run_dir, comfyui_path() / "models", REPO_ROOT / ".dev" / "models"]
+    before = _safetensors_files(*roots)
+    for name in [*BAD_NAMES, str(REPO_ROOT / "schedules" / "asyndm-bin-k0.7.safetensors"),
+                 "schedules/asyndm-bin-k0.7.safetensors"]:
+        status, body = _plot_route(server, name=name)
+        assert status == 404 and "is not a schedule file" in body["error"], (name, status, body)
+    status, body = _plot_route(server, name="asyndm-lin-k0.7.safetensors", k="2")
+    assert status == 400 and "outside [0, 1]" in body["error"]
+    assert _safetensors_files(*roots) == before
     still_serving(server)
 
 

@@ -31,6 +31,7 @@ workflow through what a user does with it in the real frontend:
 from __future__ import annotations
 
 import copy
+import hashlib
 import io
 import json
 import subprocess
@@ -335,6 +336,27 @@ def test_templates_are_listed_and_served(server) -> None:
     for name in sorted(EXPECTED):
         served = server.get(f"/api/workflow_templates/{PACK}/{name}.json")
         assert served == load(name), name
+
+
+def test_every_template_has_a_current_thumbnail(server) -> None:
+    """workflows/<name>.jpg beside each template (the template browser shows /api/workflow_templates/<pack>/
+    <name>.jpg): a small square JPEG made from this very workflow file (its comment records the file's
+    SHA-256; after editing a workflow, rerun scripts/make_thumbnails.py), served as an image, never listed as
+    a template itself."""
+    for name in sorted(EXPECTED):
+        path = WORKFLOWS / f"{name}.jpg"
+        assert path.is_file(), f"{path.name} is missing: run `.dev/venv/bin/python scripts/make_thumbnails.py {name}`"
+        assert path.stat().st_size < 100_000, (path.name, path.stat().st_size)
+        with Image.open(path) as img:
+            assert img.format == "JPEG" and img.size == (512, 512), (path.name, img.format, img.size)
+            comment = img.info.get("comment", b"").decode()
+        digest = hashlib.sha256((WORKFLOWS / f"{name}.json").read_bytes()).hexdigest()
+        assert comment == f"asyndm-thumbnail workflow-sha256={digest}", (
+            f"{path.name} was made from another version of {name}.json: rerun "
+            f"`.dev/venv/bin/python scripts/make_thumbnails.py {name}`")
+        with urllib.request.urlopen(f"{server.url}/api/workflow_templates/{PACK}/{name}.jpg", timeout=30) as r:
+            assert r.headers.get_content_type() == "image/jpeg" and r.read() == path.read_bytes(), name
+    assert sorted(p.stem for p in WORKFLOWS.glob("*.jpg")) == sorted(EXPECTED)  # no thumbnail without a template
 
 
 # ------------------------------------------------------------------------------------------------

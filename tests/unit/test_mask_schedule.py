@@ -19,6 +19,7 @@ from asyndm.mask_schedule import (
     preview_states,
     priority_map,
     stack_item_masks,
+    table_tracks,
 )
 from asyndm.schedule_table import ScheduleTable, table_from_curve, table_step
 from asyndm.schedules import timestep_maps
@@ -301,3 +302,60 @@ def test_plot_draws_each_level_where_its_curve_is() -> None:
         assert any(torch.allclose(img[0, r, col], torch.tensor([0.6, 0.6, 0.6])) for r in (math.floor(diag), math.ceil(diag)))
     # nothing is drawn far from the curves: the top-right corner stays background
     assert torch.allclose(img[0, m + 2, size - m - 3], torch.tensor([0.1, 0.1, 0.1]))
+
+
+# ------------------------------------------------------------------------------------------------
+# table_tracks: the numbers of Load Learned Scheduler's in-node plot
+
+
+def _tau_statement(progress: list[float], rows: list[list[float]], levels: list[float], k: float, u: float) -> float:
+    """README 'Schedule files': interpolate each level in u, then in k (below the first level towards the
+    background line 1 - u, above the last level the last level)."""
+    col = [float(np.interp(u, progress, row)) for row in rows]
+    if k <= levels[0]:
+        w = k / levels[0]
+        return (1 - w) * (1 - u) + w * col[0]
+    if k >= levels[-1]:
+        return col[-1]
+    return float(np.interp(k, levels, col))
+
+
+def test_table_tracks_follow_the_table_level_by_level() -> None:
+    """A pixel whose k does not change sits at offset + T * tau_k((i + 1) / N) after step i (the table's
+    ratios telescope), then 0; the background on the straight line."""
+    progress = [0.0, 0.2, 0.55, 1.0]
+    rows = [[1.0, 0.9, 0.5, 0.0], [1.0, 0.97, 0.8, 0.0]]
+    levels = [0.4, 0.8]
+    table = ScheduleTable(progress=torch.tensor(progress), timesteps=torch.tensor(rows), priorities=torch.tensor(levels))
+    ks = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    for n in (1, 3, 7, 20):
+        out = table_tracks(table, ks, num_steps=n)
+        assert out.shape == (1 + len(ks), n + 1) and out.dtype == torch.float64
+        background = [T + OFFSET - T * (i + 1) / n for i in range(n)] + [0.0]
+        np.testing.assert_allclose(out[0].numpy(), background, atol=1e-9)
+        for j, k in enumerate(ks):
+            want = [OFFSET + T * _tau_statement(progress, rows, levels, k, (i + 1) / n) for i in range(n)] + [0.0]
+            np.testing.assert_allclose(out[j + 1].numpy(), want, atol=1e-4, err_msg=f"k={k}, N={n}")
+        np.testing.assert_array_equal(out[1].numpy(), out[0].numpy())  # k = 0 is the background
+
+
+def test_table_tracks_are_what_the_preview_and_the_sampler_steps_give() -> None:
+    table = table_from_curve("exp", [0.5, 0.9], num_steps=12)
+    out = table_tracks(table, [0.3, 0.9], num_steps=9)
+    k_map = torch.tensor([[[0.0, 0.3, 0.9]]], dtype=torch.float64)
+    states = preview_states(k_map, num_steps=9, table=table)
+    for i, state in enumerate(states):
+        assert torch.equal(out[:, i], state[0, 0])
+    s = torch.full((2,), 1001.0, dtype=torch.float64)
+    for i in range(10):
+        s = table_step(s, 9 - i, table=table, k=torch.tensor([0.3, 0.9], dtype=torch.float64), num_steps=9)
+        assert torch.equal(out[1:, i], s)
+
+
+def test_table_tracks_refuse_bad_arguments() -> None:
+    table = table_from_curve("bin", [0.7], num_steps=4)
+    with pytest.raises(ValueError, match="k must lie in"):
+        table_tracks(table, [1.5], num_steps=4)
+    with pytest.raises(ValueError, match="num_steps"):
+        table_tracks(table, [0.5], num_steps=0)
+    assert table_tracks(table, [], num_steps=3).shape == (1, 4)

@@ -126,3 +126,48 @@ export function parseKeyWords(text, defaultK = DEFAULT_K) {
   }
   return { items, errors };
 }
+
+/** A priority as the plots write it: at most two decimals ("0.7", "0.35", "1"). */
+export function formatK(k) {
+  return String(Math.round(Number(k) * 100) / 100);
+}
+
+function sameValues(a, b, tol) {
+  if (a.length !== b.length) return false;
+  for (let i = 0; i < a.length; i++) if (!(Math.abs(a[i] - b[i]) <= tol)) return false;
+  return true;
+}
+
+/**
+ * The legend text of curves drawn as one: the background first, then the items; one shared k is
+ * written once ("rabbit, basketball k=0.7"), different ones per item ("a k=0.8, b k=0.9").
+ */
+export function groupLabel(members) {
+  const items = members.filter((m) => !m.background);
+  const names = members.map((m) => (m.background ? "background" : m.word ?? "key pixels"));
+  if (!items.length) return names.join(", ");
+  const ks = new Set(items.map((m) => formatK(m.k)));
+  if (ks.size === 1) return `${names.join(", ")} k=${[...ks][0]}`;
+  return members.map((m) => (m.background ? "background" : `${m.word ?? "key pixels"} k=${formatK(m.k)}`)).join(", ");
+}
+
+/**
+ * Curves that lie on top of each other (every value within `tol` timesteps) become one series
+ * whose label names all of them, so no curve hides another one silently. Input: series
+ * { background?, word?, k?, values, ... } in drawing order; output: one series per distinct curve,
+ * in the order of first appearance, with `members` (the merged inputs) and `label`.
+ */
+export function mergeCoinciding(series, tol = 1e-6) {
+  const groups = [];
+  for (const s of series) {
+    const group = groups.find((g) => sameValues(g.values, s.values, tol));
+    if (group) group.members.push(s);
+    else groups.push({ values: s.values, members: [s] });
+  }
+  return groups.map((g) => ({
+    ...g.members[0],
+    background: g.members.some((m) => m.background),
+    label: groupLabel(g.members),
+    members: g.members.map((m) => ({ background: !!m.background, word: m.word ?? null, k: m.k ?? 0 })),
+  }));
+}

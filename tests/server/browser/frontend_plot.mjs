@@ -2,8 +2,9 @@
 //
 //   node frontend_plot.mjs INPUT.json
 //
-// INPUT: { url, chromium, nodeDir, userDataDir, screenshots: { classic: [paths], vue: [paths] },
-//          curveCases: [{ curve, k, steps }], timeoutMs }
+// INPUT: { url, chromium, nodeDir, userDataDir, screenshots: { classic: [paths], vue: [paths], loader: [paths],
+//          loaderVue: [paths], templates: [paths] }, curveCases: [{ curve, k, steps }], timeoutMs,
+//          loader: { files: [good file names], broken: a listed file that fails to load }, templates: { pack, names } }
 // Prints one JSON object on stdout (the last line): what it saw, for the Python test to judge.
 // Every wait is bounded; the browser is always closed.
 import { createRequire } from "node:module";
@@ -53,10 +54,12 @@ const MEASURE = `(() => {
   const { width, height } = canvas;
   const data = width && height ? ctx.getImageData(0, 0, width, height).data : [];
   let nonBackground = 0;
+  let firstCurve = 0; // pixels in the first key curve's colour (#ff9f40): a curve is drawn
   let hash = 2166136261;
   for (let i = 0; i < data.length; i += 4) {
     const d = Math.abs(data[i] - 30) + Math.abs(data[i + 1] - 30) + Math.abs(data[i + 2] - 30);
     if (d > 24) nonBackground++;
+    if (Math.abs(data[i] - 255) + Math.abs(data[i + 1] - 159) + Math.abs(data[i + 2] - 64) < 40) firstCurve++;
     hash = Math.imul(hash ^ (data[i] * 7 + data[i + 1] * 3 + data[i + 2]), 16777619) >>> 0;
   }
   // where the canvas sits (to tell classic overlay from a Vue node)
@@ -72,6 +75,7 @@ const MEASURE = `(() => {
     onTop: !!top && (top === canvas || canvas.contains(top) || top.contains(canvas)),
     draws: Number(canvas.dataset.asyndmDraws || 0),
     nonBackground,
+    firstCurve,
     pixels: data.length / 4,
     hash,
     inVueNode: !!vueNode,
@@ -79,8 +83,15 @@ const MEASURE = `(() => {
     nodeSize: [node.size[0], node.size[1]],
     widgetY: widget.y ?? null,
     params: widget.asyndmPlot?.params ?? null,
-    series: widget.asyndmPlot?.data?.series?.map((s) => ({ label: s.label, curve: s.curve, k: s.k, values: s.values })) ?? null,
+    series: widget.asyndmPlot?.data?.series?.map((s) => ({ label: s.label, curve: s.curve, k: s.k, values: s.values, background: !!s.background, members: s.members })) ?? null,
     errors: widget.asyndmPlot?.data?.errors ?? null,
+    legend: widget.asyndmPlot?.data?.legend ?? null,
+    error: widget.asyndmPlot?.data?.error ?? null,
+    message: widget.asyndmPlot?.data?.message ?? null,
+    state: widget.asyndmPlot?.state ?? null,
+    response: widget.asyndmPlot?.view?.response ?? null,
+    note: widget.asyndmPlot?.view?.note?.text ?? null,
+    xTitle: widget.asyndmPlot?.view?.xTitle ?? null,
   };
 })()`;
 
@@ -207,11 +218,22 @@ async function classicUiEdit(page) {
   return { stepsBefore: at.steps, stepsAfter: after.params?.steps ?? null, error: after.error, series: after.series };
 }
 
-// A real click on the steps widget's "+" button of the Vue node (PrimeVue InputNumber).
+// A real click on the steps widget's "+" button of the Vue node: a PrimeVue InputNumber in
+// frontend 1.32, the frontend's own number field (data-testid "increment") in 1.58.
 async function vueUiEdit(page) {
   const id = await page.evaluate(() => window.__asyndmNodeId);
-  const button = page.locator(`[data-node-id="${id}"] span:has(> input[aria-label="steps"]) button.p-inputnumber-increment-button`);
-  if ((await button.count()) !== 1) return { available: false };
+  let button = null;
+  for (const selector of [
+    `[data-node-id="${id}"] span:has(> input[aria-label="steps"]) button.p-inputnumber-increment-button`,
+    `[data-node-id="${id}"] [aria-label="steps"] button[data-testid="increment"]`,
+  ]) {
+    const candidate = page.locator(selector);
+    if ((await candidate.count()) === 1) {
+      button = candidate;
+      break;
+    }
+  }
+  if (!button) return { available: false };
   const stepsBefore = (await measure(page)).params?.steps;
   await button.click({ timeout: T });
   const after = await waitForDraw(page, (m) => m.params?.steps !== stepsBefore, "vue: the plot to follow a click on steps' +", 5000).catch((e) => ({ error: String(e) }));
@@ -226,7 +248,7 @@ async function saveAndReload(page) {
     const serialized = node.serialize();
     const prompt = await app.graphToPrompt();
     const workflow = app.graph.serialize();
-    const w = workflow.nodes.find((n) => n.id === node.id);
+    const w = workflow.nodes.find((n) => String(n.id) === String(node.id)); // newer frontends give node.id as a string
     w.widgets_values[node.widgets.findIndex((x) => x.name === "k")] = 0.45; // widgets_values[i] is widgets[i]'s
     await app.loadGraphData(workflow);
     const loaded = app.graph.getNodeById(node.id);
@@ -244,6 +266,133 @@ async function saveAndReload(page) {
   saved.after = await waitForDraw(page, (m) => m.found && m.params?.k === 0.45 && m.visible && m.nonBackground > 500, "the plot of a reloaded workflow", 10000).catch((e) => ({ error: String(e) }));
   if (saved.after.series) saved.after.series = saved.after.series.length;
   return saved;
+}
+
+// Two curves with the same k: drawn once, with one legend entry naming both.
+async function equalKRound(page) {
+  await addNode(page, "AsynDMKSampler", { steps: 30, key_words: "rabbit, basketball", curve: "bin", k: 0.7 });
+  return waitForDraw(page, (m) => m.found && m.visible && m.draws > 0 && m.nonBackground > 500 && m.params?.keyWords === "rabbit, basketball", "equal k: the plot");
+}
+
+// Load Learned Scheduler: its plot draws the chosen file, follows a change of file, shows a file
+// that fails to load as an error (no stale curve), and recovers with a good file.
+async function loaderRound(page, label, files, broken, screenshots) {
+  const [first, second] = files;
+  const out = {};
+  const ready = (name) => (m) => m.found && m.visible && m.state === "ready" && m.params?.name === name && m.nonBackground > 500;
+  out.node = await addNode(page, "AsynDMSchedulerLoader", { schedule_name: first, key_words: "rabbit, basketball", k: 0.7 });
+  if (label === "vue") await page.waitForSelector(`[data-node-id="${out.node.id}"]`, { timeout: T });
+  out.first = await waitForDraw(page, ready(first), `${label}: the loader's plot of ${first}`);
+  await page.waitForTimeout(200);
+  out.first = await measure(page);
+  out.screenshot = await screenshotNode(page, screenshots);
+  await setWidget(page, "schedule_name", second);
+  out.fileChange = await waitForDraw(page, ready(second), `${label}: the loader's plot to follow the file ${second}`);
+  await setWidget(page, "schedule_name", broken);
+  out.broken = await waitForDraw(page, (m) => m.found && m.state === "error" && m.params?.name === broken, `${label}: the load error of ${broken}`);
+  await setWidget(page, "schedule_name", first);
+  out.recovered = await waitForDraw(page, ready(first), `${label}: the plot of ${first} after the error`);
+  return out;
+}
+
+// The loader's plot follows the schedule connected to it (Attention Mask to Timestep Map's k) and
+// the steps of the sampler it feeds; disconnected, it is back on its own key words.
+async function loaderLinks(page, file) {
+  const out = {};
+  const ready = (pred) => (m) => m.found && m.state === "ready" && m.params?.name === file && pred(m.params);
+  out.ids = await page.evaluate(() => {
+    const app = window.comfyAPI?.app?.app ?? window.app;
+    const LiteGraph = window.LiteGraph ?? window.comfyAPI?.litegraph?.LiteGraph;
+    const loader = app.graph.getNodeById(window.__asyndmNodeId);
+    const mask = LiteGraph.createNode("AsynDMMaskToTimestepMap");
+    mask.pos = [20, 480];
+    app.graph.add(mask);
+    const k = mask.widgets.find((w) => w.name === "k");
+    k.value = 0.4;
+    k.callback?.(k.value, app.canvas, mask);
+    mask.connect(mask.findOutputSlot("schedule"), loader, loader.findInputSlot("schedule"));
+    window.__asyndmMaskId = mask.id;
+    return { mask: mask.id, loader: loader.id };
+  });
+  out.upstream = await waitForDraw(page, ready((p) => p.mode === "schedule" && p.items?.[0]?.k === 0.4), "the loader's plot with a connected schedule (k 0.4)");
+  await page.evaluate(() => {
+    const app = window.comfyAPI?.app?.app ?? window.app;
+    const mask = app.graph.getNodeById(window.__asyndmMaskId);
+    const k = mask.widgets.find((w) => w.name === "k");
+    k.value = 0.9;
+    k.callback?.(k.value, app.canvas, mask);
+  });
+  out.upstreamK = await waitForDraw(page, ready((p) => p.mode === "schedule" && p.items?.[0]?.k === 0.9), "the loader's plot after the connected schedule's k changed to 0.9");
+  await page.evaluate(() => {
+    const app = window.comfyAPI?.app?.app ?? window.app;
+    const LiteGraph = window.LiteGraph ?? window.comfyAPI?.litegraph?.LiteGraph;
+    const loader = app.graph.getNodeById(window.__asyndmNodeId);
+    const sampler = LiteGraph.createNode("AsynDMKSampler");
+    sampler.pos = [900, 120];
+    app.graph.add(sampler);
+    const steps = sampler.widgets.find((w) => w.name === "steps");
+    steps.value = 20;
+    steps.callback?.(steps.value, app.canvas, sampler);
+    loader.connect(loader.findOutputSlot("schedule"), sampler, sampler.findInputSlot("schedule"));
+  });
+  out.downstream = await waitForDraw(page, ready((p) => p.steps === 20), "the loader's plot at the steps of the sampler it feeds");
+  await page.evaluate(() => {
+    const app = window.comfyAPI?.app?.app ?? window.app;
+    const loader = app.graph.getNodeById(window.__asyndmNodeId);
+    loader.disconnectInput(loader.findInputSlot("schedule"));
+  });
+  out.disconnected = await waitForDraw(page, ready((p) => p.mode === "key words"), "the loader's plot after the schedule was disconnected");
+  return out;
+}
+
+// The template browser (Workflow > Browse Templates): the pack's category lists every template
+// with its thumbnail, fetched from /api/workflow_templates/<pack>/<name>.jpg and decoded.
+async function templateThumbnails(page, spec, screenshots) {
+  const out = { served: {}, cards: {}, listed: [] };
+  const prefix = `/api/workflow_templates/${spec.pack}/`;
+  const onResponse = (res) => {
+    const url = new URL(res.url());
+    if (url.pathname.startsWith(prefix) && url.pathname.endsWith(".jpg")) {
+      out.served[decodeURIComponent(url.pathname.slice(prefix.length, -4))] = { status: res.status(), type: res.headers()["content-type"] ?? null };
+    }
+  };
+  page.on("response", onResponse);
+  try {
+    await page.evaluate(async () => {
+      const app = window.comfyAPI?.app?.app ?? window.app;
+      await app.extensionManager.command.execute("Comfy.BrowseTemplates");
+    });
+    const dialog = page.locator('[role="dialog"]');
+    await dialog.locator(`[role="button"]:has-text("${spec.pack}")`).first().click({ timeout: T });
+    await dialog.locator(`h3[title="${spec.names[0]}"]`).first().waitFor({ timeout: T });
+    out.listed = await dialog.locator("h3[title]").evaluateAll((els) => els.map((e) => e.getAttribute("title")));
+    for (const name of spec.names) {
+      try {
+        // cards below the fold load their image only once scrolled into view
+        await dialog.locator(`h3[title="${name}"]`).first().scrollIntoViewIfNeeded({ timeout: 5000 });
+        const img = dialog.locator(`img[alt="${name}"]`).first();
+        await img.waitFor({ state: "attached", timeout: 5000 });
+        await img.scrollIntoViewIfNeeded({ timeout: 5000 });
+        out.cards[name] = await img.evaluate(async (el) => {
+          const deadline = Date.now() + 10000;
+          while (!(el.complete && el.naturalWidth > 0) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 100));
+          const r = el.getBoundingClientRect();
+          return { complete: el.complete, width: el.naturalWidth, height: el.naturalHeight, shown: [r.width, r.height], src: el.currentSrc || el.src };
+        });
+      } catch (e) {
+        out.cards[name] = { error: String(e).slice(0, 500) };
+      }
+    }
+    const box = await dialog.first().boundingBox();
+    for (const p of screenshots ?? []) {
+      fs.mkdirSync(path.dirname(p), { recursive: true });
+      await page.screenshot({ path: p, clip: box ?? undefined, timeout: T });
+    }
+    await page.keyboard.press("Escape");
+  } finally {
+    page.off("response", onResponse);
+  }
+  return out;
 }
 
 let context;
@@ -285,12 +434,20 @@ try {
   await page.waitForFunction(
     () => {
       const app = window.comfyAPI?.app?.app ?? window.app;
-      return !!(app?.graph && app.canvas && window.LiteGraph && app.extensions?.some?.((e) => e.name === "asyndm.SchedulePlot"));
+      // ... and the start-up workflow is in (newer frontends load it a moment after the app is up;
+      // a node added before that would be cleared with the graph)
+      const workflows = app?.extensionManager?.workflow;
+      return !!(app?.graph && app.canvas && window.LiteGraph && app.extensions?.some?.((e) => e.name === "asyndm.SchedulePlot")
+        && (!workflows || workflows.activeWorkflow));
     },
     null,
     { timeout: 2 * T, polling: 100 },
   );
   mark("app ready");
+  result.frontendVersion = await page.evaluate(async () => {
+    const app = window.comfyAPI?.app?.app ?? window.app;
+    return (await app.graphToPrompt()).workflow?.extra?.frontendVersion ?? null;
+  });
   result.extensions = await page.evaluate(async () => (await (await fetch("/extensions")).json()).filter((u) => /asyndm/i.test(u)));
   result.vueSetting = await page.evaluate(() => {
     const app = window.comfyAPI?.app?.app ?? window.app;
@@ -325,6 +482,16 @@ try {
   result.sampler.series = result.sampler.series?.map((s) => ({ ...s, values: s.values.length }));
   mark("sampler node");
 
+  // Curves with the same k, and Load Learned Scheduler, in the classic canvas.
+  result.equalK = await equalKRound(page);
+  mark("equal k");
+  if (input.loader) {
+    result.loader = await loaderRound(page, "classic", input.loader.files, input.loader.broken, input.screenshots?.loader);
+    mark("loader");
+    result.loader.links = await loaderLinks(page, input.loader.files[0]);
+    mark("loader links");
+  }
+
   // 3. The Vue node renderer ("Nodes 2.0"), when this frontend has it.
   if (input.vue !== false) {
     const has = await page.evaluate(async () => {
@@ -342,11 +509,19 @@ try {
       mark("vue");
       result.vue.uiEdit = await vueUiEdit(page);
       mark("vue ui edit");
+      if (input.loader) {
+        result.loaderVue = await loaderRound(page, "vue", input.loader.files, input.loader.broken, input.screenshots?.loaderVue);
+        mark("vue loader");
+      }
       await page.evaluate(async () => {
         const app = window.comfyAPI?.app?.app ?? window.app;
         await app.extensionManager.setting.set("Comfy.VueNodes.Enabled", false);
       });
     }
+  }
+  if (input.templates) {
+    result.templates = await templateThumbnails(page, input.templates, input.screenshots?.templates);
+    mark("templates");
   }
   result.ok = true;
 } catch (e) {
