@@ -18,13 +18,13 @@ no map is set.
 from __future__ import annotations
 
 import math
-from types import TracebackType
 from typing import Any
 
 import torch
 from comfy.ldm.flux.layers import ModulationOut, timestep_embedding
 
 from ..errors import SUPPORTED_FAMILIES, UnsupportedModelError
+from .base import TimeHooks
 
 __all__ = ["PerTokenTimesteps", "token_index"]
 
@@ -46,7 +46,7 @@ def token_index(inverse: torch.Tensor, patch_size: int) -> torch.Tensor:
     return inverse[:, ::patch_size, ::patch_size].reshape(rows, -1)
 
 
-class PerTokenTimesteps:
+class PerTokenTimesteps(TimeHooks):
     """Context manager: while active and a map is set, Flux's image tokens each get their own timestep."""
 
     family = "Flux"
@@ -65,68 +65,7 @@ class PerTokenTimesteps:
         self.img_mods = [b.img_mod for b in doubles]
         self.single_mods = [b.modulation for b in singles]
         self.final_mod = dm.final_layer.adaLN_modulation
-        self.table_builds = 0
-        self._handles: list[Any] = []
-        self._active = False
-        self._clear_map()
-        self._unconsumed = False
-
-    # ---------------------------------------------------------------------------------- public
-    def __enter__(self) -> PerTokenTimesteps:
-        if self._active:
-            raise RuntimeError("PerTokenTimesteps is not re-entrant")
-        self._active = True
-        try:
-            self._install()
-        except BaseException:
-            self._remove()
-            raise
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self._remove()
-        unconsumed = self._unconsumed or (self._unique is not None and not self._consumed)
-        self._clear_map()
-        self._unconsumed = False
-        if exc_type is None and unconsumed:
-            raise RuntimeError("PerTokenTimesteps: a timestep map was set but no Flux forward used it")
-
-    def set_map(self, t_rows: torch.Tensor | None, unique: torch.Tensor | None = None,
-                inverse: torch.Tensor | None = None, *, rows: int | None = None) -> None:
-        """Timesteps for the next forward: unique (U,) and inverse (R, H, W) at latent resolution
-        (R divides the forward's rows), or a (B', H, W) map as t_rows; None restores stock behaviour."""
-        if self._unique is not None and not self._consumed:
-            self._unconsumed = True
-        if t_rows is None and unique is None:
-            self._clear_map()
-            return
-        if not self._active:
-            raise RuntimeError("PerTokenTimesteps.set_map: enter the context manager first (no hooks are installed)")
-        if self._unconsumed:
-            self._unconsumed = False
-            self._clear_map()
-            raise RuntimeError("PerTokenTimesteps: a timestep map was set but no Flux forward used it")
-        if t_rows is not None:
-            unique, inverse = torch.unique(t_rows, return_inverse=True)
-            rows = t_rows.shape[0]
-        assert unique is not None and inverse is not None
-        if unique.ndim != 1 or inverse.ndim != 3:
-            raise ValueError(f"unique must be (U,) and inverse (R, H, W); got {tuple(unique.shape)}, {tuple(inverse.shape)}")
-        rows = inverse.shape[0] if rows is None else int(rows)
-        if rows < 1 or rows % inverse.shape[0]:
-            raise ValueError(f"inverse has {inverse.shape[0]} rows, which does not divide the {rows} rows of the forward")
-        self._clear_map()
-        self._rows = rows
-        self._unique = unique.float()
-        self._inverse = inverse.long()
-
-    def t_map(self) -> torch.Tensor | None:
-        """The (B', H, W) timestep map that is set (materialised; for checks)."""
-        if self._unique is None or self._inverse is None:
-            return None
-        full = self._unique[self._inverse]
-        return full.repeat(self._rows // full.shape[0], 1, 1)
+        super().__init__()
 
     def token_timesteps(self) -> torch.Tensor | None:
         """(B', L) timestep of every image token in the forward being set up (for checks)."""
@@ -151,12 +90,6 @@ class PerTokenTimesteps:
         for i, mod in enumerate(self.single_mods):
             self._handles.append(mod.register_forward_hook(self._single_post(len(self.img_mods) + i)))
         self._handles.append(self.final_mod.register_forward_hook(self._final_post(len(self.img_mods) + len(self.single_mods))))
-
-    def _remove(self) -> None:
-        for handle in reversed(self._handles):
-            handle.remove()
-        self._handles.clear()
-        self._active = False
 
     def _model_pre(self, _module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         if self._inverse is None:
@@ -275,11 +208,7 @@ class PerTokenTimesteps:
 
     # ------------------------------------------------------------------------------- helpers
     def _clear_map(self) -> None:
-        self._rows = 0
-        self._unique: torch.Tensor | None = None
-        self._inverse: torch.Tensor | None = None
-        self._consumed = False
-        self._in_forward = False
+        super()._clear_map()
         self._captured: dict[str, torch.Tensor] = {}
         self._vec_table: torch.Tensor | None = None
         self._token_idx: torch.Tensor | None = None

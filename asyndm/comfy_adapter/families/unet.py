@@ -14,7 +14,6 @@ schedule track), not per pixel, so the extra cost is U rows of the time MLP and 
 
 from __future__ import annotations
 
-from types import TracebackType
 from typing import Any
 
 import torch
@@ -23,6 +22,7 @@ from comfy.ldm.modules.diffusionmodules import openaimodel
 
 from ..errors import SUPPORTED_FAMILIES, UnsupportedModelError
 from . import unwrap
+from .base import TimeHooks
 
 __all__ = ["PerPixelTimesteps", "block_index_map", "unet_resblocks"]
 
@@ -84,7 +84,7 @@ def block_index_map(inverse: torch.Tensor, size: tuple[int, int]) -> torch.Tenso
     return F.interpolate(inverse[:, None].float(), size=(h, w), mode="nearest")[:, 0].long()
 
 
-class PerPixelTimesteps:
+class PerPixelTimesteps(TimeHooks):
     """Context manager: while active and a map is set, the UNet uses a timestep per pixel.
 
     Usage (the sampler side, once per model call)::
@@ -111,84 +111,7 @@ class PerPixelTimesteps:
     def __init__(self, diffusion_model: torch.nn.Module) -> None:
         self.unet = unwrap(diffusion_model)
         self.blocks = unet_resblocks(self.unet)
-        self.table_builds = 0  # time-MLP evaluations of a table (one per set_map and dtype)
-        self._handles: list[Any] = []
-        self._active = False
-        self._clear_map()
-        self._unconsumed = False  # a map was set and cleared without any forward using it
-
-    # ---------------------------------------------------------------------------------- public
-    def __enter__(self) -> PerPixelTimesteps:
-        if self._active:
-            raise RuntimeError("PerPixelTimesteps is not re-entrant")
-        self._active = True
-        try:
-            self._install()
-        except BaseException:
-            self._remove()
-            raise
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self._remove()
-        unconsumed = self._unconsumed or (self._unique is not None and not self._consumed)
-        self._clear_map()
-        self._unconsumed = False
-        if exc_type is None and unconsumed:
-            raise self._not_reached()
-
-    def set_map(self, t_rows: torch.Tensor | None, unique: torch.Tensor | None = None,
-                inverse: torch.Tensor | None = None, *, rows: int | None = None) -> None:
-        """Timesteps for the rows of the next forward; None restores stock behaviour.
-
-        Either ``t_rows``: (B', H, W) float at latent resolution, B' being the row count of that
-        forward (e.g. uncond and cond chunks); or ``unique`` (U,) with ``inverse`` (R, H, W) long,
-        unique[inverse] being the map, where R is B' or divides it (row r then uses inverse[r % R]:
-        the CFG chunks of one image share its map, so their embeddings are built once). Given
-        unique/inverse skip torch.unique (which synchronises the host on a GPU) and are trusted.
-        Setting a new map while the previous one was never used by a forward raises RuntimeError:
-        that is how hooks bypassed entirely (torch.compile) show up.
-        """
-        if self._unique is not None and not self._consumed:
-            self._unconsumed = True
-        if t_rows is None and unique is None:
-            self._clear_map()
-            return
-        if not self._active:
-            raise RuntimeError("PerPixelTimesteps.set_map: enter the context manager first (no hooks are installed)")
-        if self._unconsumed:
-            self._unconsumed = False
-            self._clear_map()
-            raise self._not_reached()
-        if (unique is None) != (inverse is None):
-            raise ValueError("give both unique and inverse, or neither")
-        if t_rows is not None:
-            if t_rows.ndim != 3:
-                raise ValueError(f"t_rows must be (rows, H, W); got shape {tuple(t_rows.shape)}")
-            if unique is None:
-                unique, inverse = torch.unique(t_rows, return_inverse=True)
-            rows = t_rows.shape[0]
-        assert unique is not None and inverse is not None
-        if unique.ndim != 1 or inverse.ndim != 3:
-            raise ValueError(f"unique must be (U,) and inverse (R, H, W); got {tuple(unique.shape)} and "
-                             f"{tuple(inverse.shape)}")
-        rows = inverse.shape[0] if rows is None else int(rows)
-        if rows < 1 or rows % inverse.shape[0]:
-            raise ValueError(f"inverse has {inverse.shape[0]} rows, which does not divide the {rows} rows of the forward")
-        if t_rows is not None and tuple(inverse.shape) != tuple(t_rows.shape):
-            raise ValueError(f"inverse must have the shape of t_rows {tuple(t_rows.shape)}; got {tuple(inverse.shape)}")
-        self._clear_map()
-        self._rows = rows
-        self._unique = unique.float()
-        self._inverse = inverse.long()
-
-    def t_map(self) -> torch.Tensor | None:
-        """The (B', H, W) timestep map that is set (materialised; for checks and baselines)."""
-        if self._unique is None or self._inverse is None:
-            return None
-        full = self._unique[self._inverse]
-        return full.repeat(self._rows // full.shape[0], 1, 1)
+        super().__init__()
 
     # --------------------------------------------------------------------------------- hooks
     def _install(self) -> None:
@@ -202,12 +125,6 @@ class PerPixelTimesteps:
             self._handles.append(block.register_forward_pre_hook(self._block_pre(i)))
             self._handles.append(block.emb_layers.register_forward_pre_hook(self._emb_pre(i)))
             self._handles.append(block.emb_layers.register_forward_hook(self._emb_post(i)))
-
-    def _remove(self) -> None:
-        for handle in reversed(self._handles):
-            handle.remove()
-        self._handles.clear()
-        self._active = False
 
     def _unet_pre(self, _module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         if self._inverse is None:
@@ -354,11 +271,7 @@ class PerPixelTimesteps:
 
     # ------------------------------------------------------------------------------- helpers
     def _clear_map(self) -> None:
-        self._rows = 0
-        self._unique: torch.Tensor | None = None
-        self._inverse: torch.Tensor | None = None
-        self._consumed = False
-        self._in_forward = False
+        super()._clear_map()
         self._base_cache: dict[tuple, torch.Tensor] = {}
         self._index_cache: dict[tuple, torch.Tensor] = {}
         self._table: torch.Tensor | None = None
@@ -368,11 +281,3 @@ class PerPixelTimesteps:
         self._x_dtype: torch.dtype = torch.float32
         self._fired: list[int] = [0] * len(getattr(self, "blocks", []))
         self._sizes: list[Any] = [None] * len(getattr(self, "blocks", []))
-
-    @staticmethod
-    def _not_reached() -> RuntimeError:
-        return RuntimeError(
-            "PerPixelTimesteps: a timestep map was set but no UNet forward used it. The hooks were "
-            "bypassed (a torch.compile graph traced without them?) or the model called is not the "
-            "one these hooks are installed on."
-        )

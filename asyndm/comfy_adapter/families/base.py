@@ -1,0 +1,129 @@
+"""What every family's time hooks share: the run-scoped lifecycle and the map they are given.
+
+A subclass installs its own hooks (``_install``) and reads ``_rows``, ``_unique`` and ``_inverse``
+in them; it marks a forward that used the map with ``_consumed = True``. This base refuses what
+would silently be wrong: a map set while no hooks are installed, and a map that no forward used
+(hooks bypassed by a compiled graph or by another pack), which is raised at the next set_map or
+on exit.
+"""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import Any
+
+import torch
+
+__all__ = ["TimeHooks"]
+
+
+class TimeHooks:
+    """Context manager: hooks installed on enter and removed on exit (errors included)."""
+
+    family = ""
+    patch_size = 1
+
+    def __init__(self) -> None:
+        self.table_builds = 0  # time-embedding tables built (one per forward that used a map)
+        self._handles: list[Any] = []
+        self._active = False
+        self._clear_map()
+        self._unconsumed = False  # a map was set and cleared without any forward using it
+
+    # ---------------------------------------------------------------------------------- public
+    def __enter__(self) -> Any:
+        if self._active:
+            raise RuntimeError(f"{type(self).__name__} is not re-entrant")
+        self._active = True
+        try:
+            self._install()
+        except BaseException:
+            self._remove()
+            raise
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._remove()
+        unconsumed = self._unconsumed or (self._unique is not None and not self._consumed)
+        self._clear_map()
+        self._unconsumed = False
+        if exc_type is None and unconsumed:
+            raise self._not_reached()
+
+    def set_map(self, t_rows: torch.Tensor | None, unique: torch.Tensor | None = None,
+                inverse: torch.Tensor | None = None, *, rows: int | None = None) -> None:
+        """Timesteps for the rows of the next forward; None restores stock behaviour.
+
+        Either ``t_rows``: (B', H, W) float at latent resolution, B' being the row count of that
+        forward (e.g. uncond and cond chunks); or ``unique`` (U,) with ``inverse`` (R, H, W) long,
+        unique[inverse] being the map, where R is B' or divides it (row r then uses inverse[r % R]:
+        the CFG chunks of one image share its map, so their embeddings are built once). Given
+        unique/inverse skip torch.unique (which synchronises the host on a GPU) and are trusted.
+        Setting a new map while the previous one was never used by a forward raises RuntimeError:
+        that is how hooks bypassed entirely (torch.compile) show up.
+        """
+        if self._unique is not None and not self._consumed:
+            self._unconsumed = True
+        if t_rows is None and unique is None:
+            self._clear_map()
+            return
+        if not self._active:
+            raise RuntimeError(f"{type(self).__name__}.set_map: enter the context manager first (no hooks are installed)")
+        if self._unconsumed:
+            self._unconsumed = False
+            self._clear_map()
+            raise self._not_reached()
+        if (unique is None) != (inverse is None):
+            raise ValueError("give both unique and inverse, or neither")
+        if t_rows is not None:
+            if t_rows.ndim != 3:
+                raise ValueError(f"t_rows must be (rows, H, W); got shape {tuple(t_rows.shape)}")
+            if unique is None:
+                unique, inverse = torch.unique(t_rows, return_inverse=True)
+            rows = t_rows.shape[0]
+        assert unique is not None and inverse is not None
+        if unique.ndim != 1 or inverse.ndim != 3:
+            raise ValueError(f"unique must be (U,) and inverse (R, H, W); got {tuple(unique.shape)} and "
+                             f"{tuple(inverse.shape)}")
+        rows = inverse.shape[0] if rows is None else int(rows)
+        if rows < 1 or rows % inverse.shape[0]:
+            raise ValueError(f"inverse has {inverse.shape[0]} rows, which does not divide the {rows} rows of the forward")
+        if t_rows is not None and tuple(inverse.shape) != tuple(t_rows.shape):
+            raise ValueError(f"inverse must have the shape of t_rows {tuple(t_rows.shape)}; got {tuple(inverse.shape)}")
+        self._clear_map()
+        self._rows = rows
+        self._unique = unique.float()
+        self._inverse = inverse.long()
+
+    def t_map(self) -> torch.Tensor | None:
+        """The (B', H, W) timestep map that is set (materialised; for checks and baselines)."""
+        if self._unique is None or self._inverse is None:
+            return None
+        full = self._unique[self._inverse]
+        return full.repeat(self._rows // full.shape[0], 1, 1)
+
+    # ------------------------------------------------------------------------------ for subclasses
+    def _install(self) -> None:
+        raise NotImplementedError
+
+    def _remove(self) -> None:
+        for handle in reversed(self._handles):
+            handle.remove()
+        self._handles.clear()
+        self._active = False
+
+    def _clear_map(self) -> None:
+        """Forget the map and everything derived from it (subclasses extend this)."""
+        self._rows = 0
+        self._unique: torch.Tensor | None = None
+        self._inverse: torch.Tensor | None = None
+        self._consumed = False
+        self._in_forward = False
+
+    def _not_reached(self) -> RuntimeError:
+        return RuntimeError(
+            f"{type(self).__name__}: a timestep map was set but no {self.family} forward used it. The hooks were "
+            "bypassed (a torch.compile graph traced without them?) or the model called is not the one these "
+            "hooks are installed on."
+        )
