@@ -107,6 +107,19 @@ class TimeHooks:
     def _install(self) -> None:
         raise NotImplementedError
 
+    def _end_forward(self, parts: str, advice: str) -> None:
+        """After a forward that had a map: every hooked part (self._fired) used it exactly once."""
+        if self._inverse is None or not self._in_forward:
+            return
+        self._in_forward = False
+        missing = [i for i, n in enumerate(self._fired) if n != 1]
+        if missing:
+            raise RuntimeError(
+                f"{type(self).__name__}: {len(missing)} of {len(self._fired)} {parts} did not use the per-pixel "
+                f"timestep map in this forward (first: {missing[0]}, fired {self._fired[missing[0]]}x). {advice}"
+            )
+        self._consumed = True
+
     def _remove(self) -> None:
         for handle in reversed(self._handles):
             handle.remove()
@@ -120,6 +133,7 @@ class TimeHooks:
         self._inverse: torch.Tensor | None = None
         self._consumed = False
         self._in_forward = False
+        self._fired: list[int] = []  # per hooked part: how often it used the map in this forward
 
     def _not_reached(self) -> RuntimeError:
         return RuntimeError(

@@ -110,16 +110,8 @@ class PerTokenTimesteps(TimeHooks):
         self._in_forward = True
 
     def _model_post(self, _module: torch.nn.Module, _args: tuple, _output: Any) -> None:
-        if self._inverse is None or not self._in_forward:
-            return
-        self._in_forward = False
-        missing = [i for i, n in enumerate(self._fired) if n != 1]
-        if missing:
-            raise RuntimeError(
-                f"PerTokenTimesteps: {len(missing)} of {len(self._fired)} modulation layers did not use the "
-                "per-token timesteps in this forward (a compiled graph, or another pack replacing the blocks?)"
-            )
-        self._consumed = True
+        self._end_forward("modulation layers", "A compiled graph, or another pack replacing the blocks, bypasses "
+                          "them; disable that for asynchronous sampling.")
 
     def _capture(self, name: str) -> Any:
         def hook(_module: torch.nn.Module, _args: tuple, output: torch.Tensor) -> None:
@@ -214,4 +206,3 @@ class PerTokenTimesteps(TimeHooks):
         self._token_idx: torch.Tensor | None = None
         self._image_tokens = 0
         self._lengths: tuple[int, int, int] | None = None
-        self._fired: list[int] = []

@@ -147,18 +147,8 @@ class PerPixelTimesteps(TimeHooks):
         self._in_forward = True
 
     def _unet_post(self, _module: torch.nn.Module, _args: tuple, _output: Any) -> None:
-        if self._inverse is None or not self._in_forward:
-            return
-        self._in_forward = False
-        missing = [i for i, n in enumerate(self._fired) if n != 1]
-        if missing:
-            raise RuntimeError(
-                f"PerPixelTimesteps: {len(missing)} of {len(self.blocks)} ResBlocks did not use the per-pixel "
-                f"timestep map in this forward (first: block {missing[0]}, fired {self._fired[missing[0]]}x). "
-                "A torch.compile graph traced without these hooks, gradient checkpointing or another "
-                "pack replacing ResBlock.forward bypasses them; disable that for asynchronous sampling."
-            )
-        self._consumed = True
+        self._end_forward("ResBlocks", "A torch.compile graph traced without these hooks, gradient checkpointing or "
+                          "another pack replacing ResBlock.forward bypasses them; disable that for asynchronous sampling.")
 
     def _label_post(self, _module: torch.nn.Module, _args: tuple, output: torch.Tensor) -> None:
         if self._inverse is not None:
