@@ -59,7 +59,9 @@ def test_main_on_a_tiny_model_prints_a_table_with_finite_ratios(bench, tmp_path,
         assert piece_ms["total"] > 0 and piece_ms[bench.UNET_LABEL] > 0, variant
     assert result["profile"]["dynamic"]["attention observer (per-step mask capture)"] > 0
     assert result["profile"]["fixed"]["hooks: per-pixel selection"] > 0
-    assert result["profile"]["naive"][bench.EMB_LAYERS_LABEL] > result["profile"]["ksampler"][bench.EMB_LAYERS_LABEL]
+    # The naive per-pixel path really ran (its own profile entry). Which variant is slower is the
+    # benchmark's finding, not asserted here: with four steps the naive path runs at one step only
+    # (steps 0, 1 and 3 share one timestep), so a time comparison would only measure machine noise.
     assert result["profile"]["naive"]["naive: time MLP on every pixel"] > 0
     for variant, mem in result["memory"].items():
         assert finite(float(mem["peak_mib"])) and mem["peak_mib"] > 0, variant
