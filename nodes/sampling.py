@@ -89,13 +89,13 @@ class AsynDMKSampler(io.ComfyNode):
                 "Schedulers: all of ComfyUI's; the background follows the chosen one exactly. With ddim_uniform "
                 "every pixel gets the paper's own integer timestep (key pixels above the scheduler's first one "
                 "included); with other schedulers key pixels are interpolated between its sigmas. Models: SD1.x, "
-                "SD2.x and SDXL UNets; Flux (dev, schnell) with key items drawn as masks (Attention Mask to "
-                "Timestep Map) and euler, ddim (eta 0) or dpmpp_2m. ControlNet hints are computed at the "
+                "SD2.x and SDXL UNets; Flux (dev, schnell) and SD3 / SD3.5 transformers (one timestep per 2x2 "
+                "token) with euler, ddim (eta 0) or dpmpp_2m. ControlNet hints are computed at the "
                 "background's noise level. "
                 + NOISE_NOTE
             ),
             inputs=[
-                io.Model.Input("model", tooltip="The diffusion model (SD1.x, SD2.x, SDXL; Flux with masks as key items), "
+                io.Model.Input("model", tooltip="The diffusion model (SD1.x, SD2.x, SDXL, Flux dev/schnell, SD3/SD3.5), "
                                                 "LoRAs applied."),
                 io.Conditioning.Input("positive", tooltip="Positive prompt; encode it with 'CLIP Text Encode (AsynDM)' to use key words."),
                 io.Conditioning.Input("negative", tooltip="Negative prompt."),
@@ -191,8 +191,10 @@ class AsynDMTextEncode(io.ComfyNode):
             display_name="CLIP Text Encode (AsynDM)",
             category=CATEGORY,
             description=(
-                "CLIP Text Encode that also records the prompt's tokens, so the asynchronous samplers can find "
-                "the key words' cross-attention (a word may be several tokens). Output is a normal CONDITIONING."
+                "CLIP Text Encode that also records the prompt's tokens, for every tokenizer of the CLIP (CLIP-L/G, "
+                "and T5 for Flux and SD3), so the asynchronous samplers can find the key words' attention (a word "
+                "may be several tokens). Works on any CLIP: a checkpoint's, DualCLIPLoader (flux), TripleCLIPLoader. "
+                "For Flux guidance, follow it with FluxGuidance. Output is a normal CONDITIONING."
             ),
             inputs=[
                 io.Clip.Input("clip", tooltip="The CLIP model that encodes the prompt."),

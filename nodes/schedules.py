@@ -184,8 +184,8 @@ class AttentionPrepassSampler(AsynSampler):
     """AsynSampler that runs only the paper's static pre-pass and keeps the averaged attention.
 
     sample() does the synchronous pass with the key words' attention observer on, stores
-    `attention` (B, h*w, items: cross-attention at 1/4 of the latent size averaged over heads, layers
-    and steps) and `attention_grid` (h, w), and skips the asynchronous pass (returns the input latent).
+    `attention` (B, h*w, items: the key words' attention averaged over heads, layers and steps, at 1/4
+    of the latent size on UNets, on the token grid (1/2) on Flux and SD3) and `attention_grid` (h, w), and skips the asynchronous pass (returns the input latent).
     """
 
     def __init__(self, sampler_name: str, schedule: AsynSchedule, *, eta: float | None = None) -> None:
@@ -213,7 +213,8 @@ class AttentionPrepassSampler(AsynSampler):
         total = self._run(model_wrap, sigmas, extra_args, self._progress, noise, latent_image, denoise_mask, maps,
                           observer, zeros, record=False, collect_attention=True)
         if total is None:
-            raise RuntimeError("AsynDM: no cross-attention was seen at 1/4 of the latent size during the pre-pass")
+            raise RuntimeError("AsynDM: the pre-pass saw no attention of the image to the key words (the model's "
+                               "attention was replaced by another pack, or every forward ran on a crop)")
         self.attention = (total / max(len(sigmas) - 1, 1)).detach().float().cpu()
         self.attention_grid = tuple(observer.grid)
         return zeros
@@ -237,13 +238,14 @@ class AsynDMCrossAttentionMask(io.ComfyNode):
             description=(
                 "Finds where the key words are in the image, as the paper's static mask: runs an ordinary "
                 "(synchronous) sampling pass, averages each key word's cross-attention over the steps, heads and "
-                "layers at 1/4 of the latent size, and binarises it (a pixel belongs to a word where its attention "
+                "layers (at 1/4 of the latent size on SD UNets; on Flux and SD3 the image tokens' attention to the "
+                "word's text tokens, on the token grid), and binarises it (a pixel belongs to a word where its attention "
                 "is at least threshold x the word's mean; a pixel in several words goes to the highest priority). "
                 "Edit the masks with ComfyUI's mask nodes and feed them to 'Attention Mask to Timestep Map' "
                 "(mask_batch = items). The sampled image itself is discarded."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="The diffusion model (SD1.x, SD2.x or SDXL)."),
+                io.Model.Input("model", tooltip="The diffusion model (SD1.x, SD2.x, SDXL, Flux or SD3/3.5)."),
                 io.Conditioning.Input("positive", tooltip="Positive prompt, encoded with 'CLIP Text Encode (AsynDM)' "
                                                           "so the key words can be located."),
                 io.Conditioning.Input("negative", tooltip="Negative prompt."),

@@ -35,6 +35,7 @@ __all__ = [
     "make_conditioning",
     "make_flux_conditioning",
     "make_sd3_conditioning",
+    "TokenizerOnly",
     "random_context",
 ]
 
@@ -218,20 +219,22 @@ SD3_TEXT_DIM, SD3_POOLED_DIM = 48, 40  # CLIP-L/G + T5 context width and pooled 
 SD3_VARIANTS = ("large", "medium")  # SD3.5 large: RMS q/k norm; SD3.5 medium: also image self-attention blocks
 
 
-def build_sd3(variant: str = "large", *, depth: int = 2, pos_embed_max_size: int = 16, seed: int = 0) -> Any:
+def build_sd3(variant: str = "large", *, depth: int = 2, pos_embed_max_size: int = 16, seed: int = 0,
+              text_dim: int = SD3_TEXT_DIM, pooled_dim: int = SD3_POOLED_DIM) -> Any:
     """An SD3.5-shaped ModelPatcher (ComfyUI's SD3 config, MMDiT class, width 64 x depth as detection sets it).
 
     "large" has RMS q/k norm (SD3.5 large); "medium" adds the x-block self-attention of SD3.5 medium
-    on its first block; "sd3" is SD3 medium (neither).
+    on its first block; "sd3" is SD3 medium (neither). text_dim 4096 and pooled_dim 2048 take
+    ComfyUI's real SD3 text conditioning (CLIP-L/G padded to 4096, then T5).
     """
     import comfy.ldm.modules.diffusionmodules.mmdit as mmdit
     import comfy.supported_models
 
     unet: dict[str, Any] = {
         "in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": depth, "input_size": None,
-        "adm_in_channels": SD3_POOLED_DIM, "pos_embed_scaling_factor": None,
+        "adm_in_channels": pooled_dim, "pos_embed_scaling_factor": None,
         "context_embedder_config": {"target": "torch.nn.Linear",
-                                    "params": {"in_features": SD3_TEXT_DIM, "out_features": 64 * depth}},
+                                    "params": {"in_features": text_dim, "out_features": 64 * depth}},
         "num_patches": pos_embed_max_size ** 2, "pos_embed_max_size": pos_embed_max_size,
         "x_block_self_attn_layers": [0] if variant == "medium" else [],
     }
@@ -254,6 +257,22 @@ def make_sd3_conditioning(batch: int = 1, tokens: int = 10, *, seed: int = 0) ->
     gen = torch.Generator().manual_seed(seed)
     context = torch.randn(batch, tokens, SD3_TEXT_DIM, generator=gen)
     return [[context, {"pooled_output": torch.randn(batch, SD3_POOLED_DIM, generator=gen)}]]
+
+
+class TokenizerOnly:
+    """The tokenizer half of a ComfyUI CLIP object (``tokenize`` as comfy.sd.CLIP does it), for text
+    encoders too large to build here (T5-XXL, CLIP-G): key-word columns only need the tokenizer.
+    ``encoders`` names the streams a real CLIP would have loaded (its cond_stage_model attributes)."""
+
+    def __init__(self, tokenizer: Any, encoders: tuple[str, ...]) -> None:
+        import types
+
+        self.tokenizer = tokenizer
+        names = {"l": "clip_l", "g": "clip_g", "t5xxl": "t5xxl"}
+        self.cond_stage_model = types.SimpleNamespace(**{names[e]: object() for e in encoders})
+
+    def tokenize(self, text: str) -> dict:
+        return self.tokenizer.tokenize_with_weights(text)
 
 
 def family_of(patcher: Any) -> str:

@@ -80,6 +80,12 @@ class AttentionObserver:
         self._probes: dict[tuple, torch.Tensor] = {}
         self.reset()
 
+    def install(self, model_options: dict) -> None:
+        """Add this observer to the run's attn2 patches (model_options is the run's own clone)."""
+        to = model_options.setdefault("transformer_options", {})
+        patches = to.setdefault("patches", {})
+        patches["attn2_patch"] = list(patches.get("attn2_patch", [])) + [self]
+
     def reset(self) -> None:
         """Start a new accumulation (the sampler reads and resets once per step)."""
         self.total: torch.Tensor | None = None

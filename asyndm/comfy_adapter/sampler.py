@@ -30,7 +30,6 @@ from ..schedules import step as schedule_step
 from ..sigma_map import SigmaInterpolator, TimestepTable, background_track, track_on_table
 from ..steps import ancestral_step, ddpm_step, dpmpp_2m_step
 from ..timesteps import round_clamp
-from .attention import AttentionObserver, attn2_modules, capture_grid
 from .errors import SUPPORTED_FAMILIES, UnsupportedModelError
 from .families import time_adapter
 from .model_wrapper import WRAPPER_KEY, AreaRecorder, PerPixelApplyModel, StepMaps, model_timesteps
@@ -185,11 +184,9 @@ class AsynSampler(comfy.samplers.Sampler):
             comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, WRAPPER_KEY, AreaRecorder(maps), model_options,
             is_model_options=True,
         )
-        observer = self._observer(model_wrap, diffusion_model, noise)
+        observer = self._observer(model_wrap, time_hooks, noise)
         if observer is not None:
-            to = model_options.setdefault("transformer_options", {})
-            patches = to.setdefault("patches", {})
-            patches["attn2_patch"] = list(patches.get("attn2_patch", [])) + [observer]
+            observer.install(model_options)
 
         with time_hooks:
             try:
@@ -212,9 +209,6 @@ class AsynSampler(comfy.samplers.Sampler):
         if self.reference:
             raise ValueError(f"reference mode reproduces the paper's DDIM sampler on SD's discrete-time UNets; "
                              f"turn it off for {family}")
-        if self.schedule.mask_source == "attention" and not self.schedule.is_synchronous:
-            raise ValueError(f"key words are not supported on {family} yet: give the key items as masks instead "
-                             "(draw one and connect 'Attention Mask to Timestep Map' to the schedule input)")
         if isinstance(ms, comfy.model_sampling.CONST) and not (self.rule in ("ancestral", "dpmpp_2m") and self.eta == 0):
             raise ValueError(f"{family} is a flow model: asynchronous sampling on it supports euler, ddim (eta 0) "
                              f"and dpmpp_2m; {self.sampler_name} with eta {self.eta:g} is not supported there yet")
@@ -320,25 +314,34 @@ class AsynSampler(comfy.samplers.Sampler):
         k = torch.tensor(sched.k, device=noise.device, dtype=torch.float32).view(1, -1, 1, 1)
         return patch_constant((m * k).amax(dim=1), self.patch_size)
 
-    def _observer(self, model_wrap: Any, diffusion_model: Any, noise: torch.Tensor) -> AttentionObserver | None:
+    def _observer(self, model_wrap: Any, time_hooks: Any, noise: torch.Tensor) -> Any:
+        """The family's observer of the key words' attention, or None when the schedule has no key words."""
         sched = self.schedule
         if sched.mask_source != "attention" or sched.is_synchronous:
             return None
         columns_by_uuid: dict[Any, list[list[int]]] = {}
         for cond in (getattr(model_wrap, "conds", {}) or {}).get("positive", []) or []:
             tokens = cond.get(TOKENS_KEY)
-            if tokens is not None:
-                columns_by_uuid[cond.get("uuid")] = [tokens.columns(word) for word in sched.words]
+            if tokens is None:
+                continue
+            layout = time_hooks.text_layout(tokens)
+            crossattn = (cond.get("model_conds") or {}).get("c_crossattn")
+            context = getattr(crossattn, "cond", None)
+            if torch.is_tensor(context) and context.ndim == 3 and context.shape[1] != tokens.context_length(layout):
+                raise ValueError(
+                    f"the positive prompt's text has {context.shape[1]} tokens but its recorded tokens fill "
+                    f"{tokens.context_length(layout)} on {time_hooks.family}: the conditioning was changed after "
+                    "'CLIP Text Encode (AsynDM)' (concatenated or combined?) or encoded for another model; encode the "
+                    "prompt for this model with 'CLIP Text Encode (AsynDM)' and connect it directly"
+                )
+            columns_by_uuid[cond.get("uuid")] = [tokens.columns(word, layout) for word in sched.words]
         if not columns_by_uuid:
             raise ValueError(
                 "key words need to know the prompt's tokens: encode the positive prompt with "
                 "'CLIP Text Encode (AsynDM)' instead of 'CLIP Text Encode', or give masks instead of words"
             )
         self.token_positions = [max(cols) for cols in next(iter(columns_by_uuid.values()))]
-        h, w = noise.shape[-2:]
-        grid = capture_grid((h, w))
-        modules = attn2_modules(diffusion_model)
-        return AttentionObserver(modules, grid, (h, w), noise.shape[0], columns_by_uuid)
+        return time_hooks.attention_observer(tuple(noise.shape[-2:]), noise.shape[0], columns_by_uuid)
 
     def _priorities_from_attention(self, attn: torch.Tensor, size: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:
         k = torch.tensor(self.schedule.k, dtype=torch.float32, device=attn.device)
@@ -347,20 +350,21 @@ class AsynSampler(comfy.samplers.Sampler):
 
     def _static_priorities(self, model_wrap: Any, sigmas: torch.Tensor, extra_args: dict, noise: torch.Tensor,
                            latent_image: torch.Tensor, denoise_mask: torch.Tensor | None, maps: StepMaps,
-                           observer: AttentionObserver, callback: Callable | None = None) -> torch.Tensor:
+                           observer: Any, callback: Callable | None = None) -> torch.Tensor:
         """The paper's static mask: attention averaged over a synchronous pass, applied once."""
         b, _, h, w = noise.shape
         zeros = torch.zeros(b, h, w, device=noise.device)
         total = self._run(model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask, maps, observer,
                           zeros, record=False, collect_attention=True)
         if total is None:
-            raise RuntimeError("AsynDM: no cross-attention was seen at 1/4 of the latent size during the pre-pass")
+            raise RuntimeError("AsynDM: the pre-pass saw no attention of the image to the key words (the model's "
+                               "attention was replaced by another pack, or every forward ran on a crop)")
         return self._priorities_from_attention(total, (h, w), observer.grid)
 
     # ----------------------------------------------------------------------------------------
     def _run(self, model_wrap: Any, sigmas: torch.Tensor, extra_args: dict, callback: Callable | None,
              noise: torch.Tensor, latent_image: torch.Tensor, denoise_mask: torch.Tensor | None, maps: StepMaps,
-             observer: AttentionObserver | None, fixed_k: torch.Tensor | None, *, record: bool,
+             observer: Any, fixed_k: torch.Tensor | None, *, record: bool,
              collect_attention: bool = False) -> Any:
         inner = model_wrap.inner_model
         ms = inner.model_sampling

@@ -1,20 +1,26 @@
-"""Find the token columns of key words in a prompt, with the model's own tokenizer.
+"""Find the context columns of key words in a prompt, with the model's own tokenizers.
 
 The paper typed token positions by hand. We tokenize the prompt and every word of it with the
 CLIP object's tokenizer when the prompt is encoded, and keep word -> token ids in the
-conditioning, so the sampler can later locate key words (a word may be several tokens) without
-holding the CLIP model.
+conditioning for every tokenizer stream the CLIP has ("l" and "g" for CLIP-L/G, "t5xxl" for T5),
+so the sampler can later locate key words (a word may be several tokens) without holding the CLIP
+model. Which streams make up the conditioning's context, in which order, depends on the model
+family (a UNet reads CLIP; Flux reads T5; SD3 reads CLIP then T5): the family adapter says so with
+a layout, a list of stream names.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["PromptTokens", "prompt_tokens", "split_words", "KEY", "UnknownWordError"]
+__all__ = ["PromptTokens", "TokenStream", "prompt_tokens", "split_words", "KEY", "UnknownWordError"]
 
 KEY = "asyndm_prompt_tokens"  # where the conditioning dict keeps a PromptTokens
 _WORD = re.compile(r"[\w'-]+", re.UNICODE)
+ENCODERS = {"clip_l": "l", "clip_g": "g", "t5xxl": "t5xxl"}  # CLIP model attribute -> its tokenizer stream
 
 
 class UnknownWordError(ValueError):
@@ -26,31 +32,22 @@ def split_words(text: str) -> list[str]:
     return [w.lower() for w in _WORD.findall(text)]
 
 
-def _ids(tokenized: dict) -> list[list[int]]:
-    """Token ids per 77-token chunk from clip.tokenize output (first encoder's stream)."""
-    stream = tokenized[sorted(tokenized.keys())[0]]
-    return [[int(t[0]) for t in chunk] for chunk in stream]
+@dataclass
+class TokenStream:
+    """One tokenizer's view of a prompt: token ids per chunk (77 for CLIP, one chunk for T5) and each word's ids."""
 
+    chunks: list[list[int]]
+    word_ids: dict[str, list[int]] = field(default_factory=dict)
 
-class PromptTokens:
-    """A prompt's token ids per chunk, and the token ids of each of its words."""
+    @property
+    def length(self) -> int:
+        """How many context columns this stream fills (all chunks, padding included)."""
+        return sum(len(chunk) for chunk in self.chunks)
 
-    def __init__(self, text: str, chunks: list[list[int]], word_ids: dict[str, list[int]]) -> None:
-        self.text = text
-        self.chunks = chunks
-        self.word_ids = word_ids
-        self.words = split_words(text)
-
-    def columns(self, phrase: str) -> list[int]:
-        """Context columns of a key word or phrase (all its tokens), first occurrence."""
-        words = split_words(phrase)
-        if not words:
-            raise UnknownWordError("a key word is empty: give words of the prompt separated by commas")
-        missing = [w for w in words if w not in self.word_ids]
-        if missing:
-            raise UnknownWordError(
-                f"key word {phrase!r} is not in the prompt; its words are: {', '.join(dict.fromkeys(self.words))}"
-            )
+    def find(self, words: Sequence[str]) -> list[int] | None:
+        """Columns of the words' tokens, consecutive, first occurrence; None if absent."""
+        if any(w not in self.word_ids for w in words):
+            return None
         needle = [t for w in words for t in self.word_ids[w]]
         offset = 0
         for chunk in self.chunks:
@@ -58,23 +55,101 @@ class PromptTokens:
                 if chunk[start : start + len(needle)] == needle:
                     return [offset + start + j for j in range(len(needle))]
             offset += len(chunk)
-        raise UnknownWordError(
-            f"key word {phrase!r} was not found as consecutive tokens of the prompt; "
-            f"its words are: {', '.join(dict.fromkeys(self.words))}"
-        )
+        return None
+
+
+class PromptTokens:
+    """A prompt's token ids per tokenizer stream, the ids of each of its words, and the loaded encoders.
+
+    ``chunks`` / ``word_ids`` are the default stream (the first by name: what a UNet's context holds);
+    ``streams`` has all of them; ``encoders`` the streams whose encoder the CLIP had loaded (None: unknown).
+    """
+
+    def __init__(self, text: str, chunks: list[list[int]], word_ids: dict[str, list[int]], *,
+                 streams: dict[str, TokenStream] | None = None, encoders: tuple[str, ...] | None = None) -> None:
+        self.text = text
+        self.chunks = chunks
+        self.word_ids = word_ids
+        self.words = split_words(text)
+        self.streams = streams if streams is not None else {"": TokenStream(chunks, word_ids)}
+        self.default_stream = sorted(self.streams)[0]
+        self.encoders = encoders
+
+    def _layout(self, layout: Sequence[str] | None) -> list[str]:
+        names = [self.default_stream] if layout is None else list(layout)
+        missing = [name for name in names if name not in self.streams]
+        if missing or not names:
+            raise ValueError(
+                f"the prompt was encoded with a CLIP whose tokenizers are {', '.join(sorted(self.streams))}, but this "
+                f"model reads {', '.join(names) or 'none'}: encode it with the text encoders this model uses"
+            )
+        return names
+
+    def context_length(self, layout: Sequence[str] | None = None) -> int:
+        """The context columns the streams of this layout fill, in order."""
+        return sum(self.streams[name].length for name in self._layout(layout))
+
+    def columns(self, phrase: str, layout: Sequence[str] | None = None) -> list[int]:
+        """Context columns of a key word or phrase (all its tokens, first occurrence in every stream of
+        the layout, each stream's columns offset by the streams before it)."""
+        words = split_words(phrase)
+        if not words:
+            raise UnknownWordError("a key word is empty: give words of the prompt separated by commas")
+        names = self._layout(layout)
+        listing = ", ".join(dict.fromkeys(self.words))
+        if any(w not in self.word_ids and all(w not in self.streams[n].word_ids for n in names) for w in words):
+            raise UnknownWordError(f"key word {phrase!r} is not in the prompt; its words are: {listing}")
+        found: list[int] = []
+        offset = 0
+        for name in names:
+            stream = self.streams[name]
+            cols = stream.find(words)
+            if cols is not None:
+                found += [offset + c for c in cols]
+            offset += stream.length
+        if not found:
+            raise UnknownWordError(
+                f"key word {phrase!r} was not found as consecutive tokens of the prompt; its words are: {listing}"
+            )
+        return found
+
+
+def _streams(tokenized: dict) -> dict[str, list[list[int]]]:
+    """Token ids per chunk for every stream of a clip.tokenize output."""
+    return {name: [[int(t[0]) for t in chunk] for chunk in chunks] for name, chunks in tokenized.items()}
+
+
+def _body(ids: list[int], specials: set[int]) -> list[int]:
+    """A word's own tokens: leading start tokens dropped, cut at the first end or padding token."""
+    start = 0
+    while start < len(ids) and ids[start] in specials:
+        start += 1
+    end = start
+    while end < len(ids) and ids[end] not in specials:
+        end += 1
+    return ids[start:end]
+
+
+def loaded_encoders(clip: Any) -> tuple[str, ...] | None:
+    """The streams whose text encoder the CLIP object holds (SD3 may run without T5 or CLIP-G)."""
+    model = getattr(clip, "cond_stage_model", None)
+    if model is None:
+        return None
+    return tuple(stream for attr, stream in ENCODERS.items() if getattr(model, attr, None) is not None)
 
 
 def prompt_tokens(clip: Any, text: str) -> PromptTokens:
-    """Tokenize the prompt and each of its words with the CLIP object's tokenizer."""
-    chunks = _ids(clip.tokenize(text))
-    empty = _ids(clip.tokenize(""))[0]
-    start, end = empty[0], empty[1]
-    word_ids: dict[str, list[int]] = {}
-    for word in dict.fromkeys(split_words(text)):
-        ids = _ids(clip.tokenize(word))[0]
-        body = ids[1:] if ids and ids[0] == start else ids
-        if end in body:
-            body = body[: body.index(end)]
-        if body:
-            word_ids[word] = body
-    return PromptTokens(text, chunks, word_ids)
+    """Tokenize the prompt and each of its words with every tokenizer of the CLIP object."""
+    chunks = _streams(clip.tokenize(text))
+    specials = {name: set(ids[0]) for name, ids in _streams(clip.tokenize("")).items()}  # start, end, padding
+    words = list(dict.fromkeys(split_words(text)))
+    word_ids: dict[str, dict[str, list[int]]] = {name: {} for name in chunks}
+    for word in words:
+        for name, ids in _streams(clip.tokenize(word)).items():
+            body = _body(ids[0], specials.get(name, set()))
+            if body and name in word_ids:
+                word_ids[name][word] = body
+    streams = {name: TokenStream(chunks[name], word_ids[name]) for name in chunks}
+    first = sorted(streams)[0]
+    return PromptTokens(text, streams[first].chunks, streams[first].word_ids, streams=streams,
+                        encoders=loaded_encoders(clip))

@@ -175,7 +175,7 @@ def test_what_flux_cannot_do_yet_is_refused_by_name(models):
     model = models["dev"]
     pos, neg = conds("dev")
     words = AsynSchedule(curve="bin", k=(0.7,), mask_source="attention", words=("rabbit",))
-    with pytest.raises(ValueError, match="key words are not supported on Flux yet.*Attention Mask to Timestep Map"):
+    with pytest.raises(ValueError, match="key words need to know the prompt's tokens.*CLIP Text Encode \\(AsynDM\\)"):
         asyn(model, pos, neg, latent(), schedule=words, cfg=1.0, scheduler="simple")
     for sampler in ("euler_ancestral", "ddpm"):
         with pytest.raises(ValueError, match=f"flow model.*euler, ddim \\(eta 0\\) and dpmpp_2m; {sampler}"):

@@ -43,6 +43,7 @@ class TimeHooks:
 
     def __init__(self) -> None:
         self.table_builds = 0  # time-embedding tables built (one per forward that used a map)
+        self.forward_tokens: tuple[int, int, tuple[int, int]] | None = None  # (text, image, (H, W)) of the last forward
         self._handles: list[Any] = []
         self._active = False
         self._clear_map()
@@ -121,16 +122,30 @@ class TimeHooks:
         full = self._unique[self._inverse]
         return full.repeat(self._rows // full.shape[0], 1, 1)
 
+    def text_layout(self, tokens: Any) -> list[str] | None:
+        """The tokenizer streams that make up this family's text context, in order (None: the default one)."""
+        return None
+
+    def attention_observer(self, latent_hw: tuple[int, int], batch: int,
+                           columns_by_uuid: dict[Any, list[list[int]]]) -> Any:
+        """An observer of the key words' attention for this family (install(model_options), enabled,
+        reset(), mean(), grid)."""
+        raise NotImplementedError
+
     # ------------------------------------------------------------------------------ for subclasses
     def _install(self) -> None:
         raise NotImplementedError
 
-    def _end_forward(self, parts: str, advice: str) -> None:
-        """After a forward that had a map: every hooked part (self._fired) used it exactly once."""
+    def _end_forward(self, parts: str, advice: str, *, skippable: int = 0) -> None:
+        """After a forward that had a map: every hooked part (self._fired) used it exactly once.
+
+        The first ``skippable`` parts (transformer blocks) may also not run at all: skip-layer
+        guidance replaces whole blocks with the identity; the parts after them must always run.
+        """
         if self._inverse is None or not self._in_forward:
             return
         self._in_forward = False
-        missing = [i for i, n in enumerate(self._fired) if n != 1]
+        missing = [i for i, n in enumerate(self._fired) if n != 1 and not (i < skippable and n == 0)]
         if missing:
             raise RuntimeError(
                 f"{type(self).__name__}: {len(missing)} of {len(self._fired)} {parts} did not use the per-pixel "

@@ -24,6 +24,7 @@ import torch
 from comfy.ldm.flux.layers import ModulationOut, timestep_embedding
 
 from ..errors import SUPPORTED_FAMILIES, UnsupportedModelError
+from ..joint_attention import JointAttentionObserver
 from .base import TimeHooks, gather_tokens, token_index
 
 __all__ = ["PerTokenTimesteps", "token_index"]  # token_index re-exported for tests
@@ -80,10 +81,22 @@ class PerTokenTimesteps(TimeHooks):
             self._handles.append(mod.register_forward_hook(self._single_post(len(self.img_mods) + i)))
         self._handles.append(self.final_mod.register_forward_hook(self._final_post(len(self.img_mods) + len(self.single_mods))))
 
+    def text_layout(self, tokens: Any) -> list[str] | None:
+        """Flux's context is the T5 encoder's output (CLIP-L only gives the pooled vector)."""
+        return ["t5xxl"]
+
+    def attention_observer(self, latent_hw: tuple[int, int], batch: int,
+                           columns_by_uuid: dict[Any, list[list[int]]]) -> JointAttentionObserver:
+        return JointAttentionObserver(self, latent_hw, self.patch_size, batch, columns_by_uuid)
+
     def _model_pre(self, _module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        x = args[0] if args else kwargs["x"]
+        context = kwargs.get("context", args[2] if len(args) > 2 else None)
+        image_tokens = math.ceil(x.shape[-2] / self.patch_size) * math.ceil(x.shape[-1] / self.patch_size)
+        text_tokens = int(context.shape[1]) if torch.is_tensor(context) and context.ndim == 3 else 0
+        self.forward_tokens = (text_tokens, image_tokens, (int(x.shape[-2]), int(x.shape[-1])))
         if self._inverse is None:
             return
-        x = args[0] if args else kwargs["x"]
         if x.ndim != 4 or x.shape[0] != self._rows or tuple(x.shape[-2:]) != tuple(self._inverse.shape[-2:]):
             raise RuntimeError(
                 f"PerTokenTimesteps: the Flux input has shape {tuple(x.shape)} but the timestep map is "
@@ -91,7 +104,7 @@ class PerTokenTimesteps(TimeHooks):
             )
         idx = token_index(self._inverse.to(x.device), self.patch_size)
         self._token_idx = idx.repeat(self._rows // idx.shape[0], 1)  # (B', L_img)
-        self._image_tokens = math.ceil(x.shape[-2] / self.patch_size) * math.ceil(x.shape[-1] / self.patch_size)
+        self._image_tokens = image_tokens
         self._captured = {}
         self._vec_table = None
         self._lengths = None
@@ -100,7 +113,8 @@ class PerTokenTimesteps(TimeHooks):
 
     def _model_post(self, _module: torch.nn.Module, _args: tuple, _output: Any) -> None:
         self._end_forward("modulation layers", "A compiled graph, or another pack replacing the blocks, bypasses "
-                          "them; disable that for asynchronous sampling.")
+                          "them; disable that for asynchronous sampling.",
+                          skippable=len(self.img_mods) + len(self.single_mods))
 
     def _capture(self, name: str) -> Any:
         def hook(_module: torch.nn.Module, _args: tuple, output: torch.Tensor) -> None:

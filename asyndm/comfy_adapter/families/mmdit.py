@@ -18,11 +18,13 @@ context blocks are not touched. With no map set every swapped method calls the o
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
 from ..errors import SUPPORTED_FAMILIES, UnsupportedModelError
+from ..joint_attention import JointAttentionObserver
 from .base import TimeHooks, gather_tokens, token_index
 
 __all__ = ["PerTokenTimestepsMMDiT"]
@@ -98,10 +100,28 @@ class PerTokenTimestepsMMDiT(TimeHooks):
                 self._handles.append(_MethodSwap(block, name, self._swapped(name, block, original, i)))
         self._handles.append(dm.final_layer.register_forward_hook(self._final_post(len(self.x_blocks))))
 
+    def text_layout(self, tokens: Any) -> list[str] | None:
+        """SD3's context is CLIP-L/G (77-token chunks, side by side in channels) then T5, each if loaded."""
+        loaded = tokens.encoders if tokens.encoders is not None else tuple(tokens.streams)
+        layout = []
+        if "l" in tokens.streams and ("l" in loaded or "g" in loaded):
+            layout.append("l")
+        if "t5xxl" in tokens.streams and "t5xxl" in loaded:
+            layout.append("t5xxl")
+        return layout
+
+    def attention_observer(self, latent_hw: tuple[int, int], batch: int,
+                           columns_by_uuid: dict[Any, list[list[int]]]) -> JointAttentionObserver:
+        return JointAttentionObserver(self, latent_hw, self.patch_size, batch, columns_by_uuid)
+
     def _model_pre(self, _module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        x = args[0] if args else kwargs["x"]
+        context = kwargs.get("context")
+        image_tokens = math.ceil(x.shape[-2] / self.patch_size) * math.ceil(x.shape[-1] / self.patch_size)
+        text_tokens = int(context.shape[1]) if torch.is_tensor(context) and context.ndim == 3 else 0
+        self.forward_tokens = (text_tokens, image_tokens, (int(x.shape[-2]), int(x.shape[-1])))
         if self._inverse is None:
             return
-        x = args[0] if args else kwargs["x"]
         if x.ndim != 4 or x.shape[0] != self._rows or tuple(x.shape[-2:]) != tuple(self._inverse.shape[-2:]):
             raise RuntimeError(
                 f"{type(self).__name__}: the SD3 input has shape {tuple(x.shape)} but the timestep map is "
@@ -116,7 +136,8 @@ class PerTokenTimestepsMMDiT(TimeHooks):
 
     def _model_post(self, _module: torch.nn.Module, _args: tuple, _output: Any) -> None:
         self._end_forward("image blocks and final layer", "A compiled graph, or another pack replacing the "
-                          "joint blocks' methods, bypasses them; disable that for asynchronous sampling.")
+                          "joint blocks' methods, bypasses them; disable that for asynchronous sampling.",
+                          skippable=len(self.x_blocks))
 
     def _capture(self, name: str) -> Any:
         def hook(_module: torch.nn.Module, _args: tuple, output: torch.Tensor) -> None:

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from comfy.ldm.modules.diffusionmodules import openaimodel
 
+from ..attention import AttentionObserver, attn2_modules, capture_grid
 from ..errors import SUPPORTED_FAMILIES, UnsupportedModelError
 from . import unwrap
 from .base import TimeHooks
@@ -112,6 +113,11 @@ class PerPixelTimesteps(TimeHooks):
         self.unet = unwrap(diffusion_model)
         self.blocks = unet_resblocks(self.unet)
         super().__init__()
+
+    def attention_observer(self, latent_hw: tuple[int, int], batch: int,
+                           columns_by_uuid: dict[Any, list[list[int]]]) -> AttentionObserver:
+        """Cross-attention (attn2) at 1/4 of the latent size, as the paper reads it."""
+        return AttentionObserver(attn2_modules(self.unet), capture_grid(latent_hw), latent_hw, batch, columns_by_uuid)
 
     # --------------------------------------------------------------------------------- hooks
     def _install(self) -> None:
