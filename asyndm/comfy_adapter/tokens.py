@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["PromptTokens", "TokenStream", "prompt_tokens", "split_words", "KEY", "UnknownWordError"]
+__all__ = ["PromptTokens", "Segment", "TokenStream", "prompt_tokens", "split_words", "KEY", "UnknownWordError"]
 
 KEY = "asyndm_prompt_tokens"  # where the conditioning dict keeps a PromptTokens
 _WORD = re.compile(r"[\w'-]+", re.UNICODE)
@@ -44,18 +44,41 @@ class TokenStream:
         """How many context columns this stream fills (all chunks, padding included)."""
         return sum(len(chunk) for chunk in self.chunks)
 
-    def find(self, words: Sequence[str]) -> list[int] | None:
-        """Columns of the words' tokens, consecutive, first occurrence; None if absent."""
+    def find(self, words: Sequence[str], begin: int = 0) -> list[int] | None:
+        """Columns of the words' tokens, consecutive, first occurrence at or after ``begin``; None if absent."""
         if any(w not in self.word_ids for w in words):
             return None
         needle = [t for w in words for t in self.word_ids[w]]
         offset = 0
         for chunk in self.chunks:
-            for start in range(len(chunk) - len(needle) + 1):
+            for start in range(max(begin - offset, 0), len(chunk) - len(needle) + 1):
                 if chunk[start : start + len(needle)] == needle:
                     return [offset + start + j for j in range(len(needle))]
             offset += len(chunk)
         return None
+
+
+@dataclass(frozen=True)
+class Segment:
+    """How one tokenizer stream lands in a model's text context.
+
+    ``drop_front`` tokens of the stream are not in the context (a chat template the encoder trims),
+    ``pad_front`` columns come before the stream's tokens (left padding, or registers the model
+    prepends), and at most ``keep`` tokens remain (None: all).
+    """
+
+    stream: str
+    drop_front: int = 0
+    pad_front: int = 0
+    keep: int | None = None
+
+    def kept(self, stream: TokenStream) -> int:
+        rest = max(stream.length - self.drop_front, 0)
+        return rest if self.keep is None else min(rest, self.keep)
+
+    def width(self, stream: TokenStream) -> int:
+        """Context columns this segment fills."""
+        return self.pad_front + self.kept(stream)
 
 
 class PromptTokens:
@@ -75,38 +98,41 @@ class PromptTokens:
         self.default_stream = sorted(self.streams)[0]
         self.encoders = encoders
 
-    def _layout(self, layout: Sequence[str] | None) -> list[str]:
-        names = [self.default_stream] if layout is None else list(layout)
+    def _layout(self, layout: Sequence[str | Segment] | None) -> list[Segment]:
+        segments = [Segment(self.default_stream)] if layout is None else [
+            item if isinstance(item, Segment) else Segment(item) for item in layout]
+        names = [seg.stream for seg in segments]
         missing = [name for name in names if name not in self.streams]
         if missing or not names:
             raise ValueError(
                 f"the prompt was encoded with a CLIP whose tokenizers are {', '.join(sorted(self.streams))}, but this "
                 f"model reads {', '.join(names) or 'none'}: encode it with the text encoders this model uses"
             )
-        return names
+        return segments
 
-    def context_length(self, layout: Sequence[str] | None = None) -> int:
+    def context_length(self, layout: Sequence[str | Segment] | None = None) -> int:
         """The context columns the streams of this layout fill, in order."""
-        return sum(self.streams[name].length for name in self._layout(layout))
+        return sum(seg.width(self.streams[seg.stream]) for seg in self._layout(layout))
 
-    def columns(self, phrase: str, layout: Sequence[str] | None = None) -> list[int]:
+    def columns(self, phrase: str, layout: Sequence[str | Segment] | None = None) -> list[int]:
         """Context columns of a key word or phrase (all its tokens, first occurrence in every stream of
-        the layout, each stream's columns offset by the streams before it)."""
+        the layout, each stream's columns offset by the segments before it)."""
         words = split_words(phrase)
         if not words:
             raise UnknownWordError("a key word is empty: give words of the prompt separated by commas")
-        names = self._layout(layout)
+        segments = self._layout(layout)
         listing = ", ".join(dict.fromkeys(self.words))
-        if any(w not in self.word_ids and all(w not in self.streams[n].word_ids for n in names) for w in words):
+        if any(w not in self.word_ids and all(w not in self.streams[seg.stream].word_ids for seg in segments)
+               for w in words):
             raise UnknownWordError(f"key word {phrase!r} is not in the prompt; its words are: {listing}")
         found: list[int] = []
         offset = 0
-        for name in names:
-            stream = self.streams[name]
-            cols = stream.find(words)
-            if cols is not None:
-                found += [offset + c for c in cols]
-            offset += stream.length
+        for seg in segments:
+            stream = self.streams[seg.stream]
+            cols = stream.find(words, begin=seg.drop_front)
+            if cols is not None and cols[-1] < seg.drop_front + seg.kept(stream):
+                found += [offset + seg.pad_front + c - seg.drop_front for c in cols]
+            offset += seg.width(stream)
         if not found:
             raise UnknownWordError(
                 f"key word {phrase!r} was not found as consecutive tokens of the prompt; its words are: {listing}"

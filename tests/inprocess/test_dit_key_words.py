@@ -201,3 +201,19 @@ def test_sd3_key_words_from_the_text_node_dynamic_static_and_the_mask_node(sd3_c
 
 def test_flux_text_width_is_shrunk_consistently():
     assert FLUX_TEXT_DIM == build_flux(True).model.diffusion_model.txt_in.in_features
+
+
+def test_segments_drop_a_template_and_pad_in_front(flux_tokens):
+    """A stream whose first tokens the encoder trims (a chat template) and that is left-padded: the
+    word is searched after the dropped part and its column moves by pad - drop."""
+    from asyndm.comfy_adapter.tokens import Segment
+
+    plain = flux_tokens.columns("rabbit", ["t5xxl"])[0]
+    length = flux_tokens.context_length(["t5xxl"])
+    seg = Segment("t5xxl", drop_front=2, pad_front=5)
+    assert flux_tokens.columns("rabbit", [seg]) == [plain - 2 + 5]
+    assert flux_tokens.context_length([seg]) == length - 2 + 5
+    # "a" is at columns 0-1 and again later: a dropped first occurrence is not used
+    assert flux_tokens.columns("a", [Segment("t5xxl", drop_front=1)]) == [3, 4]
+    with pytest.raises(UnknownWordError, match="not found as consecutive tokens"):
+        flux_tokens.columns("rabbit", [Segment("t5xxl", keep=3)])

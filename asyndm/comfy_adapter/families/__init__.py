@@ -11,7 +11,7 @@ family-agnostic:
   patch, so that a token's timestep and its pixels' updates agree;
 - ``family``: the family's name, for messages.
 
-A next family is one new module here and one line in ``time_adapter``.
+A next family is one new module here (with ``adapter_for``) and its name in ``FAMILY_MODULES``.
 """
 
 from __future__ import annotations
@@ -31,21 +31,20 @@ def unwrap(module: torch.nn.Module) -> torch.nn.Module:
     return inner if isinstance(inner, torch.nn.Module) else module
 
 
+# The family modules, tried in order; each has ``adapter_for(diffusion_model) -> TimeHooks | None``
+# (None: not its family). A next family is one module here and one name in this tuple.
+FAMILY_MODULES = ("unet", "flux", "mmdit")
+
+
 def time_adapter(diffusion_model: torch.nn.Module) -> Any:
     """The adapter for this model's family, after refusing what it cannot serve (by name)."""
-    from comfy.ldm.flux.model import Flux
-    from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT, OpenAISignatureMMDITWrapper
-    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
-
-    from . import flux, mmdit, unet
+    import importlib
 
     dm = unwrap(diffusion_model)
-    if isinstance(dm, UNetModel):
-        return unet.PerPixelTimesteps(dm)
-    if type(dm) is Flux:
-        return flux.PerTokenTimesteps(dm)
-    if type(dm) in (MMDiT, OpenAISignatureMMDITWrapper):
-        return mmdit.PerTokenTimestepsMMDiT(dm)
+    for name in FAMILY_MODULES:
+        adapter = importlib.import_module(f"{__name__}.{name}").adapter_for(dm)
+        if adapter is not None:
+            return adapter
     raise UnsupportedModelError(
         f"per-pixel timesteps are not supported for {type(dm).__module__}.{type(dm).__name__}. "
         f"Supported: {SUPPORTED_FAMILIES}."

@@ -27,13 +27,22 @@ from ..errors import SUPPORTED_FAMILIES, UnsupportedModelError
 from ..joint_attention import JointAttentionObserver
 from .base import TimeHooks, gather_tokens, token_index
 
-__all__ = ["PerTokenTimesteps", "token_index"]  # token_index re-exported for tests
+__all__ = ["PerTokenTimesteps", "adapter_for", "token_index"]  # token_index re-exported for tests
 
 TIME_EMBED_DIM = 256  # Flux embeds its timestep (and guidance) with 256 sinusoidal features
 
 
 def _unsupported(what: str) -> UnsupportedModelError:
     return UnsupportedModelError(f"per-token timesteps are not supported for {what}. Supported: {SUPPORTED_FAMILIES}.")
+
+
+def adapter_for(diffusion_model: torch.nn.Module) -> PerTokenTimesteps | None:
+    """The Flux adapter for ComfyUI's Flux class itself (Flux.2 and Chroma-like layouts are refused by name)."""
+    from comfy.ldm.flux.model import Flux
+
+    if type(diffusion_model) is Flux:
+        return PerTokenTimesteps(diffusion_model)
+    return None
 
 
 class PerTokenTimesteps(TimeHooks):

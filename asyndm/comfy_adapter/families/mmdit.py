@@ -27,7 +27,7 @@ from ..errors import SUPPORTED_FAMILIES, UnsupportedModelError
 from ..joint_attention import JointAttentionObserver
 from .base import TimeHooks, gather_tokens, token_index
 
-__all__ = ["PerTokenTimestepsMMDiT"]
+__all__ = ["PerTokenTimestepsMMDiT", "adapter_for"]
 
 SWAPPED = ("pre_attention", "post_attention", "pre_attention_x", "post_attention_x")
 
@@ -56,6 +56,15 @@ class _MethodSwap:
                 delattr(self.owner, self.name)
             except AttributeError:
                 pass
+
+
+def adapter_for(diffusion_model: torch.nn.Module) -> PerTokenTimestepsMMDiT | None:
+    """The SD3 adapter for ComfyUI's MMDiT (SD3, SD3.5); AuraFlow's MMDiT is another class."""
+    from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT, OpenAISignatureMMDITWrapper
+
+    if type(diffusion_model) in (MMDiT, OpenAISignatureMMDITWrapper):
+        return PerTokenTimestepsMMDiT(diffusion_model)
+    return None
 
 
 class PerTokenTimestepsMMDiT(TimeHooks):

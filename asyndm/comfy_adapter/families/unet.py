@@ -25,11 +25,18 @@ from ..errors import SUPPORTED_FAMILIES, UnsupportedModelError
 from . import unwrap
 from .base import TimeHooks
 
-__all__ = ["PerPixelTimesteps", "block_index_map", "unet_resblocks"]
+__all__ = ["PerPixelTimesteps", "adapter_for", "block_index_map", "unet_resblocks"]
 
 
 def _unsupported(what: str) -> UnsupportedModelError:
     return UnsupportedModelError(f"per-pixel timesteps are not supported for {what}. Supported: {SUPPORTED_FAMILIES}.")
+
+
+def adapter_for(diffusion_model: torch.nn.Module) -> PerPixelTimesteps | None:
+    """The UNet adapter for ComfyUI's openaimodel.UNetModel (refusing the variants it cannot serve)."""
+    if isinstance(diffusion_model, openaimodel.UNetModel):
+        return PerPixelTimesteps(diffusion_model)
+    return None
 
 
 def unet_resblocks(diffusion_model: torch.nn.Module) -> list[openaimodel.ResBlock]:
