@@ -1,6 +1,7 @@
 """Observe the key words' attention inside a transformer's joint attention, without changing it.
 
-Flux and SD3 attend over one sequence [text tokens, image tokens]. Installed as ComfyUI's
+Flux and SD3 attend over one sequence [text tokens, image tokens] (some families put the image
+first: ``image_first``). Installed as ComfyUI's
 ``transformer_options["optimized_attention_override"]`` (every ``optimized_attention`` call that
 carries transformer_options goes through it, with q and k after q/k-norm and RoPE), the observer
 takes each call's image queries and text keys, for the conditional rows, and computes
@@ -30,8 +31,9 @@ class JointAttentionObserver:
     """optimized_attention_override that accumulates per-image, per-item attention maps for one step."""
 
     def __init__(self, lengths: Any, latent_hw: tuple[int, int], patch_size: int, batch: int,
-                 columns_by_uuid: dict[Any, list[list[int]]]) -> None:
+                 columns_by_uuid: dict[Any, list[list[int]]], *, image_first: bool = False) -> None:
         self.lengths = lengths  # .forward_tokens: (text, image, (h, w)) of the forward being run
+        self.image_first = image_first  # sequence [image, text] (HiDream, HunyuanImage) instead of [text, image]
         self.latent_hw = latent_hw
         h, w = latent_hw
         self.grid = (math.ceil(h / patch_size), math.ceil(w / patch_size))
@@ -99,8 +101,10 @@ class JointAttentionObserver:
             if columns is None:
                 continue
             sl = slice(o * rows, (o + 1) * rows)
-            q_img = q[sl, :, text:text + image]
-            k_txt = k[sl, :, :text]
+            if self.image_first:
+                q_img, k_txt = q[sl, :, :image], k[sl, :, image:image + text]
+            else:
+                q_img, k_txt = q[sl, :, text:text + image], k[sl, :, :text]
             probs = torch.zeros(rows, image, text, device=q.device, dtype=torch.float32)
             for h0 in range(0, q.shape[1], HEAD_CHUNK):
                 logits = q_img[:, h0:h0 + HEAD_CHUNK].float() @ k_txt[:, h0:h0 + HEAD_CHUNK].float().transpose(-1, -2)

@@ -91,6 +91,13 @@ def test_the_observer_computes_image_to_text_attention():
     flat(lambda *a, **kw: None, q.transpose(1, 2).reshape(2 * batch, text + image, -1),
          k.transpose(1, 2).reshape(2 * batch, text + image, -1), None, heads, transformer_options=options)
     assert torch.allclose(flat.mean().double(), want, atol=1e-6)
+    # the same sequence with the image first
+    first = JointAttentionObserver(Lengths(), (4, 6), 2, batch, {"u": [[1], [3, 4]]}, image_first=True)
+    first.enabled = True
+    swap = torch.cat([torch.arange(text, text + image), torch.arange(text)])
+    first(lambda *a, **kw: None, q[:, :, swap], k[:, :, swap], None, heads, skip_reshape=True,
+          transformer_options=options)
+    assert torch.allclose(first.mean().double(), want, atol=1e-6)
     # image-only calls (SD3.5 medium's self-attention) are not joint attention
     flat.reset()
     flat(lambda *a, **kw: None, q[:, :, text:], k[:, :, text:], None, heads, skip_reshape=True,
