@@ -23,7 +23,7 @@ about 95 s on the 2-core machines (58 s for the checkpoint alone, CLIP-G is 694M
 slow for this module, so by default the SD1.5 test checkpoint stands in for it (at 128x128).
 
 The browser part (tests/server/browser/run_workflows.mjs, headless Chromium as in
-test_frontend.py, one page for all nine, 3 to 4 minutes on the 2-core machines) takes every
+test_frontend.py, one page for all nine, 1 to 2.5 minutes on the 2-core machines) takes every
 workflow through what a user does with it in the real frontend:
 
 - loads it from the template URL the frontend uses and compares graphToPrompt with the converter;
