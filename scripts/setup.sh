@@ -92,7 +92,7 @@ dit_key="$("$PY" "$ROOT/scripts/make_dit_models.py" --cache-key --comfyui "$COMF
 DIT="$CACHE/dit-models-$dit_key"
 if [ ! -f "$DIT/.complete" ]; then
   log "writing the random-weight Flux and SD3.5 models into $DIT (about 2.1 GB, once)"
-  tmp="$(mktemp -d "$CACHE/dit-models.XXXXXX")"
+  tmp="$(mktemp -d "$CACHE/dit-models.XXXXXX")" && chmod 755 "$tmp"   # mktemp makes it 0700
   "$PY" "$ROOT/scripts/make_dit_models.py" --out "$tmp" --comfyui "$COMFY" --check
   touch "$tmp/.complete"
   rm -rf "$DIT"
