@@ -40,10 +40,15 @@ class ComfyServer:
     """A ComfyUI server process (use as a context manager)."""
 
     def __init__(self, run_dir: Path, *, port: int | None = None, models_config: Path | None = None,
-                 extra_args: list[str] | None = None, python: str | None = None) -> None:
+                 extra_args: list[str] | None = None, python: str | None = None,
+                 extra_paths_configs: list[Path] | None = None, extra_custom_nodes: list[str] | None = None) -> None:
+        """extra_paths_configs: more extra_model_paths.yaml files (they may add custom_nodes folders);
+        extra_custom_nodes: custom node folder or file names to load besides this pack."""
         self.run_dir = Path(run_dir)
         self.port = port or free_port()
         self.models_config = models_config or (DEV / "extra_model_paths.yaml")
+        self.extra_paths_configs = list(extra_paths_configs or [])
+        self.extra_custom_nodes = list(extra_custom_nodes or [])
         self.extra_args = extra_args or []
         self.python = python or sys.executable
         self.proc: subprocess.Popen[bytes] | None = None
@@ -64,11 +69,12 @@ class ComfyServer:
         cmd = [
             self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
             "--disable-auto-launch", "--disable-api-nodes",
-            "--disable-all-custom-nodes", "--whitelist-custom-nodes", PACK_LINK_NAME,
+            "--disable-all-custom-nodes", "--whitelist-custom-nodes", PACK_LINK_NAME, *self.extra_custom_nodes,
             "--database-url", f"sqlite:///{self.run_dir / 'comfyui.db'}",
             "--output-directory", str(self.run_dir / "out"), "--temp-directory", str(self.run_dir / "tmp"),
             "--input-directory", str(self.run_dir / "in"), "--user-directory", str(self.run_dir / "user"),
-            "--extra-model-paths-config", str(self.models_config), *self.extra_args,
+            "--extra-model-paths-config", str(self.models_config), *map(str, self.extra_paths_configs),
+            *self.extra_args,
         ]
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, cwd=comfy, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -150,31 +150,46 @@ def _owner_modules(module: Any) -> dict[str, Any]:
     return owners
 
 
-def random_state_dict(module: Any, component: str, seed: int, scalars: dict[str, float] | None = None) -> dict[str, Any]:
+def _is_norm(owner: Any) -> bool:
+    """GroupNorm, LayerNorm, BatchNorm, and the RMSNorm classes of torch and of ComfyUI's DiTs
+    (Flux keeps its weight as ``scale``, MMDiT and ComfyUI's ops as ``weight``)."""
+    import torch
+
+    norms = (torch.nn.GroupNorm, torch.nn.LayerNorm, torch.nn.BatchNorm2d)
+    return isinstance(owner, norms) or type(owner).__name__.endswith("RMSNorm")
+
+
+def random_state_dict(module: Any, component: str, seed: int, scalars: dict[str, float] | None = None,
+                      values: dict[str, Any] | None = None) -> dict[str, Any]:
     """Values for every entry of ``module``'s state dict (which may live on the meta device).
 
     Conv/Linear weights: normal, std 1/sqrt(fan_in). Embeddings: normal, std 1/sqrt(2) (token
-    and position embeddings are summed). Norm weights: ones. Biases: zeros. Named scalars:
-    their real values. Anything else is an error, so no tensor is ever left uninitialised.
-    Returned tensors are float16 on the CPU.
+    and position embeddings are summed). Norm weights (and RMSNorm scales): ones. Biases: zeros.
+    Named scalars: their real values. ``values``: given tensors for the keys it names (fixed
+    tables such as a sin-cos position embedding). Anything else is an error, so no tensor is
+    ever left uninitialised. Returned tensors are float16 on the CPU.
     """
     import torch
 
     scalars = {**SCALAR_VALUES, **(scalars or {})}
+    values = values or {}
     owners = _owner_modules(module)
-    norms = (torch.nn.GroupNorm, torch.nn.LayerNorm, torch.nn.BatchNorm2d)
     out = {}
     for key, ref in module.state_dict().items():
         shape = tuple(ref.shape)
         leaf = key.rsplit(".", 1)[-1]
         owner = owners.get(key)
-        if len(shape) == 0:
+        if key in values:
+            value = torch.as_tensor(values[key], dtype=torch.float32)
+            if tuple(value.shape) != shape:
+                raise ValueError(f"{component}:{key}: given shape {tuple(value.shape)}, the module has {shape}")
+        elif len(shape) == 0:
             if leaf not in scalars:
                 raise ValueError(f"no value defined for scalar {component}:{key}")
             value = torch.tensor(float(scalars[leaf]))
         elif leaf == "bias":
             value = torch.zeros(shape)
-        elif isinstance(owner, norms):
+        elif _is_norm(owner):
             value = torch.ones(shape)
         elif isinstance(owner, torch.nn.Embedding):
             gen = torch.Generator().manual_seed(tensor_seed(seed, component, key))

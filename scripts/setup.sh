@@ -86,12 +86,32 @@ fi
 
 # 4. Default models (random weights, fixed seed) and the paths ComfyUI reads them from -----------
 "$PY" "$ROOT/scripts/make_models.py" --out "$DEV/models" --comfyui "$COMFY"
+# Random-weight Flux (dev, schnell) and SD3.5 (large, medium) files for the DiT tests, about 2.1 GB: built
+# once into the cache (about 15 s), keyed by the builder and the ComfyUI files that define their layouts.
+dit_key="$("$PY" "$ROOT/scripts/make_dit_models.py" --cache-key --comfyui "$COMFY")"
+DIT="$CACHE/dit-models-$dit_key"
+if [ ! -f "$DIT/.complete" ]; then
+  log "writing the random-weight Flux and SD3.5 models into $DIT (about 2.1 GB, once)"
+  tmp="$(mktemp -d "$CACHE/dit-models.XXXXXX")" && chmod 755 "$tmp"   # mktemp makes it 0700
+  "$PY" "$ROOT/scripts/make_dit_models.py" --out "$tmp" --comfyui "$COMFY" --check
+  touch "$tmp/.complete"
+  rm -rf "$DIT"
+  # another set-up sharing the cache may have finished first: then keep its copy
+  mv -T "$tmp" "$DIT" 2>/dev/null || [ -f "$DIT/.complete" ]
+  rm -rf "$tmp"
+fi
+ln -sfn "$DIT" "$DEV/dit-models"
 cat > "$DEV/extra_model_paths.yaml" <<YAML
 asyndm_dev:
     base_path: $DEV/models
     checkpoints: checkpoints
     vae_approx: vae_approx
     asyndm_schedulers: asyndm_schedulers
+asyndm_dit:
+    base_path: $DEV/dit-models
+    checkpoints: checkpoints
+    diffusion_models: diffusion_models
+    vae: vae
 YAML
 # 5. The newest frontend, for the browser tests (static files only; 29 MB wheel, 120 MB unpacked) ----
 fe_dir="$CACHE/frontend-$NEWEST_FRONTEND_VERSION"

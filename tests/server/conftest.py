@@ -20,6 +20,11 @@ from comfy_server import ComfyServer  # noqa: E402
 
 MODELS_CONFIG = REPO_ROOT / ".dev" / "extra_model_paths.yaml"
 DEFAULT_CKPT = "asyndm-random-sd15.safetensors"
+# The test-only custom node (tests/server/comfy_nodes/asyndm_test_conditioning.py: seeded Flux / SD3
+# conditioning in place of the T5-XXL and CLIP-G encoders), loaded by every test server and nothing else.
+TEST_NODES_CONFIG = Path(__file__).resolve().parent / "comfy_nodes.yaml"
+TEST_NODES = ["asyndm_test_conditioning.py"]
+TEST_CONDITIONING = "TestOnlyDiTConditioning"
 
 
 # Headless Chromium + playwright-core, installed by scripts/setup_browser.sh (the browser tests).
@@ -44,11 +49,12 @@ def require_browser_tools() -> None:
 
 @contextlib.contextmanager
 def running_server(run_dir: Path, extra_args: list[str] | None = None) -> Iterator[ComfyServer]:
-    """A ComfyUI server with this pack and the default models, in run_dir; always stopped."""
+    """A ComfyUI server with this pack, the test-only conditioning node and the default models, in run_dir;
+    always stopped."""
     if not MODELS_CONFIG.exists():
         pytest.fail("no .dev/extra_model_paths.yaml: run scripts/setup.sh first (scripts/test.sh does)")
     srv = ComfyServer(run_dir, models_config=MODELS_CONFIG, python=os.environ.get("ASYNDM_PYTHON", sys.executable),
-                      extra_args=extra_args)
+                      extra_args=extra_args, extra_paths_configs=[TEST_NODES_CONFIG], extra_custom_nodes=TEST_NODES)
     srv.start()
     try:
         yield srv

@@ -5,13 +5,25 @@ own mapping, checked against the frontend's graphToPrompt in the browser test be
 the random-weight test models, shrunk (64x64 latents, 3 steps) and queued through POST /prompt;
 each SaveImage / PreviewImage must then have written non-flat images of the expected size.
 
+The Flux and SD3.5 workflows (asyndm_flux, asyndm_sd35) are what a user runs with the real models
+(flux1-dev.safetensors, sd3.5_large.safetensors, clip_l / clip_g / t5xxl_fp16.safetensors, ae.safetensors).
+For the tests their loaders point at the random-weight files of scripts/make_dit_models.py, and -- the
+one change to the graph itself -- THEIR TEXT ENCODERS ARE REPLACED: T5-XXL and CLIP-G cannot be built on
+these machines, so with_test_conditioning() removes the DualCLIPLoader / TripleCLIPLoader and puts the test-only
+node TestOnlyDiTConditioning (tests/server/comfy_nodes/asyndm_test_conditioning.py: seeded conditioning of
+the shapes those encoders give) in place of each text-encode node, with the same node id and the same
+output links. Everything else (the pack's nodes, FluxGuidance, masks, sampler, VAE decode) runs as shipped.
+The API runs and the browser runs below both use that variant (the browser loads the template as the
+template browser does, then opens the variant in the same tab); the template itself is what the
+frontend's graphToPrompt is compared on.
+
 The SDXL workflow runs on an SDXL random checkpoint when the model folders hold one
 (`asyndm-random-sdxl.safetensors`, from `scripts/make_models.py --sdxl`); writing that file takes
 about 95 s on the 2-core machines (58 s for the checkpoint alone, CLIP-G is 694M parameters), too
 slow for this module, so by default the SD1.5 test checkpoint stands in for it (at 128x128).
 
 The browser part (tests/server/browser/run_workflows.mjs, headless Chromium as in
-test_frontend.py, one page for all seven, 2 to 3 minutes on the 2-core machines) takes every
+test_frontend.py, one page for all nine, 1 to 2.5 minutes on the 2-core machines) takes every
 workflow through what a user does with it in the real frontend:
 
 - loads it from the template URL the frontend uses and compares graphToPrompt with the converter;
@@ -45,7 +57,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import REPO_ROOT
-from tests.server.conftest import CHROMIUM, DEFAULT_CKPT, NODE_DIR, require_browser_tools
+from tests.server.conftest import CHROMIUM, DEFAULT_CKPT, NODE_DIR, TEST_CONDITIONING, require_browser_tools
 from tests.server.workflow_convert import (
     FRONTEND_ONLY,
     NOTE_TYPES,
@@ -68,11 +80,29 @@ EXPECTED = {
     "asyndm_sync_vs_async",
     "asyndm_sdxl",
     "asyndm_sampler_custom_advanced",
+    "asyndm_flux",
+    "asyndm_sd35",
 }
-# Checkpoint names users actually have (what the workflows ship with).
-REAL_CKPTS = {"v1-5-pruned-emaonly-fp16.safetensors": "sd15", "sd_xl_base_1.0.safetensors": "sdxl"}
+# Model names users actually have (what the workflows ship with), by loader, with their family.
+REAL_CKPTS = {"v1-5-pruned-emaonly-fp16.safetensors": "sd15", "sd_xl_base_1.0.safetensors": "sdxl",
+              "sd3.5_large.safetensors": "sd35"}
+REAL_UNETS = {"flux1-dev.safetensors": "flux"}
+REAL_VAES = {"ae.safetensors": "flux"}
+REAL_TEXT_ENCODERS = {"clip_l.safetensors", "clip_g.safetensors", "t5xxl_fp16.safetensors"}
+# Each loader's model widget, and the models folder its file goes in.
+MODEL_WIDGETS = {"CheckpointLoaderSimple": (("ckpt_name",), "checkpoints"), "UNETLoader": (("unet_name",), "diffusion_models"),
+                 "VAELoader": (("vae_name",), "vae"), "DualCLIPLoader": (("clip_name1", "clip_name2"), "text_encoders"),
+                 "TripleCLIPLoader": (("clip_name1", "clip_name2", "clip_name3"), "text_encoders")}
+FAMILY = {"asyndm_sdxl": "sdxl", "asyndm_flux": "flux", "asyndm_sd35": "sd35"}  # the others: sd15
 SDXL_TEST_CKPT = "asyndm-random-sdxl.safetensors"
+# The random-weight files that stand in for the real ones (scripts/make_dit_models.py).
+TEST_CKPTS = {"sd35": "asyndm-random-sd35-large.safetensors"}
+TEST_UNETS = {"flux": "asyndm-random-flux-dev.safetensors"}
+TEST_VAES = {"flux": "asyndm-random-flux-vae.safetensors"}
 SIZE, SDXL_SIZE, STEPS = 64, 128, 3
+# Text encoders the test variants replace with TEST_CONDITIONING, by the CLIP loader that feeds them.
+TEXT_ENCODERS = {"CLIPTextEncode", "AsynDMTextEncode", "CLIPTextEncodeFlux"}
+CLIP_LOADER_FAMILY = {"DualCLIPLoader": "flux", "TripleCLIPLoader": "sd3"}
 # What each workflow must contain (the brief of each example).
 REQUIRED_NODES = {
     "asyndm_sd15_text_to_image": {"CheckpointLoaderSimple", "AsynDMTextEncode", "CLIPTextEncode", "AsynDMKSampler",
@@ -85,6 +115,10 @@ REQUIRED_NODES = {
     "asyndm_sdxl": {"CheckpointLoaderSimple", "AsynDMTextEncode", "AsynDMKSampler", "SaveImage"},
     "asyndm_sampler_custom_advanced": {"AsynDMSampler", "BasicScheduler", "CFGGuider", "RandomNoise",
                                        "SamplerCustomAdvanced", "SaveImage"},
+    "asyndm_flux": {"UNETLoader", "DualCLIPLoader", "VAELoader", "AsynDMTextEncode", "FluxGuidance", "EmptySD3LatentImage",
+                    "SolidMask", "MaskComposite", "AsynDMMaskToTimestepMap", "AsynDMKSampler", "VAEDecode", "SaveImage"},
+    "asyndm_sd35": {"CheckpointLoaderSimple", "TripleCLIPLoader", "AsynDMTextEncode", "CLIPTextEncode", "EmptySD3LatentImage",
+                    "SolidMask", "MaskComposite", "AsynDMMaskToTimestepMap", "AsynDMKSampler", "VAEDecode", "SaveImage"},
 }
 
 BROWSER_SCRIPT = Path(__file__).resolve().parent / "browser" / "run_workflows.mjs"
@@ -96,6 +130,44 @@ def load(name: str) -> dict[str, Any]:
 
 def nodes_of(workflow: dict[str, Any], kind: str) -> list[dict[str, Any]]:
     return [n for n in workflow["nodes"] if n["type"] == kind]
+
+
+def with_test_conditioning(workflow: dict[str, Any]) -> dict[str, Any]:
+    """The workflow as the tests run it (see the module docstring): every text-encode node fed by a
+    DualCLIPLoader / TripleCLIPLoader becomes a TEST_CONDITIONING node (same id, position and output links;
+    family from the loader, the node id as its seed), and those loaders and their links go. Workflows
+    without such loaders come back unchanged (a copy)."""
+    out = copy.deepcopy(workflow)
+    by_id = {n["id"]: n for n in out["nodes"]}
+    loaders = {n["id"]: CLIP_LOADER_FAMILY[n["type"]] for n in out["nodes"] if n["type"] in CLIP_LOADER_FAMILY}
+    if not loaders:
+        return out
+    dropped_links = {row[0] for row in out["links"] if row[1] in loaders}
+    for row in out["links"]:
+        if row[0] not in dropped_links:
+            continue
+        target = by_id[row[3]]
+        if target["type"] not in TEXT_ENCODERS:
+            raise ValueError(f"node {target['id']} ({target['type']}) takes a CLIP but is not a text encoder")
+        outputs = target["outputs"]
+        by_id[row[3]] = {
+            "id": target["id"], "type": TEST_CONDITIONING, "pos": target["pos"], "size": [315, 106], "flags": {},
+            "order": target["order"], "mode": 0,
+            "inputs": [{"localized_name": w, "name": w, "type": t, "widget": {"name": w}, "link": None}
+                       for w, t in (("family", "COMBO"), ("tokens", "INT"), ("values_seed", "INT"))],
+            "outputs": [{"localized_name": "CONDITIONING", "name": "CONDITIONING", "type": "CONDITIONING",
+                         "links": outputs[0]["links"]}],
+            "title": f"TEST ONLY: {target.get('title') or target['type']}",
+            "properties": {"Node name for S&R": TEST_CONDITIONING},
+            "widgets_values": [loaders[row[1]], 8, int(target["id"])],
+        }
+    out["nodes"] = [by_id[n["id"]] for n in out["nodes"] if n["id"] not in loaders]
+    out["links"] = [row for row in out["links"] if row[0] not in dropped_links]
+    return out
+
+
+def load_for_tests(name: str) -> dict[str, Any]:
+    return with_test_conditioning(load(name))
 
 
 @pytest.fixture(scope="module")
@@ -122,8 +194,16 @@ def settings_for_tests(workflow: dict[str, Any], object_info: dict[str, Any], se
     for node in workflow["nodes"]:
         kind = node["type"]
         if kind == "CheckpointLoaderSimple":
-            change(node, "ckpt_name", SDXL_TEST_CKPT if is_sdxl and not substituted else DEFAULT_CKPT)
-        elif kind == "EmptyLatentImage":
+            family = REAL_CKPTS.get(node["widgets_values"][0], "sd15")
+            if family in TEST_CKPTS:
+                change(node, "ckpt_name", TEST_CKPTS[family])
+            else:
+                change(node, "ckpt_name", SDXL_TEST_CKPT if is_sdxl and not substituted else DEFAULT_CKPT)
+        elif kind == "UNETLoader":
+            change(node, "unet_name", TEST_UNETS[REAL_UNETS[node["widgets_values"][0]]])
+        elif kind == "VAELoader":
+            change(node, "vae_name", TEST_VAES[REAL_VAES[node["widgets_values"][0]]])
+        elif kind in ("EmptyLatentImage", "EmptySD3LatentImage"):
             change(node, "width", size)
             change(node, "height", size)
         if kind in FRONTEND_ONLY or kind not in object_info:
@@ -152,7 +232,7 @@ def apply_settings(workflow: dict[str, Any], changes: dict[str, dict[str, Any]],
 
 
 def prompt_for_tests(name: str, object_info: dict[str, Any], seed_offset: int = 0) -> tuple[dict, dict]:
-    workflow = load(name)
+    workflow = load_for_tests(name)
     changes, facts = settings_for_tests(workflow, object_info, seed_offset)
     return convert(apply_settings(workflow, changes, object_info), object_info), facts
 
@@ -253,7 +333,7 @@ def test_converter_maps_widgets_links_reroutes_and_primitives() -> None:
 # The files.
 
 
-def test_the_seven_workflows_are_there() -> None:
+def test_the_nine_workflows_are_there() -> None:
     found = {p.stem for p in WORKFLOWS.glob("*.json")}
     assert found == EXPECTED, f"missing {sorted(EXPECTED - found)}, unexpected {sorted(found - EXPECTED)}"
 
@@ -281,14 +361,25 @@ def test_workflow_is_valid_ui_json(name: str, object_info: dict[str, Any]) -> No
     assert len(notes) == 1, f"{len(notes)} notes"
     text = notes[0]["widgets_values"][0]
     assert len(text) > 300 and "random-weight" in text and "noise" in text, text[:200]
-    # Real model names, with where to get them (the frontend's missing-models dialog offers the download).
-    for ckpt in nodes_of(wf, "CheckpointLoaderSimple"):
-        assert ckpt["widgets_values"][0] in REAL_CKPTS, ckpt["widgets_values"]
-        models = ckpt["properties"]["models"]
-        assert models[0]["name"] == ckpt["widgets_values"][0] and models[0]["url"].startswith("https://huggingface.co/")
-        assert models[0]["directory"] == "checkpoints"
-    expected_family = "sdxl" if name == "asyndm_sdxl" else "sd15"
-    assert {REAL_CKPTS[c["widgets_values"][0]] for c in nodes_of(wf, "CheckpointLoaderSimple")} == {expected_family}
+    # Real model names, with where to get them (the frontend's missing-models dialog offers the download), all
+    # of the workflow's family.
+    real = {"CheckpointLoaderSimple": REAL_CKPTS, "UNETLoader": REAL_UNETS, "VAELoader": REAL_VAES}
+    families = set()
+    for node in wf["nodes"]:
+        if node["type"] not in MODEL_WIDGETS:
+            continue
+        widgets, directory = MODEL_WIDGETS[node["type"]]
+        files = [widget_values(node, object_info[node["type"]])[w] for w in widgets]
+        listed = {m["name"]: m for m in node["properties"]["models"]}
+        assert sorted(listed) == sorted(files), (node["id"], node["type"], files, sorted(listed))
+        for file in files:
+            assert listed[file]["url"].startswith("https://huggingface.co/") and listed[file]["directory"] == directory, listed[file]
+            if node["type"] in real:
+                assert file in real[node["type"]], (node["type"], file)
+                families.add(real[node["type"]][file])
+            else:
+                assert file in REAL_TEXT_ENCODERS, (node["type"], file)
+    assert families == {FAMILY.get(name, "sd15")}, families
     prompt = convert(wf, object_info)  # every node's widget values match its definition
     assert output_nodes(prompt, object_info), "no output node"
 
@@ -322,14 +413,57 @@ def test_workflow_details(object_info: dict[str, Any]) -> None:
     edit = convert(load("asyndm_attention_mask_edit"), object_info)
     mt = next(n for n in edit.values() if n["class_type"] == "AsynDMMaskToTimestepMap")
     assert mt["inputs"]["mask_batch"] == "items" and edit[mt["inputs"]["mask"][0]]["class_type"] == "GrowMask"
+    for name in ("asyndm_flux", "asyndm_sd35"):  # a drawn-mask schedule on a 1024 x 1024 16-channel latent
+        p = convert(load(name), object_info)
+        sampler = next(n for n in p.values() if n["class_type"] == "AsynDMKSampler")
+        assert p[sampler["inputs"]["schedule"][0]]["class_type"] == "AsynDMMaskToTimestepMap", name
+        assert sampler["inputs"]["key_words"] == "" and sampler["inputs"]["sampler_name"] == "euler", name
+        latent = p[sampler["inputs"]["latent_image"][0]]
+        assert latent["class_type"] == "EmptySD3LatentImage" and (latent["inputs"]["width"], latent["inputs"]["height"]) == (1024, 1024)
+        assert p[sampler["inputs"]["positive"][0]]["class_type"] == ("FluxGuidance" if name == "asyndm_flux" else "AsynDMTextEncode")
+    flux = convert(load("asyndm_flux"), object_info)
+    sampler = next(n for n in flux.values() if n["class_type"] == "AsynDMKSampler")
+    assert flux[sampler["inputs"]["model"][0]]["class_type"] == "UNETLoader" and sampler["inputs"]["cfg"] == 1.0
+    guidance = flux[sampler["inputs"]["positive"][0]]
+    assert guidance["inputs"]["guidance"] == 3.5 and flux[guidance["inputs"]["conditioning"][0]]["class_type"] == "AsynDMTextEncode"
+    (dual,) = [n for n in flux.values() if n["class_type"] == "DualCLIPLoader"]
+    assert dual["inputs"]["type"] == "flux"
+    assert flux[next(n for n in flux.values() if n["class_type"] == "VAEDecode")["inputs"]["vae"][0]]["class_type"] == "VAELoader"
+    sd35 = convert(load("asyndm_sd35"), object_info)
+    sampler = next(n for n in sd35.values() if n["class_type"] == "AsynDMKSampler")
+    assert sd35[sampler["inputs"]["model"][0]]["class_type"] == "CheckpointLoaderSimple" and sampler["inputs"]["cfg"] > 1
+    for side in ("positive", "negative"):
+        encoder = sd35[sampler["inputs"][side][0]]
+        assert sd35[encoder["inputs"]["clip"][0]]["class_type"] == "TripleCLIPLoader", side
+
     loader = next(n for n in convert(load("asyndm_learned_scheduler"), object_info).values()
                   if n["class_type"] == "AsynDMSchedulerLoader")
     shipped = {p.name for p in (REPO_ROOT / "schedules").glob("*.safetensors")}
     assert loader["inputs"]["schedule_name"] in shipped, (loader["inputs"]["schedule_name"], shipped)
 
 
+def test_test_variants_replace_only_the_text_encoders(object_info: dict[str, Any]) -> None:
+    """What the tests run of the Flux and SD3.5 workflows is the template with its text-encoder part swapped
+    for the test conditioning node (and nothing else); the other workflows run as they are."""
+    for name in sorted(EXPECTED):
+        original, variant = convert(load(name), object_info), convert(load_for_tests(name), object_info)
+        if name not in ("asyndm_flux", "asyndm_sd35"):
+            assert variant == original, name
+            continue
+        family = "flux" if name == "asyndm_flux" else "sd3"
+        gone = {i for i, n in original.items() if n["class_type"] in CLIP_LOADER_FAMILY}
+        swapped = {i for i, n in original.items() if n["class_type"] in TEXT_ENCODERS}
+        assert gone and swapped and set(variant) == set(original) - gone, name
+        for node_id, node in variant.items():
+            if node_id in swapped:
+                assert node == {"class_type": TEST_CONDITIONING, "_meta": node["_meta"],
+                                "inputs": {"family": family, "tokens": 8, "values_seed": int(node_id)}}, node
+            else:
+                assert node["inputs"] == original[node_id]["inputs"], (name, node_id)
+
+
 def test_templates_are_listed_and_served(server) -> None:
-    """GET /workflow_templates lists the seven under the pack's folder name; the frontend fetches each from
+    """GET /workflow_templates lists the nine under the pack's folder name; the frontend fetches each from
     /api/workflow_templates/<pack>/<name>.json (workflows/api/ is not a template)."""
     listed = server.get("/workflow_templates")
     assert set(listed.get(PACK, [])) == EXPECTED, listed.get(PACK)
@@ -467,10 +601,10 @@ def pack_edits(workflow: dict[str, Any], object_info: dict[str, Any]) -> dict[st
 
 def reload_workflows() -> list[str]:
     """The workflows the page-reload check runs on: the first (in name order) with each of the pack's node
-    types that the workflows use. A reload costs about 5 s on the 2-core machines, so not all seven."""
+    types that the workflows use. A reload costs about 5 s on the 2-core machines, so not all nine."""
     chosen, covered = [], set()
     for name in sorted(EXPECTED):
-        types = {n["type"] for n in load(name)["nodes"] if n["type"].startswith(PACK_PREFIX)}
+        types = {n["type"] for n in load_for_tests(name)["nodes"] if n["type"].startswith(PACK_PREFIX)}
         if types - covered:
             chosen.append(name)
             covered |= types
@@ -483,9 +617,11 @@ def browser_items(object_info: dict[str, Any]) -> list[dict[str, Any]]:
     and the edits before it."""
     items = []
     for name in sorted(EXPECTED):
-        changes, _ = settings_for_tests(load(name), object_info, seed_offset=BROWSER_SEED_OFFSET)
-        set_up = apply_settings(load(name), changes, object_info)
+        variant = load_for_tests(name)
+        changes, _ = settings_for_tests(variant, object_info, seed_offset=BROWSER_SEED_OFFSET)
+        set_up = apply_settings(variant, changes, object_info)
         items.append({"name": name, "saveAs": f"{name}{SAVE_SUFFIX}", "changes": changes,
+                      "substitute": variant if variant != load(name) else None,
                       "reload": name in reload_workflows(), "edits": pack_edits(set_up, object_info)})
     return items
 
@@ -633,7 +769,7 @@ def test_pack_widgets_survive_save_and_reopen(server, browser_run: dict[str, Any
     seen = _seen(browser_run, name)
     item = next(i for i in browser_items(object_info) if i["name"] == name)
     assert seen["missingWidgets"] == [], f"{name}: widgets the test settings name are missing: {seen['missingWidgets']}"
-    expected = as_the_frontend_shows(apply_settings(load(name), item["changes"], object_info), object_info)
+    expected = as_the_frontend_shows(apply_settings(load_for_tests(name), item["changes"], object_info), object_info)
     settings = seen["snapshots"]["settings"]
     for node in expected["nodes"]:
         if not node["type"].startswith(PACK_PREFIX):

@@ -4,11 +4,14 @@
 //   node run_workflows.mjs INPUT.json
 //
 // INPUT: { url, chromium, nodeDir, userDataDir, out, pack, timeoutMs, runTimeoutMs,
-//          workflows: [{ name, saveAs, changes: { nodeId: { widget: value } }, reload, edits: { ... } }] }
+//          workflows: [{ name, saveAs, substitute, changes: { nodeId: { widget: value } }, reload, edits: { ... } }] }
 //
 // For each workflow, in one page, with a phase name on everything it records:
 //   load      fetch /api/workflow_templates/<pack>/<name>.json, app.loadGraphData it as the template
 //             browser does, report app.graphToPrompt()'s output;
+//   substitute (with `substitute`, a UI workflow) open it in the same tab, in place of the template, as
+//             the round trip below does: the tests' variant of a template whose text encoders cannot run
+//             on the test machines (test_workflows.py, with_test_conditioning);
 //   settings  set `changes` on the widgets (test models, small sizes, shifted seeds) and let the
 //             change tracker see them (as the mouseup after a real edit does); snapshot the widgets;
 //   roundtrip app.graph.serialize() -> JSON.stringify -> JSON.parse -> app.loadGraphData; snapshot;
@@ -209,6 +212,16 @@ async function snapshot(page) {
   return page.evaluate(SNAPSHOT);
 }
 
+async function openSubstitute(page, graph) {
+  return page.evaluate(async (graph) => {
+    const app = window.comfyAPI?.app?.app ?? window.app;
+    await app.loadGraphData(graph, true, true, app.extensionManager.workflow.activeWorkflow, {
+      showMissingModelsDialog: false, showMissingNodesDialog: false,
+    });
+    return app.graph._nodes.length;
+  }, graph);
+}
+
 async function roundTrip(page) {
   return page.evaluate(async () => {
     const app = window.comfyAPI?.app?.app ?? window.app;
@@ -363,6 +376,7 @@ try {
     try {
       Object.assign(seen, await step("load", () => loadTemplate(page, input.pack, item.name)));
       if (seen.loadError) continue;
+      if (item.substitute) seen.substituteNodes = await step("substitute", () => openSubstitute(page, item.substitute));
       seen.missingWidgets = await step("settings", () => applyChanges(page, item.changes ?? {}));
       seen.snapshots.settings = await snapshot(page);
       await step("roundtrip", () => roundTrip(page));
