@@ -68,7 +68,7 @@ def _load_make_models() -> Any:
 mm = _load_make_models()
 
 # Bump when the content of any file changes (layout, init scheme, key names).
-DIT_CONTENT_VERSION = "dit-v1"
+DIT_CONTENT_VERSION = "dit-v2"
 
 FLUX_DEV_UNET = "diffusion_models/asyndm-random-flux-dev.safetensors"
 FLUX_SCHNELL_CKPT = "checkpoints/asyndm-random-flux-schnell.safetensors"
@@ -181,6 +181,16 @@ def _pos_embed(config: dict[str, Any]) -> Any:
     return torch.from_numpy(table).float().unsqueeze(0)
 
 
+def _meta_sd3_clip_l() -> Any:
+    """ComfyUI's SD3 text-encoder wrapper holding only CLIP-L (full width: ComfyUI fixes CLIP's config)."""
+    import comfy.text_encoders.sd3_clip
+    import torch
+
+    with torch.device("meta"):
+        return comfy.text_encoders.sd3_clip.sd3_clip(clip_l=True, clip_g=False, t5=False)(
+            device=torch.device("meta"), dtype=torch.float32)
+
+
 def taesd16_state_dict(seed: int, family: str) -> dict[str, Any]:
     """A 16-channel TAESD with the family's latent scale and shift (kept in float32: float16 would
     round SD3's 1.5305 to 1.5303)."""
@@ -235,6 +245,9 @@ def sd35_files(seed: int) -> dict[str, tuple[dict[str, Any], dict[str, str]]]:
         ckpt = {"model.diffusion_model." + k: v for k, v in unet.items()}
         check_detection(ckpt, "model.diffusion_model.", config, "SD3")
         ckpt.update(vae)
+        if rel == SD35_LARGE_CKPT:  # a real SD3 CLIP (CLIP-L only), so key words run through the server
+            clip = mm.random_state_dict(_meta_sd3_clip_l(), "sd3-clip-l", seed)
+            ckpt.update({"text_encoders." + k: v for k, v in clip.items()})  # supported_models.SD3's prefix
         out[rel] = (ckpt, {"asyndm_unet_config": json.dumps(config, sort_keys=True)})
     return out
 
@@ -343,7 +356,7 @@ def check_files(out: str | os.PathLike[str], comfyui: str | os.PathLike[str] | N
         FLUX_VAE: {"vae": "TAESD", "latent_channels": 16, "vae_scale": VAE_SCALE_SHIFT["flux"][0]},
         SD35_LARGE_CKPT: {"config_class": "SD3", "model_class": "SD3", "model_type": "FLOW", "qk_norm": "rms",
                           "x_block_self_attn_layers": [], "vae": "TAESD", "latent_channels": 16,
-                          "vae_scale": VAE_SCALE_SHIFT["sd3"][0], "clip": False},
+                          "vae_scale": VAE_SCALE_SHIFT["sd3"][0], "clip": True},
         SD35_MEDIUM_CKPT: {"config_class": "SD3", "model_class": "SD3", "model_type": "FLOW", "qk_norm": "rms",
                            "x_block_self_attn_layers": [0], "pos_embed_max_size": 384, "vae": "TAESD",
                            "latent_channels": 16, "clip": False},

@@ -292,3 +292,38 @@ def test_sd3_with_a_key_mask_differs_from_the_ksampler(server, model: str) -> No
     diff = rel_diff(a, b)
     print(f"\n[dit] {model} with a key mask: relative difference from KSampler {diff:.3g}")
     assert diff > 1e-2, diff
+
+
+def test_sd3_key_words_with_the_checkpoints_clip(server) -> None:
+    """Key words as an SD3 user gives them: the SD3.5-large file carries a real SD3 CLIP (CLIP-L only;
+    CLIP-G and T5 cannot be built here), CLIP Text Encode (AsynDM) records the prompt's tokens, the
+    Asynchronous KSampler reads the words' joint attention (dynamic and static masks) and the
+    Cross-Attention Mask node returns one mask per word. Without key words it is KSampler's latent."""
+    p = Prompt()
+    ckpt = p.add("CheckpointLoaderSimple", ckpt_name=SD35["large"])
+    pos = p.add("AsynDMTextEncode", clip=out(ckpt, 1), text="a photo of a rabbit next to a teddy bear")
+    neg = p.add("AsynDMTextEncode", clip=out(ckpt, 1), text="")
+    latent = p.add("EmptySD3LatentImage", width=SIZE, height=SIZE, batch_size=1)
+    common = dict(model=out(ckpt, 0), positive=out(pos), negative=out(neg), latent_image=out(latent), seed=61,
+                  steps=STEPS, cfg=4.5, sampler_name="euler", scheduler="sgm_uniform", denoise=1.0)
+    nodes = {"ksampler": p.add("KSampler", **common), "none": p.add("AsynDMKSampler", **common, **async_inputs())}
+    for mode in ("dynamic", "static"):
+        nodes[mode] = p.add("AsynDMKSampler", **common, **async_inputs(key_words="rabbit, teddy bear", mask_mode=mode))
+    for name, node in nodes.items():
+        p.add("SaveLatent", samples=out(node), filename_prefix=f"dit/words_{name}")
+    masks = p.add("AsynDMCrossAttentionMask", model=out(ckpt, 0), positive=out(pos), negative=out(neg),
+                  latent_image=out(latent), seed=61, steps=STEPS, cfg=4.5, sampler_name="euler",
+                  scheduler="sgm_uniform", key_words="rabbit, bear", threshold=1.0)
+    p.add("SaveImage", images=out(p.add("MaskToImage", mask=out(masks))), filename_prefix="dit/words_masks")
+    entry = run(server, p)
+    got = latents(server, entry)
+    plain = got["dit/words_ksampler"]
+    assert record("sd35-large with CLIP-L, no key words", plain, got["dit/words_none"]) <= TOL
+    for mode in ("dynamic", "static"):
+        diff = rel_diff(plain, got[f"dit/words_{mode}"])
+        print(f"\n[dit] sd35-large key words ({mode} masks): relative difference from KSampler {diff:.3g}")
+        assert torch.isfinite(got[f"dit/words_{mode}"]).all() and diff > 1e-2, (mode, diff)
+    pictures = [img for name, img in images(server, entry).items() if name.startswith("words_masks")]
+    assert len(pictures) == 2  # one mask per word
+    for img in pictures:
+        assert img.shape == (SIZE, SIZE, 3) and set(np.unique(img)) <= {0.0, 255.0} and 0 < img.mean() < 255
