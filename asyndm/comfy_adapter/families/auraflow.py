@@ -121,7 +121,7 @@ class PerTokenTimestepsAuraFlow(TimeHooks):
             )
         idx = token_index(self._inverse.to(x.device), self.patch_size)
         self._token_idx = idx.repeat(self._rows // idx.shape[0], 1)  # (B', L_img)
-        self._time_dtype = None
+        self._time_rows = None
         self._cond_table = None
         self._final_zeroed = False
         self._fired = [0] * (len(self.doubles) + len(self.singles) + 1)
@@ -133,18 +133,18 @@ class PerTokenTimestepsAuraFlow(TimeHooks):
                           skippable=len(self.doubles) + len(self.singles))
 
     def _capture_time(self, _module: torch.nn.Module, _args: tuple, output: torch.Tensor) -> None:
-        if self._inverse is not None and self._in_forward and self._time_dtype is None:
-            self._time_dtype = output.dtype
+        if self._inverse is not None and self._in_forward and self._time_rows is None:
+            self._time_rows = output
 
     def _table(self) -> torch.Tensor:
         """(1, U, D): global_cond at every distinct timestep (AuraFlow's has no per-row term)."""
         if self._cond_table is not None:
             return self._cond_table
-        if self._time_dtype is None:
+        time_rows = self._time_rows
+        if time_rows is None:
             raise RuntimeError(f"{type(self).__name__}: a block ran before AuraFlow's time embedding while a map was set")
         assert self._unique is not None
-        device = self.model.t_embedder.mlp[0].weight.device
-        self._cond_table = self.model.t_embedder(self._unique.to(device), self._time_dtype)[None]
+        self._cond_table = self.model.t_embedder(self._unique.to(time_rows.device), time_rows.dtype)[None]
         self.table_builds += 1
         return self._cond_table
 
@@ -234,7 +234,7 @@ class PerTokenTimestepsAuraFlow(TimeHooks):
     # ------------------------------------------------------------------------------- helpers
     def _clear_map(self) -> None:
         super()._clear_map()
-        self._time_dtype: torch.dtype | None = None
+        self._time_rows: torch.Tensor | None = None
         self._cond_table: torch.Tensor | None = None
         self._token_idx: torch.Tensor | None = None
         self._final_zeroed = False
