@@ -268,7 +268,7 @@ class TokenizerOnly:
         import types
 
         self.tokenizer = tokenizer
-        names = {"l": "clip_l", "g": "clip_g", "t5xxl": "t5xxl"}
+        names = {"l": "clip_l", "g": "clip_g", "t5xxl": "t5xxl", "llama": "llama"}
         self.cond_stage_model = types.SimpleNamespace(**{names[e]: object() for e in encoders})
 
     def tokenize(self, text: str) -> dict:

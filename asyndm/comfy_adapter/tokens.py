@@ -20,7 +20,7 @@ __all__ = ["PromptTokens", "Segment", "TokenStream", "prompt_tokens", "split_wor
 
 KEY = "asyndm_prompt_tokens"  # where the conditioning dict keeps a PromptTokens
 _WORD = re.compile(r"[\w'-]+", re.UNICODE)
-ENCODERS = {"clip_l": "l", "clip_g": "g", "t5xxl": "t5xxl"}  # CLIP model attribute -> its tokenizer stream
+ENCODERS = {"clip_l": "l", "clip_g": "g", "t5xxl": "t5xxl", "llama": "llama"}  # CLIP model attribute -> its tokenizer stream
 
 
 class UnknownWordError(ValueError):
@@ -38,6 +38,9 @@ class TokenStream:
 
     chunks: list[list[int]]
     word_ids: dict[str, list[int]] = field(default_factory=dict)
+    # a word's ids after another word, where a BPE tokenizer (Llama, Qwen) spells it with its leading
+    # space (" rabbit"), unlike the word alone (the prompt's first word); only where they differ
+    inner_ids: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def length(self) -> int:
@@ -48,7 +51,15 @@ class TokenStream:
         """Columns of the words' tokens, consecutive, first occurrence at or after ``begin``; None if absent."""
         if any(w not in self.word_ids for w in words):
             return None
-        needle = [t for w in words for t in self.word_ids[w]]
+        spellings = [[t for w in words for t in self.word_ids[w]]]
+        if any(w in self.inner_ids for w in words):  # inside the prompt: every word after a space
+            spellings.append([t for w in words for t in self.inner_ids.get(w, self.word_ids[w])])
+            first, *rest = words  # or the phrase opens the prompt: its first word alone
+            spellings.append(self.word_ids[first] + [t for w in rest for t in self.inner_ids.get(w, self.word_ids[w])])
+        found = [cols for needle in spellings if (cols := self._first(needle, begin)) is not None]
+        return min(found) if found else None
+
+    def _first(self, needle: list[int], begin: int) -> list[int] | None:
         offset = 0
         for chunk in self.chunks:
             for start in range(max(begin - offset, 0), len(chunk) - len(needle) + 1):
@@ -64,13 +75,16 @@ class Segment:
 
     ``drop_front`` tokens of the stream are not in the context (a chat template the encoder trims),
     ``pad_front`` columns come before the stream's tokens (left padding, or registers the model
-    prepends), and at most ``keep`` tokens remain (None: all).
+    prepends), and at most ``keep`` tokens remain (None: all). ``in_context`` False: the tokens
+    reach the model through another conditioning tensor (HiDream's Llama layers), appended after
+    the context in the attention sequence, so they do not count in the context's length.
     """
 
     stream: str
     drop_front: int = 0
     pad_front: int = 0
     keep: int | None = None
+    in_context: bool = True
 
     def kept(self, stream: TokenStream) -> int:
         rest = max(stream.length - self.drop_front, 0)
@@ -112,7 +126,7 @@ class PromptTokens:
 
     def context_length(self, layout: Sequence[str | Segment] | None = None) -> int:
         """The context columns the streams of this layout fill, in order."""
-        return sum(seg.width(self.streams[seg.stream]) for seg in self._layout(layout))
+        return sum(seg.width(self.streams[seg.stream]) for seg in self._layout(layout) if seg.in_context)
 
     def columns(self, phrase: str, layout: Sequence[str | Segment] | None = None) -> list[int]:
         """Context columns of a key word or phrase (all its tokens, first occurrence in every stream of
@@ -170,12 +184,20 @@ def prompt_tokens(clip: Any, text: str) -> PromptTokens:
     specials = {name: set(ids[0]) for name, ids in _streams(clip.tokenize("")).items()}  # start, end, padding
     words = list(dict.fromkeys(split_words(text)))
     word_ids: dict[str, dict[str, list[int]]] = {name: {} for name in chunks}
+    inner_ids: dict[str, dict[str, list[int]]] = {name: {} for name in chunks}
+    lead = {name: _body(ids[0], specials.get(name, set())) for name, ids in _streams(clip.tokenize("x")).items()}
     for word in words:
-        for name, ids in _streams(clip.tokenize(word)).items():
+        alone = _streams(clip.tokenize(word))
+        after = _streams(clip.tokenize("x " + word))
+        for name, ids in alone.items():
             body = _body(ids[0], specials.get(name, set()))
             if body and name in word_ids:
                 word_ids[name][word] = body
-    streams = {name: TokenStream(chunks[name], word_ids[name]) for name in chunks}
+                inner = _body(after.get(name, [[]])[0], specials.get(name, set()))
+                head = lead.get(name, [])
+                if inner[:len(head)] == head and inner[len(head):] and inner[len(head):] != body:
+                    inner_ids[name][word] = inner[len(head):]
+    streams = {name: TokenStream(chunks[name], word_ids[name], inner_ids[name]) for name in chunks}
     first = sorted(streams)[0]
     return PromptTokens(text, streams[first].chunks, streams[first].word_ids, streams=streams,
                         encoders=loaded_encoders(clip))

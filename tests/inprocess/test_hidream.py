@@ -41,7 +41,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def hd_tokens():
-    return prompt_tokens(TokenizerOnly(comfy.text_encoders.hidream.HiDreamTokenizer(), ("l", "g", "t5xxl")), PROMPT)
+    return prompt_tokens(TokenizerOnly(comfy.text_encoders.hidream.HiDreamTokenizer(), ("l", "g", "t5xxl", "llama")), PROMPT)
 
 
 def conds(**kw):
@@ -297,7 +297,7 @@ def test_hidream_key_words_are_t5_then_llama_columns(model, hd_tokens):
     sunglasses = hd_tokens.columns("sunglasses", layout)
     assert sunglasses and max(sunglasses) < 128
     # without a T5 encoder its 128 columns are zeros: the words come from the Llama copies only
-    no_t5 = prompt_tokens(TokenizerOnly(comfy.text_encoders.hidream.HiDreamTokenizer(), ("l", "g")), PROMPT)
+    no_t5 = prompt_tokens(TokenizerOnly(comfy.text_encoders.hidream.HiDreamTokenizer(), ("l", "g", "llama")), PROMPT)
     layout = adapter.text_layout(no_t5)
     assert no_t5.context_length(layout) == 128 and no_t5.columns("rabbit", layout) == [128, 128 + per_copy]
 

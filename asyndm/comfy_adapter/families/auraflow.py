@@ -27,8 +27,7 @@ import torch
 
 from ..errors import SUPPORTED_FAMILIES, UnsupportedModelError
 from ..joint_attention import JointAttentionObserver
-from .base import TimeHooks, gather_tokens, token_index
-from .mmdit import _MethodSwap
+from .base import MethodSwap, TimeHooks, gather_tokens, token_index
 
 __all__ = ["PerTokenTimestepsAuraFlow", "adapter_for"]
 
@@ -98,10 +97,10 @@ class PerTokenTimestepsAuraFlow(TimeHooks):
         self._handles.append(dm.register_forward_hook(self._model_post))
         self._handles.append(dm.t_embedder.register_forward_hook(self._capture_time))
         for i, block in enumerate(self.doubles):
-            self._handles.append(_MethodSwap(block, "forward", self._double(block, block.forward, i)))
+            self._handles.append(MethodSwap(block, "forward", self._double(block, block.forward, i)))
         for j, block in enumerate(self.singles):
             i = len(self.doubles) + j
-            self._handles.append(_MethodSwap(block, "forward", self._single(block, block.forward, i)))
+            self._handles.append(MethodSwap(block, "forward", self._single(block, block.forward, i)))
         final = len(self.doubles) + len(self.singles)
         self._handles.append(dm.modF.register_forward_hook(self._final_mod))
         self._handles.append(dm.final_linear.register_forward_pre_hook(self._final_pre(final)))

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["TimeHooks", "gather_tokens", "token_index"]
+__all__ = ["MethodSwap", "TimeHooks", "gather_tokens", "token_index"]
 
 
 def token_index(inverse: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -33,6 +33,25 @@ def gather_tokens(rows: torch.Tensor, token_idx: torch.Tensor) -> torch.Tensor:
     """(B', U, C) values per distinct timestep -> (B', L, C): every token takes its timestep's row."""
     idx = token_idx.to(rows.device)
     return torch.gather(rows, 1, idx[..., None].expand(-1, -1, rows.shape[-1]))
+
+
+class MethodSwap:
+    """An instance attribute that shadows a method for the run; remove() restores what was there."""
+
+    def __init__(self, owner: Any, name: str, replacement: Any) -> None:
+        self.owner, self.name = owner, name
+        self.had_own = name in vars(owner)
+        self.previous = vars(owner).get(name)
+        setattr(owner, name, replacement)
+
+    def remove(self) -> None:
+        if self.had_own:
+            setattr(self.owner, self.name, self.previous)
+        else:
+            try:
+                delattr(self.owner, self.name)
+            except AttributeError:
+                pass
 
 
 class TimeHooks:

@@ -18,7 +18,7 @@ the original.
 Key words: the joint sequence's text is [T5 (the conditioning's context, 128 tokens), Llama-3.1
 (last listed layer), Llama-3.1 (the block's layer)]; the Llama tokens lose their start token in
 the encoder and live in ``conditioning_llama3``, not in the context, so both Llama copies are laid
-out after the context without widening it (``_Appended``).
+out after the context without counting in its length (``Segment(in_context=False)``).
 """
 
 from __future__ import annotations
@@ -30,22 +30,12 @@ import torch
 
 from ..errors import SUPPORTED_FAMILIES, UnsupportedModelError
 from ..joint_attention import JointAttentionObserver
-from ..tokens import ENCODERS, Segment
-from .base import TimeHooks, gather_tokens, token_index
-from .mmdit import _MethodSwap
+from ..tokens import Segment
+from .base import MethodSwap, TimeHooks, gather_tokens, token_index
 
 __all__ = ["PerTokenTimestepsHiDream", "adapter_for"]
 
 T5_TOKENS = 128  # ComfyUI's HiDreamTokenizer keeps the first 128 T5 tokens (padded to 128)
-
-
-class _Appended(Segment):
-    """A stream the model appends after the context from another conditioning tensor (HiDream's
-    Llama hidden states): its columns follow the context's in the attention sequence, but it fills
-    none of the context's own columns (so the layout's width stays the context's length)."""
-
-    def width(self, stream: Any) -> int:
-        return 0
 
 
 def adapter_for(diffusion_model: torch.nn.Module) -> PerTokenTimestepsHiDream | None:
@@ -94,10 +84,8 @@ class PerTokenTimestepsHiDream(TimeHooks):
             layout.append(Segment("t5xxl", keep=T5_TOKENS))
         else:
             layout.append(Segment("t5xxl", pad_front=T5_TOKENS, keep=0))
-        llama_known = "llama" in ENCODERS.values()  # tokens.py may not record whether Llama was loaded
-        if "llama" in tokens.streams and (loaded is None or "llama" in loaded or not llama_known):
-            width = _Appended("llama", drop_front=1).kept(tokens.streams["llama"])
-            layout += [_Appended("llama", drop_front=1), _Appended("llama", drop_front=1, pad_front=width)]
+        if "llama" in tokens.streams and (loaded is None or "llama" in loaded):
+            layout += [Segment("llama", drop_front=1, in_context=False)] * 2
         return layout
 
     def attention_observer(self, latent_hw: tuple[int, int], batch: int,
@@ -114,10 +102,10 @@ class PerTokenTimestepsHiDream(TimeHooks):
         self._handles.append(dm.t_embedder.register_forward_hook(self._capture("time")))
         self._handles.append(dm.p_embedder.register_forward_hook(self._capture("pooled")))
         for i, block in enumerate(self.doubles):
-            self._handles.append(_MethodSwap(block, "forward", self._double(block, block.forward, i)))
+            self._handles.append(MethodSwap(block, "forward", self._double(block, block.forward, i)))
         for j, block in enumerate(self.singles):
             i = len(self.doubles) + j
-            self._handles.append(_MethodSwap(block, "forward", self._single(block, block.forward, i)))
+            self._handles.append(MethodSwap(block, "forward", self._single(block, block.forward, i)))
         self._handles.append(self.final_mod.register_forward_hook(self._final_post(len(self.doubles) + len(self.singles))))
 
     @staticmethod

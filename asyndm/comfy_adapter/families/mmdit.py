@@ -25,7 +25,7 @@ import torch
 
 from ..errors import SUPPORTED_FAMILIES, UnsupportedModelError
 from ..joint_attention import JointAttentionObserver
-from .base import TimeHooks, gather_tokens, token_index
+from .base import MethodSwap, TimeHooks, gather_tokens, token_index
 
 __all__ = ["PerTokenTimestepsMMDiT", "adapter_for"]
 
@@ -37,25 +37,6 @@ def _modulate(x: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor) 
     if shift is None:
         return x * (1 + scale)
     return torch.addcmul(shift, x, 1 + scale)
-
-
-class _MethodSwap:
-    """An instance attribute that shadows a method for the run; remove() restores what was there."""
-
-    def __init__(self, owner: Any, name: str, replacement: Any) -> None:
-        self.owner, self.name = owner, name
-        self.had_own = name in vars(owner)
-        self.previous = vars(owner).get(name)
-        setattr(owner, name, replacement)
-
-    def remove(self) -> None:
-        if self.had_own:
-            setattr(self.owner, self.name, self.previous)
-        else:
-            try:
-                delattr(self.owner, self.name)
-            except AttributeError:
-                pass
 
 
 def adapter_for(diffusion_model: torch.nn.Module) -> PerTokenTimestepsMMDiT | None:
@@ -106,7 +87,7 @@ class PerTokenTimestepsMMDiT(TimeHooks):
         for i, block in enumerate(self.x_blocks):
             for name in SWAPPED:
                 original = getattr(block, name)
-                self._handles.append(_MethodSwap(block, name, self._swapped(name, block, original, i)))
+                self._handles.append(MethodSwap(block, name, self._swapped(name, block, original, i)))
         self._handles.append(dm.final_layer.register_forward_hook(self._final_post(len(self.x_blocks))))
 
     def text_layout(self, tokens: Any) -> list[str] | None:
