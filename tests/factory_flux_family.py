@@ -1,0 +1,66 @@
+"""Small random-weight models of the Flux layer family's other members, ComfyUI's own classes.
+
+Chroma and Chroma Radiance (``supported_models.Chroma`` / ``ChromaRadiance``, ``model_base``'s
+classes, ``comfy.ldm.chroma`` / ``chroma_radiance``), Flux.2 (``supported_models.Flux2``: ComfyUI's
+Flux class with global modulation, 128 latent channels in 1x1 patches) and HunyuanImage 2.1
+(``supported_models.HunyuanImage21``: the HunyuanVideo class with 2-D 1x1 patches, flipped
+[image, text] blocks, the TokenRefiner and ByT5 mapper), narrow and shallow, weights from
+tests/model_factory.py's ``_fill`` (a pure function of the seed). Import this only after ComfyUI
+is importable (tests/inprocess/conftest.py arranges that).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from tests.model_factory import _patcher
+
+__all__ = ["CHROMA_TEXT_DIM", "build_chroma", "build_chroma_radiance", "make_chroma_conditioning"]
+
+CHROMA_TEXT_DIM = 32  # T5-XXL's 4096, shrunk
+_HIDDEN, _HEADS = 64, 2  # width 64 in 2 heads of 32 (RoPE axes 8 + 12 + 12)
+
+
+def _chroma_layout(depth: int, depth_single: int, patch_size: int, in_channels: int) -> dict[str, Any]:
+    """The Chroma transformer's shape as model_detection derives it, narrow; the approximator's
+    hidden width shrunk too (it must output the transformer's width)."""
+    return {"in_channels": in_channels, "out_channels": in_channels, "context_in_dim": CHROMA_TEXT_DIM,
+            "hidden_size": _HIDDEN, "mlp_ratio": 2.0, "num_heads": _HEADS, "depth": depth,
+            "depth_single_blocks": depth_single, "axes_dim": [8, 12, 12], "theta": 10000, "patch_size": patch_size,
+            "qkv_bias": True, "in_dim": 64, "out_dim": _HIDDEN, "hidden_dim": 48, "n_layers": 2}
+
+
+def build_chroma(*, depth: int = 2, depth_single: int = 2, seed: int = 0) -> Any:
+    """A Chroma ModelPatcher: 16-channel latents in 2x2 patches (Chroma's detection feeds img_in 64 = 16 x 2 x 2)."""
+    import comfy.supported_models
+
+    unet = {"image_model": "chroma", **_chroma_layout(depth, depth_single, 2, 64)}
+    config = comfy.supported_models.Chroma(unet)
+    config.set_inference_dtype(torch.float32, None)
+    return _patcher(config.get_model({}, ""), seed)
+
+
+def build_chroma_radiance(*, depth: int = 2, depth_single: int = 1, nerf_tile_size: int = 0,
+                          head: str = "conv", seed: int = 0) -> Any:
+    """A Chroma Radiance ModelPatcher: RGB pixels in 16x16 patches, then the NeRF head."""
+    import comfy.supported_models
+
+    unet = {"image_model": "chroma_radiance", **_chroma_layout(depth, depth_single, 16, 3),
+            "nerf_hidden_size": 16, "nerf_mlp_ratio": 2, "nerf_depth": 2, "nerf_max_freqs": 4,
+            "nerf_tile_size": nerf_tile_size, "nerf_final_head_type": head, "nerf_embedder_dtype": torch.float32}
+    config = comfy.supported_models.ChromaRadiance(unet)
+    config.set_inference_dtype(torch.float32, None)
+    return _patcher(config.get_model({}, ""), seed)
+
+
+def make_chroma_conditioning(batch: int = 1, tokens: int = 12, *, seed: int = 0,
+                             guidance: float | None = None) -> list[list[Any]]:
+    """[[T5-like context, {pooled_output: None}]], as CLIPTextEncode gives for a T5-only CLIP (Chroma reads
+    no pooled vector; guidance defaults to 0 in its extra_conds)."""
+    gen = torch.Generator().manual_seed(seed)
+    extra: dict[str, Any] = {"pooled_output": None}
+    if guidance is not None:
+        extra["guidance"] = guidance
+    return [[torch.randn(batch, tokens, CHROMA_TEXT_DIM, generator=gen), extra]]
