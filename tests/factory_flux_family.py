@@ -17,9 +17,11 @@ import torch
 
 from tests.model_factory import _patcher
 
-__all__ = ["CHROMA_TEXT_DIM", "build_chroma", "build_chroma_radiance", "make_chroma_conditioning"]
+__all__ = ["CHROMA_TEXT_DIM", "FLUX2_TEXT_DIM", "build_chroma", "build_chroma_radiance", "build_flux2",
+           "make_chroma_conditioning", "make_flux2_conditioning"]
 
 CHROMA_TEXT_DIM = 32  # T5-XXL's 4096, shrunk
+FLUX2_TEXT_DIM = 48  # Mistral-Small-3's three stacked layers (3 x 5120), shrunk
 _HIDDEN, _HEADS = 64, 2  # width 64 in 2 heads of 32 (RoPE axes 8 + 12 + 12)
 
 
@@ -64,3 +66,28 @@ def make_chroma_conditioning(batch: int = 1, tokens: int = 12, *, seed: int = 0,
     if guidance is not None:
         extra["guidance"] = guidance
     return [[torch.randn(batch, tokens, CHROMA_TEXT_DIM, generator=gen), extra]]
+
+
+def build_flux2(*, guidance: bool = True, depth: int = 1, depth_single: int = 1, seed: int = 0) -> Any:
+    """A Flux.2 ModelPatcher: ComfyUI's Flux class with global modulation, as model_detection configures
+    it (4 RoPE axes, SiLU-gated MLPs, no biases, reference latents by index), 128-channel latents in 1x1 patches."""
+    import comfy.supported_models
+
+    unet = {"image_model": "flux2", "axes_dim": [8, 8, 8, 8], "num_heads": _HEADS, "mlp_ratio": 3.0, "theta": 2000,
+            "out_channels": 128, "global_modulation": True, "vec_in_dim": None, "mlp_silu_act": True,
+            "qkv_bias": False, "ops_bias": False, "default_ref_method": "index", "ref_index_scale": 10.0,
+            "in_channels": 128, "hidden_size": _HIDDEN, "context_in_dim": FLUX2_TEXT_DIM, "patch_size": 1,
+            "depth": depth, "depth_single_blocks": depth_single, "guidance_embed": guidance}
+    config = comfy.supported_models.Flux2(unet)
+    config.set_inference_dtype(torch.float32, None)
+    return _patcher(config.get_model({}, ""), seed)
+
+
+def make_flux2_conditioning(batch: int = 1, tokens: int = 20, *, seed: int = 0,
+                            guidance: float | None = 4.0) -> list[list[Any]]:
+    """[[Mistral-like context, {pooled_output: None, guidance}]] (Flux2.extra_conds left-pads the context to 512)."""
+    gen = torch.Generator().manual_seed(seed)
+    extra: dict[str, Any] = {"pooled_output": None}
+    if guidance is not None:
+        extra["guidance"] = guidance
+    return [[torch.randn(batch, tokens, FLUX2_TEXT_DIM, generator=gen), extra]]
