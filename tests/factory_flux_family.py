@@ -17,11 +17,14 @@ import torch
 
 from tests.model_factory import _patcher
 
-__all__ = ["CHROMA_TEXT_DIM", "FLUX2_TEXT_DIM", "build_chroma", "build_chroma_radiance", "build_flux2",
-           "make_chroma_conditioning", "make_flux2_conditioning"]
+__all__ = ["BYT5_DIM", "CHROMA_TEXT_DIM", "FLUX2_TEXT_DIM", "HUNYUAN_TEXT_DIM", "build_chroma", "build_chroma_radiance",
+           "build_flux2", "build_hunyuan_image", "make_chroma_conditioning", "make_flux2_conditioning",
+           "make_hunyuan_image_conditioning"]
 
 CHROMA_TEXT_DIM = 32  # T5-XXL's 4096, shrunk
 FLUX2_TEXT_DIM = 48  # Mistral-Small-3's three stacked layers (3 x 5120), shrunk
+HUNYUAN_TEXT_DIM = 40  # Qwen2.5-VL-7B's 3584, shrunk
+BYT5_DIM = 1472  # ByT5-small's width: fixed in HunyuanVideo's ByT5 mapper
 _HIDDEN, _HEADS = 64, 2  # width 64 in 2 heads of 32 (RoPE axes 8 + 12 + 12)
 
 
@@ -91,3 +94,33 @@ def make_flux2_conditioning(batch: int = 1, tokens: int = 20, *, seed: int = 0,
     if guidance is not None:
         extra["guidance"] = guidance
     return [[torch.randn(batch, tokens, FLUX2_TEXT_DIM, generator=gen), extra]]
+
+
+def build_hunyuan_image(*, guidance: bool = False, byt5: bool = True, meanflow: bool = False, depth: int = 1,
+                        depth_single: int = 1, seed: int = 0) -> Any:
+    """A HunyuanImage 2.1 ModelPatcher: ComfyUI's HunyuanVideo class with 2-D 1x1 patches on 64-channel latents,
+    configured as model_detection does (RoPE axes [h, w], theta 256, TokenRefiner, the ByT5 mapper)."""
+    import comfy.supported_models
+
+    unet = {"image_model": "hunyuan_video", "in_channels": 64, "out_channels": 64, "patch_size": [1, 1],
+            "vec_in_dim": None, "axes_dim": [16, 16], "meanflow": meanflow, "context_in_dim": HUNYUAN_TEXT_DIM,
+            "hidden_size": _HIDDEN, "mlp_ratio": 4.0, "num_heads": _HEADS, "depth": depth,
+            "depth_single_blocks": depth_single, "theta": 256, "qkv_bias": True, "byt5": byt5,
+            "guidance_embed": guidance, "use_cond_type_embedding": False, "vision_in_dim": None}
+    config = comfy.supported_models.HunyuanImage21(unet)
+    config.set_inference_dtype(torch.float32, None)
+    return _patcher(config.get_model({}, ""), seed)
+
+
+def make_hunyuan_image_conditioning(batch: int = 1, tokens: int = 12, *, seed: int = 0, glyphs: int = 0,
+                                    guidance: float | None = None) -> list[list[Any]]:
+    """[[Qwen-like context, {pooled_output: None, conditioning_byt5small (glyphs > 0)}]], as HunyuanImage's
+    text encoder gives (the ByT5 tokens of quoted text ride along in the conditioning)."""
+    gen = torch.Generator().manual_seed(seed)
+    context = torch.randn(batch, tokens, HUNYUAN_TEXT_DIM, generator=gen)
+    extra: dict[str, Any] = {"pooled_output": None}
+    if glyphs:
+        extra["conditioning_byt5small"] = torch.randn(batch, glyphs, BYT5_DIM, generator=gen)
+    if guidance is not None:
+        extra["guidance"] = guidance
+    return [[context, extra]]

@@ -59,6 +59,8 @@ class PerTokenTimesteps(TimeHooks):
     """Context manager: while active and a map is set, Flux's image tokens each get their own timestep."""
 
     family = "Flux"
+    time_factor = 1000.0  # Flux embeds t in [0, 1] scaled by 1000
+    row_terms = ("guidance", "vector")  # vec = time_in(t) + guidance_in(g) + vector_in(y)
 
     def __init__(self, diffusion_model: torch.nn.Module) -> None:
         dm = diffusion_model
@@ -162,12 +164,12 @@ class PerTokenTimesteps(TimeHooks):
         time_rows = self._captured["time"]
         assert self._unique is not None
         u = self._unique.to(time_rows.device)
-        table = self.model.time_in.forward(timestep_embedding(u, TIME_EMBED_DIM).to(time_rows.dtype))[None]
+        features = timestep_embedding(u, TIME_EMBED_DIM, time_factor=self.time_factor).to(time_rows.dtype)
+        table = self.model.time_in.forward(features)[None]
         self.table_builds += 1
-        if "guidance" in self._captured:
-            table = table + self._captured["guidance"][:, None]
-        if "vector" in self._captured:
-            table = table + self._captured["vector"][:, None]
+        for term in self.row_terms:  # the row's own guidance and pooled-text terms, in the stock order
+            if term in self._captured:
+                table = table + self._captured[term][:, None]
         self._vec_table = table.expand(self._rows, -1, -1)
         return self._vec_table
 
