@@ -57,6 +57,21 @@ def test_the_family_and_what_it_refuses(model):
         time_adapter(build_hunyuan_image(meanflow=True).model.diffusion_model)
 
 
+def test_the_distilled_model_is_refused_before_any_step():
+    """What a user of HunyuanImage 2.1 distilled is told, with or without key items: the model by name
+    and the supported families, before the first step."""
+    distilled = build_hunyuan_image(meanflow=True)
+    pos, neg = conds()
+    steps = []
+    for schedule in (None, fixed_masks(1, SIZE, SIZE)):
+        with pytest.raises(UnsupportedModelError) as info:
+            asyn(distilled, pos, neg, latent(), schedule=schedule, cfg=1.0, scheduler="simple",
+                 callback=lambda *a: steps.append(a))
+        msg = str(info.value)
+        assert "HunyuanImage 2.1 distilled" in msg and "not supported" in msg and "Flux" in msg and "SDXL" in msg
+    assert steps == []
+
+
 @pytest.mark.parametrize("sampler, cfg", [("euler", 1.0), ("euler", 3.5), ("dpmpp_2m", 1.0), ("dpmpp_2m", 3.5)])
 @pytest.mark.parametrize("case", list(SAME_AS_KSAMPLER))
 def test_no_key_pixels_is_the_ksampler_bit_for_bit(model, sampler, cfg, case):
