@@ -26,12 +26,13 @@ import re
 from typing import Any
 
 import torch
+from comfy.ldm.flux.layers import ModulationOut
 
 from ..errors import SUPPORTED_FAMILIES, UnsupportedModelError
 from ..joint_attention import JointAttentionObserver
 from ..tokens import Segment, TokenStream
 from .base import TimeHooks
-from .flux import ModulationOut, PerTokenTimesteps
+from .flux import PerTokenTimesteps
 
 __all__ = ["PerTokenTimestepsHunyuanImage", "adapter_for", "template_end"]
 
