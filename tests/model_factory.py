@@ -24,7 +24,6 @@ from typing import Any
 import torch
 
 __all__ = [
-    "build_chroma",
     "build_flux",
     "build_sd15",
     "build_sd2v",
@@ -189,17 +188,6 @@ def build_flux(guidance: bool = True, *, hidden_size: int = 64, depth: int = 2, 
     unet = {"image_model": "flux", "guidance_embed": guidance, "vec_in_dim": FLUX_POOLED_DIM,
             **_flux_layout(hidden_size, depth, depth_single)}
     config = cls(unet)
-    config.set_inference_dtype(torch.float32, None)
-    return _patcher(config.get_model({}, ""), seed)
-
-
-def build_chroma(*, hidden_size: int = 64, seed: int = 0) -> Any:
-    """A Chroma-shaped ModelPatcher (Flux layout, modulation from one approximator): a family the pack refuses."""
-    import comfy.supported_models
-
-    unet = {"image_model": "chroma", "in_dim": 64, "out_dim": hidden_size, "hidden_dim": 32, "n_layers": 1,
-            **_flux_layout(hidden_size, 1, 1)}
-    config = comfy.supported_models.Chroma(unet)
     config.set_inference_dtype(torch.float32, None)
     return _patcher(config.get_model({}, ""), seed)
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 __all__ = ["SUPPORTED_FAMILIES", "UnsupportedModelError"]
 
 SUPPORTED_FAMILIES = ("SD1.x, SD2.x and SDXL (ComfyUI's openaimodel.UNetModel, image models without temporal layers), "
-                      "Flux (dev and schnell, comfy.ldm.flux.model.Flux), SD3 / SD3.5 (large, medium and "
-                      "turbo, comfy.ldm.modules.diffusionmodules.mmdit.MMDiT), AuraFlow (comfy.ldm.aura.mmdit.MMDiT) "
-                      "and HiDream (I1 full, dev and fast, E1; comfy.ldm.hidream.model.HiDreamImageTransformer2DModel)")
+                      "Flux (dev, schnell and Kontext, comfy.ldm.flux.model.Flux), Flux.2 (the same class with global "
+                      "modulation), Chroma and Chroma Radiance (comfy.ldm.chroma, comfy.ldm.chroma_radiance), "
+                      "HunyuanImage 2.1 (comfy.ldm.hunyuan_video.model.HunyuanVideo on images; not the distilled "
+                      "meanflow model), SD3 / SD3.5 (large, medium and turbo, "
+                      "comfy.ldm.modules.diffusionmodules.mmdit.MMDiT), AuraFlow (comfy.ldm.aura.mmdit.MMDiT) and "
+                      "HiDream (I1 full, dev and fast, E1; comfy.ldm.hidream.model.HiDreamImageTransformer2DModel)")
 
 
 class UnsupportedModelError(ValueError):

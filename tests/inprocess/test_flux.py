@@ -21,7 +21,7 @@ from asyndm.schedule_spec import AsynSchedule
 from asyndm.schedules import timestep_maps
 from asyndm.sigma_map import state_to_sigma
 from tests.inprocess.sampling import SAME_AS_KSAMPLER, TokenTimesteps, asyn, fixed_masks, hook_state, rel_err, stock
-from tests.model_factory import build_chroma, build_flux, make_flux_conditioning
+from tests.model_factory import build_flux, make_flux_conditioning
 
 SIZE = 16  # latent 16x16 -> 8x8 tokens
 VARIANTS = {"dev": True, "schnell": False}
@@ -189,13 +189,15 @@ def test_what_flux_cannot_do_yet_is_refused_by_name(models):
 
 
 def test_an_unsupported_flux_layout_family_is_named():
-    chroma = build_chroma()
-    pos = make_flux_conditioning(seed=1, guidance=None)
-    for schedule in (None, fixed_masks(1, SIZE, SIZE)):
+    from tests.factory_flux_family import build_hunyuan_image, make_hunyuan_image_conditioning
+
+    distilled = build_hunyuan_image(meanflow=True)  # Flux layout; meanflow's time_r_in cannot go per token
+    pos = make_hunyuan_image_conditioning(seed=1)
+    for schedule in (None, fixed_masks(1, 8, 8)):
         with pytest.raises(UnsupportedModelError) as info:
-            asyn(chroma, pos, pos, latent(), schedule=schedule, cfg=1.0, scheduler="simple")
+            asyn(distilled, pos, pos, torch.zeros(1, 64, 8, 8), schedule=schedule, cfg=1.0, scheduler="simple")
         msg = str(info.value)
-        assert "Chroma" in msg and "not supported" in msg and "Flux" in msg and "SDXL" in msg, msg
+        assert "HunyuanImage 2.1 distilled" in msg and "not supported" in msg and "Flux" in msg and "SDXL" in msg, msg
 
 
 def test_nothing_outlives_a_failed_flux_run(models):

@@ -445,16 +445,16 @@ def _node_sample(comfy_inprocess: str, model: Any, positive: Any, negative: Any,
 def test_unsupported_model_family_is_named(comfy_inprocess: str) -> None:
     import torch
 
-    from tests.model_factory import build_chroma, make_flux_conditioning
+    from tests.factory_flux_family import build_hunyuan_image, make_hunyuan_image_conditioning
 
-    chroma = build_chroma()  # Flux's layout, but its modulation comes from one approximator
-    cond = make_flux_conditioning(seed=0, guidance=None)
-    latent = {"samples": torch.zeros(1, 16, 8, 8)}
+    distilled = build_hunyuan_image(meanflow=True)  # Flux's layout; meanflow's time_r_in cannot go per token
+    cond = make_hunyuan_image_conditioning(seed=0)
+    latent = {"samples": torch.zeros(1, 64, 8, 8)}
     for key_words in ("", "rabbit"):
         with pytest.raises(ValueError) as info:
-            _node_sample(comfy_inprocess, chroma, cond, cond, latent, key_words=key_words, cfg=1.0)
+            _node_sample(comfy_inprocess, distilled, cond, cond, latent, key_words=key_words, cfg=1.0)
         msg = str(info.value)
-        assert "not supported" in msg and "Chroma" in msg, msg
+        assert "not supported" in msg and "HunyuanImage 2.1 distilled" in msg, msg
         for family in ("SD1.x", "SD2.x", "SDXL", "Flux"):
             assert family in msg, msg
 

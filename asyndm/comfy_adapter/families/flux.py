@@ -13,6 +13,14 @@ per layer hands every token its timestep's row. Text tokens (and reference laten
 after the image, as Flux Kontext does) keep the row's own vector: the background timestep.
 Nothing in ComfyUI is edited; the hooks live inside ``with`` and pass everything through when
 no map is set.
+
+Flux.2 is the same class with ``global_modulation``: the image and text streams' double-block
+modulations and the single blocks' are computed once per forward, before the blocks, by
+``double_stream_modulation_img`` / ``_txt`` and ``single_stream_modulation``, and shared by every
+block. The same hooks sit on those three layers (and the final layer's); the token counts come
+from ``img_in`` and ``txt_in``, which run before them. Its latents are 128 channels in 1x1
+patches. Key words are refused on Flux.2: its Mistral tokenizer's vocabulary is not part of
+ComfyUI 0.3.75 (it comes inside the text-encoder file), so its word positions cannot be checked.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from ..errors import SUPPORTED_FAMILIES, UnsupportedModelError
 from ..joint_attention import JointAttentionObserver
 from .base import TimeHooks, gather_tokens, token_index
 
-__all__ = ["PerTokenTimesteps", "adapter_for", "token_index"]  # token_index re-exported for tests
+__all__ = ["PerTokenTimesteps", "PerTokenTimestepsFlux2", "adapter_for", "token_index"]  # token_index: for tests
 
 TIME_EMBED_DIM = 256  # Flux embeds its timestep (and guidance) with 256 sinusoidal features
 
@@ -37,10 +45,12 @@ def _unsupported(what: str) -> UnsupportedModelError:
 
 
 def adapter_for(diffusion_model: torch.nn.Module) -> PerTokenTimesteps | None:
-    """The Flux adapter for ComfyUI's Flux class itself (Flux.2 and Chroma-like layouts are refused by name)."""
+    """The Flux adapter for ComfyUI's Flux class itself: Flux dev / schnell / Kontext, or Flux.2."""
     from comfy.ldm.flux.model import Flux
 
     if type(diffusion_model) is Flux:
+        if getattr(getattr(diffusion_model, "params", None), "global_modulation", False):
+            return PerTokenTimestepsFlux2(diffusion_model)
         return PerTokenTimesteps(diffusion_model)
     return None
 
@@ -49,6 +59,8 @@ class PerTokenTimesteps(TimeHooks):
     """Context manager: while active and a map is set, Flux's image tokens each get their own timestep."""
 
     family = "Flux"
+    time_factor = 1000.0  # Flux embeds t in [0, 1] scaled by 1000
+    row_terms = ("guidance", "vector")  # vec = time_in(t) + guidance_in(g) + vector_in(y)
 
     def __init__(self, diffusion_model: torch.nn.Module) -> None:
         dm = diffusion_model
@@ -120,10 +132,13 @@ class PerTokenTimesteps(TimeHooks):
         self._fired = [0] * (len(self.img_mods) + len(self.single_mods) + 1)
         self._in_forward = True
 
+    def _skippable(self) -> int:
+        """Hooked parts that may not run in a forward (blocks skip-layer guidance replaces): the per-block ones."""
+        return len(self.img_mods) + len(self.single_mods)
+
     def _model_post(self, _module: torch.nn.Module, _args: tuple, _output: Any) -> None:
         self._end_forward("modulation layers", "A compiled graph, or another pack replacing the blocks, bypasses "
-                          "them; disable that for asynchronous sampling.",
-                          skippable=len(self.img_mods) + len(self.single_mods))
+                          "them; disable that for asynchronous sampling.", skippable=self._skippable())
 
     def _capture(self, name: str) -> Any:
         def hook(_module: torch.nn.Module, _args: tuple, output: torch.Tensor) -> None:
@@ -149,12 +164,12 @@ class PerTokenTimesteps(TimeHooks):
         time_rows = self._captured["time"]
         assert self._unique is not None
         u = self._unique.to(time_rows.device)
-        table = self.model.time_in.forward(timestep_embedding(u, TIME_EMBED_DIM).to(time_rows.dtype))[None]
+        features = timestep_embedding(u, TIME_EMBED_DIM, time_factor=self.time_factor).to(time_rows.dtype)
+        table = self.model.time_in.forward(features)[None]
         self.table_builds += 1
-        if "guidance" in self._captured:
-            table = table + self._captured["guidance"][:, None]
-        if "vector" in self._captured:
-            table = table + self._captured["vector"][:, None]
+        for term in self.row_terms:  # the row's own guidance and pooled-text terms, in the stock order
+            if term in self._captured:
+                table = table + self._captured[term][:, None]
         self._vec_table = table.expand(self._rows, -1, -1)
         return self._vec_table
 
@@ -218,3 +233,69 @@ class PerTokenTimesteps(TimeHooks):
         self._token_idx: torch.Tensor | None = None
         self._image_tokens = 0
         self._lengths: tuple[int, int, int] | None = None
+
+
+class PerTokenTimestepsFlux2(PerTokenTimesteps):
+    """Flux.2: the same per-token rows, on its three global modulation layers and the final layer's."""
+
+    family = "Flux.2"
+
+    def __init__(self, diffusion_model: torch.nn.Module) -> None:
+        dm = diffusion_model
+        params = getattr(dm, "params", None)
+        if params is None or not getattr(params, "global_modulation", False):
+            raise _unsupported("a Flux model without global modulation as Flux.2")
+        self.model = dm
+        self.patch_size = int(dm.patch_size)
+        self.img_mods = [dm.double_stream_modulation_img]  # fired parts: [double image, single, final]
+        self.single_mods = [dm.single_stream_modulation]
+        self.final_mod = dm.final_layer.adaLN_modulation
+        TimeHooks.__init__(self)
+
+    def _install(self) -> None:
+        dm = self.model
+        self._handles.append(dm.register_forward_pre_hook(self._model_pre, with_kwargs=True))
+        self._handles.append(dm.register_forward_hook(self._model_post))
+        self._handles.append(dm.time_in.register_forward_hook(self._capture("time")))
+        if getattr(dm.params, "guidance_embed", False):
+            self._handles.append(dm.guidance_in.register_forward_hook(self._capture("guidance")))
+        if getattr(dm, "vector_in", None) is not None:
+            self._handles.append(dm.vector_in.register_forward_hook(self._capture("vector")))
+        # The modulations run once, before the blocks: the token counts come from the input layers.
+        self._handles.append(dm.img_in.register_forward_hook(self._img_in_post))
+        self._handles.append(dm.txt_in.register_forward_hook(self._txt_in_post))
+        self._handles.append(self.img_mods[0].register_forward_hook(self._double_post(0)))
+        self._handles.append(self.single_mods[0].register_forward_hook(self._single_post(1)))
+        self._handles.append(self.final_mod.register_forward_hook(self._final_post(2)))
+
+    def _skippable(self) -> int:
+        return 0  # the global modulations run in every forward, whatever blocks are skipped
+
+    def text_layout(self, tokens: Any) -> list[str] | None:
+        raise ValueError(
+            "key words are not supported on Flux.2 yet: its text encoder's tokenizer (Mistral's tekken vocabulary) "
+            "is not part of ComfyUI 0.3.75 (it comes inside the text-encoder file), so the positions of the words "
+            "in its template and 512-token left padding cannot be checked; give the key items as masks instead"
+        )
+
+    def _model_pre(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        self._image_stream = None
+        super()._model_pre(module, args, kwargs)
+
+    def _img_in_post(self, _module: torch.nn.Module, _args: tuple, output: torch.Tensor) -> None:
+        if self._inverse is not None and self._in_forward:
+            self._image_stream = int(output.shape[1])  # image tokens, then any reference tokens
+
+    def _txt_in_post(self, _module: torch.nn.Module, _args: tuple, output: torch.Tensor) -> None:
+        if self._inverse is None or not self._in_forward:
+            return
+        total = self._image_stream
+        if total is None:
+            raise RuntimeError("PerTokenTimestepsFlux2: the text ran before the image input layer while a map was set")
+        if total < self._image_tokens:
+            raise RuntimeError(f"PerTokenTimestepsFlux2: {total} image tokens, expected at least {self._image_tokens}")
+        self._lengths = (int(output.shape[1]), self._image_tokens, total - self._image_tokens)
+
+    def _clear_map(self) -> None:
+        super()._clear_map()
+        self._image_stream: int | None = None

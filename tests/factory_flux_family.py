@@ -1,0 +1,126 @@
+"""Small random-weight models of the Flux layer family's other members, ComfyUI's own classes.
+
+Chroma and Chroma Radiance (``supported_models.Chroma`` / ``ChromaRadiance``, ``model_base``'s
+classes, ``comfy.ldm.chroma`` / ``chroma_radiance``), Flux.2 (``supported_models.Flux2``: ComfyUI's
+Flux class with global modulation, 128 latent channels in 1x1 patches) and HunyuanImage 2.1
+(``supported_models.HunyuanImage21``: the HunyuanVideo class with 2-D 1x1 patches, flipped
+[image, text] blocks, the TokenRefiner and ByT5 mapper), narrow and shallow, weights from
+tests/model_factory.py's ``_fill`` (a pure function of the seed). Import this only after ComfyUI
+is importable (tests/inprocess/conftest.py arranges that).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from tests.model_factory import _patcher
+
+__all__ = ["BYT5_DIM", "CHROMA_TEXT_DIM", "FLUX2_TEXT_DIM", "HUNYUAN_TEXT_DIM", "build_chroma", "build_chroma_radiance",
+           "build_flux2", "build_hunyuan_image", "make_chroma_conditioning", "make_flux2_conditioning",
+           "make_hunyuan_image_conditioning"]
+
+CHROMA_TEXT_DIM = 32  # T5-XXL's 4096, shrunk
+FLUX2_TEXT_DIM = 48  # Mistral-Small-3's three stacked layers (3 x 5120), shrunk
+HUNYUAN_TEXT_DIM = 40  # Qwen2.5-VL-7B's 3584, shrunk
+BYT5_DIM = 1472  # ByT5-small's width: fixed in HunyuanVideo's ByT5 mapper
+_HIDDEN, _HEADS = 64, 2  # width 64 in 2 heads of 32 (RoPE axes 8 + 12 + 12)
+
+
+def _chroma_layout(depth: int, depth_single: int, patch_size: int, in_channels: int) -> dict[str, Any]:
+    """The Chroma transformer's shape as model_detection derives it, narrow; the approximator's
+    hidden width shrunk too (it must output the transformer's width)."""
+    return {"in_channels": in_channels, "out_channels": in_channels, "context_in_dim": CHROMA_TEXT_DIM,
+            "hidden_size": _HIDDEN, "mlp_ratio": 2.0, "num_heads": _HEADS, "depth": depth,
+            "depth_single_blocks": depth_single, "axes_dim": [8, 12, 12], "theta": 10000, "patch_size": patch_size,
+            "qkv_bias": True, "in_dim": 64, "out_dim": _HIDDEN, "hidden_dim": 48, "n_layers": 2}
+
+
+def build_chroma(*, depth: int = 2, depth_single: int = 2, seed: int = 0) -> Any:
+    """A Chroma ModelPatcher: 16-channel latents in 2x2 patches (Chroma's detection feeds img_in 64 = 16 x 2 x 2)."""
+    import comfy.supported_models
+
+    unet = {"image_model": "chroma", **_chroma_layout(depth, depth_single, 2, 64)}
+    config = comfy.supported_models.Chroma(unet)
+    config.set_inference_dtype(torch.float32, None)
+    return _patcher(config.get_model({}, ""), seed)
+
+
+def build_chroma_radiance(*, depth: int = 2, depth_single: int = 1, nerf_tile_size: int = 0,
+                          head: str = "conv", seed: int = 0) -> Any:
+    """A Chroma Radiance ModelPatcher: RGB pixels in 16x16 patches, then the NeRF head."""
+    import comfy.supported_models
+
+    unet = {"image_model": "chroma_radiance", **_chroma_layout(depth, depth_single, 16, 3),
+            "nerf_hidden_size": 16, "nerf_mlp_ratio": 2, "nerf_depth": 2, "nerf_max_freqs": 4,
+            "nerf_tile_size": nerf_tile_size, "nerf_final_head_type": head, "nerf_embedder_dtype": torch.float32}
+    config = comfy.supported_models.ChromaRadiance(unet)
+    config.set_inference_dtype(torch.float32, None)
+    return _patcher(config.get_model({}, ""), seed)
+
+
+def make_chroma_conditioning(batch: int = 1, tokens: int = 12, *, seed: int = 0,
+                             guidance: float | None = None) -> list[list[Any]]:
+    """[[T5-like context, {pooled_output: None}]], as CLIPTextEncode gives for a T5-only CLIP (Chroma reads
+    no pooled vector; guidance defaults to 0 in its extra_conds)."""
+    gen = torch.Generator().manual_seed(seed)
+    extra: dict[str, Any] = {"pooled_output": None}
+    if guidance is not None:
+        extra["guidance"] = guidance
+    return [[torch.randn(batch, tokens, CHROMA_TEXT_DIM, generator=gen), extra]]
+
+
+def build_flux2(*, guidance: bool = True, depth: int = 1, depth_single: int = 1, seed: int = 0) -> Any:
+    """A Flux.2 ModelPatcher: ComfyUI's Flux class with global modulation, as model_detection configures
+    it (4 RoPE axes, SiLU-gated MLPs, no biases, reference latents by index), 128-channel latents in 1x1 patches."""
+    import comfy.supported_models
+
+    unet = {"image_model": "flux2", "axes_dim": [8, 8, 8, 8], "num_heads": _HEADS, "mlp_ratio": 3.0, "theta": 2000,
+            "out_channels": 128, "global_modulation": True, "vec_in_dim": None, "mlp_silu_act": True,
+            "qkv_bias": False, "ops_bias": False, "default_ref_method": "index", "ref_index_scale": 10.0,
+            "in_channels": 128, "hidden_size": _HIDDEN, "context_in_dim": FLUX2_TEXT_DIM, "patch_size": 1,
+            "depth": depth, "depth_single_blocks": depth_single, "guidance_embed": guidance}
+    config = comfy.supported_models.Flux2(unet)
+    config.set_inference_dtype(torch.float32, None)
+    return _patcher(config.get_model({}, ""), seed)
+
+
+def make_flux2_conditioning(batch: int = 1, tokens: int = 20, *, seed: int = 0,
+                            guidance: float | None = 4.0) -> list[list[Any]]:
+    """[[Mistral-like context, {pooled_output: None, guidance}]] (Flux2.extra_conds left-pads the context to 512)."""
+    gen = torch.Generator().manual_seed(seed)
+    extra: dict[str, Any] = {"pooled_output": None}
+    if guidance is not None:
+        extra["guidance"] = guidance
+    return [[torch.randn(batch, tokens, FLUX2_TEXT_DIM, generator=gen), extra]]
+
+
+def build_hunyuan_image(*, guidance: bool = False, byt5: bool = True, meanflow: bool = False, depth: int = 1,
+                        depth_single: int = 1, seed: int = 0) -> Any:
+    """A HunyuanImage 2.1 ModelPatcher: ComfyUI's HunyuanVideo class with 2-D 1x1 patches on 64-channel latents,
+    configured as model_detection does (RoPE axes [h, w], theta 256, TokenRefiner, the ByT5 mapper)."""
+    import comfy.supported_models
+
+    unet = {"image_model": "hunyuan_video", "in_channels": 64, "out_channels": 64, "patch_size": [1, 1],
+            "vec_in_dim": None, "axes_dim": [16, 16], "meanflow": meanflow, "context_in_dim": HUNYUAN_TEXT_DIM,
+            "hidden_size": _HIDDEN, "mlp_ratio": 4.0, "num_heads": _HEADS, "depth": depth,
+            "depth_single_blocks": depth_single, "theta": 256, "qkv_bias": True, "byt5": byt5,
+            "guidance_embed": guidance, "use_cond_type_embedding": False, "vision_in_dim": None}
+    config = comfy.supported_models.HunyuanImage21(unet)
+    config.set_inference_dtype(torch.float32, None)
+    return _patcher(config.get_model({}, ""), seed)
+
+
+def make_hunyuan_image_conditioning(batch: int = 1, tokens: int = 12, *, seed: int = 0, glyphs: int = 0,
+                                    guidance: float | None = None) -> list[list[Any]]:
+    """[[Qwen-like context, {pooled_output: None, conditioning_byt5small (glyphs > 0)}]], as HunyuanImage's
+    text encoder gives (the ByT5 tokens of quoted text ride along in the conditioning)."""
+    gen = torch.Generator().manual_seed(seed)
+    context = torch.randn(batch, tokens, HUNYUAN_TEXT_DIM, generator=gen)
+    extra: dict[str, Any] = {"pooled_output": None}
+    if glyphs:
+        extra["conditioning_byt5small"] = torch.randn(batch, glyphs, BYT5_DIM, generator=gen)
+    if guidance is not None:
+        extra["guidance"] = guidance
+    return [[context, extra]]
