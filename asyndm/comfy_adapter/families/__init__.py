@@ -33,7 +33,7 @@ def unwrap(module: torch.nn.Module) -> torch.nn.Module:
 
 # The family modules, tried in order; each has ``adapter_for(diffusion_model) -> TimeHooks | None``
 # (None: not its family). A next family is one module here and one name in this tuple.
-FAMILY_MODULES = ("unet", "flux", "mmdit", "chroma", "hunyuan_image", "auraflow", "hidream", "qwen_image")
+FAMILY_MODULES = ("unet", "flux", "mmdit", "chroma", "hunyuan_image", "auraflow", "hidream", "qwen_image", "lumina")
 
 
 def time_adapter(diffusion_model: torch.nn.Module) -> Any:

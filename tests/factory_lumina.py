@@ -1,0 +1,58 @@
+"""Small random-weight Lumina 2 and Z-Image models of ComfyUI's own classes, built in-process for tests.
+
+ComfyUI's ``supported_models.Lumina2`` / ``ZImage`` configs, ``model_base.Lumina2`` and the
+``lumina.model.NextDiT`` class, with the keys ``model_detection`` sets for each (Lumina 2: SiLU +
+Linear modulation, grouped-query attention, time scale 1; Z-Image: a 256-wide time embedding, one
+Linear per modulation, time scale 1000, caption and image padded to multiples of 32 tokens),
+narrowed: 1 noise refiner, 1 context refiner and 2 main blocks. Z-Image needs a width of at least
+256 (its modulation reads min(width, 256) features from a 256-wide embedding).
+
+Import this only after ComfyUI is importable (tests/inprocess/conftest.py arranges that).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from tests.model_factory import _patcher
+
+__all__ = ["LUMINA_TEXT_DIM", "build_lumina2", "build_z_image", "make_lumina_conditioning"]
+
+LUMINA_TEXT_DIM = 40  # Gemma-2-2B's (2304) and Qwen3-4B's (2560) hidden widths, shrunk
+
+
+def _common(dim: int, heads: int, kv_heads: int, axes: list[int]) -> dict[str, Any]:
+    return {"image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": dim, "cap_feat_dim": LUMINA_TEXT_DIM,
+            "n_layers": 2, "n_refiner_layers": 1, "qk_norm": True, "n_heads": heads, "n_kv_heads": kv_heads,
+            "axes_dims": axes}
+
+
+def build_lumina2(*, seed: int = 0) -> Any:
+    """A Lumina 2 shaped ModelPatcher (width 64: 2 query heads, 1 key/value head of 32 channels)."""
+    import comfy.supported_models
+
+    unet = {**_common(64, 2, 1, [8, 12, 12]), "axes_lens": [300, 512, 512], "rope_theta": 10000.0,
+            "ffn_dim_multiplier": 4.0}
+    config = comfy.supported_models.Lumina2(unet)
+    config.set_inference_dtype(torch.float32, None)
+    return _patcher(config.get_model({}, ""), seed)
+
+
+def build_z_image(*, seed: int = 0) -> Any:
+    """A Z-Image shaped ModelPatcher (width 256: 2 heads of 128 channels)."""
+    import comfy.supported_models
+
+    unet = {**_common(256, 2, 2, [32, 48, 48]), "axes_lens": [1536, 512, 512], "rope_theta": 256.0,
+            "ffn_dim_multiplier": 8.0 / 3.0, "z_image_modulation": True, "time_scale": 1000.0,
+            "pad_tokens_multiple": 32}
+    config = comfy.supported_models.ZImage(unet)
+    config.set_inference_dtype(torch.float32, None)
+    return _patcher(config.get_model({}, ""), seed)
+
+
+def make_lumina_conditioning(batch: int = 1, tokens: int = 12, *, seed: int = 0) -> list[list[Any]]:
+    """[[Gemma-2 / Qwen3-like context, {}]] for the models above."""
+    gen = torch.Generator().manual_seed(seed)
+    return [[torch.randn(batch, tokens, LUMINA_TEXT_DIM, generator=gen), {}]]
