@@ -24,7 +24,7 @@ from asyndm.comfy_adapter.families import time_adapter
 from asyndm.comfy_adapter.families.base import token_index
 from asyndm.comfy_adapter.families.lumina import PerTokenTimestepsNextDiT
 from asyndm.comfy_adapter.sampler import AsynSampler, patch_constant
-from asyndm.comfy_adapter.tokens import KEY, PromptTokens, TokenStream, UnknownWordError, prompt_tokens
+from asyndm.comfy_adapter.tokens import KEY, PromptTokens, TokenStream, prompt_tokens
 from asyndm.masks import item_masks
 from asyndm.schedule_spec import AsynSchedule
 from asyndm.schedules import timestep_maps
@@ -32,12 +32,6 @@ from asyndm.sigma_map import state_to_sigma
 from tests.factory_lumina import build_lumina2, build_z_image, make_lumina_conditioning
 from tests.inprocess.sampling import SAME_AS_KSAMPLER, TokenTimesteps, asyn, fixed_masks, hook_state, rel_err, stock
 from tests.model_factory import TokenizerOnly
-
-# Key words whose byte-level BPE tokens carry the space before them (Qwen3) need a change to the
-# pack's tokens module proposed with this family; until it lands the test fails as the current code
-# fails (strict: it turns red once the change lands; drop the marker then).
-NEEDS_SPACED_WORDS = pytest.mark.xfail(strict=True, raises=UnknownWordError,
-                                       reason="key words are looked up without the space BPE writes before them")
 
 SIZE = 16  # latent 16x16 -> 8x8 tokens (Z-Image pads the 64 image tokens to 64: no image padding)
 ODD = (12, 18)  # 6x9 = 54 tokens: Z-Image appends 10 padding tokens
@@ -322,7 +316,6 @@ def z_image_tokens():
     return prompt_tokens(TokenizerOnly(comfy.text_encoders.z_image.ZImageTokenizer(), ()), PROMPT)
 
 
-@NEEDS_SPACED_WORDS
 def test_z_image_key_words_are_columns_of_the_chat_template(z_image_tokens, models):
     """Z-Image's encoder keeps the whole chat template (it has no trimming of its own): a word's columns
     are where Qwen3's BPE writes it inside "<|im_start|>user\\n{prompt}<|im_end|>..."."""
@@ -339,7 +332,6 @@ def test_z_image_key_words_are_columns_of_the_chat_template(z_image_tokens, mode
     assert z_image_tokens.columns("a", layout) == [3]  # after "<|im_start|>", "user", "\n"
 
 
-@NEEDS_SPACED_WORDS
 def test_z_image_dynamic_masks_follow_the_joint_attention(models, z_image_tokens, monkeypatch):
     dynamic_masks_follow_the_joint_attention(models["z_image"], z_image_tokens, "rabbit", monkeypatch)
 

@@ -45,15 +45,14 @@ def pack_class(name: str) -> type:
 
 
 # Two changes outside this family's own files are proposed with it: the sampler taking one-frame
-# latents (B, C, 1, H, W) (ComfyUI's KSampler node makes Qwen-Image's empty latent one), and key words
-# whose byte-level BPE tokens carry the space before them (Qwen2.5). Until they land, the tests that
-# need them fail as the current code fails (strict: they turn red once the changes land; drop these then).
+# latents (B, C, 1, H, W) (ComfyUI's KSampler node makes Qwen-Image's empty latent one), and a word's
+# tokens told from the empty prompt's by position, not by value (Qwen-Image's system prompt holds
+# "background", "image", "color", ...). Until they land, the tests that need them fail as the current
+# code fails (strict: they turn red once the changes land; drop the markers then).
 NEEDS_ONE_FRAME = pytest.mark.xfail(strict=True, raises=(UnsupportedModelError, pack_class("errors.UnsupportedModelError")),
                                     reason="the sampler refuses one-frame latents (B, C, 1, H, W)")
-NEEDS_SPACED_WORDS = pytest.mark.xfail(strict=True, raises=(UnknownWordError, UnsupportedModelError,
-                                                              pack_class("tokens.UnknownWordError"),
-                                                              pack_class("errors.UnsupportedModelError")),
-                                       reason="key words are looked up without the space BPE writes before them")
+NEEDS_TEMPLATE_WORDS = pytest.mark.xfail(strict=True, raises=UnknownWordError,
+                                         reason="a word the chat template also holds is not recorded")
 
 SIZE = 16  # latent 16x16 -> 8x8 tokens
 REF = 8  # the Edit reference latent: 8x8 -> 4x4 tokens after the image's
@@ -311,7 +310,6 @@ def comfy_kept_positions(tokenized: dict, monkeypatch) -> list[int]:
     return out[0, :, 0].long().tolist()
 
 
-@NEEDS_SPACED_WORDS
 def test_qwen_key_words_are_columns_of_the_template_trimmed_context(qwen_tokenizer, qwen_tokens, monkeypatch):
     """The context ComfyUI's encoder gives starts after the template's system prompt: every key word's
     columns are where its tokens (as Qwen2.5's BPE writes them mid-sentence, with the space, or first,
@@ -323,12 +321,26 @@ def test_qwen_key_words_are_columns_of_the_template_trimmed_context(qwen_tokeniz
     assert kept == list(range(template_end(ids), len(ids)))
     assert qwen_tokens.context_length(layout) == len(kept)
     hf = qwen_tokenizer.qwen25_7b.tokenizer
-    for word, text in (("rabbit", " rabbit"), ("teddy bear", " teddy bear"), ("a", "a"), ("background", " background")):
+    for word, text in (("rabbit", " rabbit"), ("teddy bear", " teddy bear"), ("a", "a")):
         want_ids = hf(text)["input_ids"]
         cols = qwen_tokens.columns(word, layout)
         assert [ids[kept[c]] for c in cols] == want_ids, word
         assert cols == list(range(cols[0], cols[0] + len(want_ids))), word
     assert qwen_tokens.columns("a", layout) == [0]  # the first user token: the template's "user\n" is trimmed
+
+
+@NEEDS_TEMPLATE_WORDS
+def test_a_key_word_the_system_prompt_also_holds(qwen_tokenizer, qwen_tokens, monkeypatch):
+    """"background" is in Qwen-Image's system prompt (trimmed from the context) and in the prompt: its
+    columns are the prompt's, where ComfyUI's encoder keeps it."""
+    tokenized = qwen_tokenizer.tokenize_with_weights(PROMPT)
+    ids = [t[0] for t in tokenized["qwen25_7b"][0]]
+    kept = comfy_kept_positions(tokenized, monkeypatch)
+    layout = PerTokenTimestepsQwenImage(build_qwen_image(depth=1).model.diffusion_model).text_layout(qwen_tokens)
+    want = qwen_tokenizer.qwen25_7b.tokenizer(" background")["input_ids"]
+    assert set(want) <= set(ids[:template_end(ids)])  # the system prompt has it too
+    cols = qwen_tokens.columns("background", layout)
+    assert [ids[kept[c]] for c in cols] == want
 
 
 class AttentionCalls:
@@ -342,7 +354,7 @@ class AttentionCalls:
         return func(*args, **kwargs)
 
 
-@NEEDS_SPACED_WORDS
+@NEEDS_ONE_FRAME
 def test_qwen_dynamic_masks_follow_the_joint_attention(qwen_tokens, monkeypatch):
     """The key pixels of step 1 are the threshold of the step-0 attention of the image tokens to the
     word's Qwen2.5 tokens, recomputed here from the model's own q and k; the transformer then sees
@@ -385,7 +397,7 @@ def test_qwen_dynamic_masks_follow_the_joint_attention(qwen_tokens, monkeypatch)
     assert "optimized_attention_override" not in model.model_options.get("transformer_options", {})
 
 
-@NEEDS_SPACED_WORDS
+@NEEDS_ONE_FRAME
 def test_qwen_key_words_through_the_nodes_static_masks_and_the_mask_node(qwen_tokenizer, pack_nodes):
     """What a Qwen-Image user does with key words: the Asynchronous KSampler node with a static mask
     (the synchronous pre-pass, then the asynchronous pass) and the Cross-Attention Mask node, on an
