@@ -9,8 +9,10 @@ SUPPORTED_FAMILIES = ("SD1.x, SD2.x and SDXL (ComfyUI's openaimodel.UNetModel, i
                       "modulation), Chroma and Chroma Radiance (comfy.ldm.chroma, comfy.ldm.chroma_radiance), "
                       "HunyuanImage 2.1 (comfy.ldm.hunyuan_video.model.HunyuanVideo on images; not the distilled "
                       "meanflow model), SD3 / SD3.5 (large, medium and turbo, "
-                      "comfy.ldm.modules.diffusionmodules.mmdit.MMDiT), AuraFlow (comfy.ldm.aura.mmdit.MMDiT) and "
-                      "HiDream (I1 full, dev and fast, E1; comfy.ldm.hidream.model.HiDreamImageTransformer2DModel)")
+                      "comfy.ldm.modules.diffusionmodules.mmdit.MMDiT), AuraFlow (comfy.ldm.aura.mmdit.MMDiT), "
+                      "HiDream (I1 full, dev and fast, E1; comfy.ldm.hidream.model.HiDreamImageTransformer2DModel), "
+                      "Qwen-Image and Qwen-Image-Edit (comfy.ldm.qwen_image.model.QwenImageTransformer2DModel) and "
+                      "Lumina 2 / Z-Image (comfy.ldm.lumina.model.NextDiT)")
 
 
 class UnsupportedModelError(ValueError):

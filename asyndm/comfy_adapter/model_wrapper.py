@@ -113,12 +113,15 @@ class PerPixelApplyModel:
             return executor(x, sigma, c_concat, c_crossattn, control, transformer_options, **kwargs)
         base_model = executor.class_obj
         ms = base_model.model_sampling
-        sigma_rows, inverse_rows = self._rows(x, transformer_options)
-        ones = torch.ones_like(x[:, :1])
+        one_frame = x.ndim == 5 and x.shape[2] == 1  # a video format's one frame (Qwen-Image): maths on the image
+        image = x[:, :, 0] if one_frame else x
+        sigma_rows, inverse_rows = self._rows(image, transformer_options)
+        ones = torch.ones_like(image[:, :1])
         # Rescale so that calculate_input(carrier, x_pre) == calculate_input(sigma_map, x) per pixel.
         c_in_map = per_pixel(ms.calculate_input, sigma_rows, ones)
         c_in_carrier = ms.calculate_input(t, ones)
-        x_pre = x * (c_in_map / c_in_carrier)
+        rescale = c_in_map / c_in_carrier
+        x_pre = x * (rescale.unsqueeze(2) if one_frame else rescale)
         unique_t = self.maps.unique_t
         assert unique_t is not None
         captured: list[torch.Tensor] = []
@@ -135,7 +138,9 @@ class PerPixelApplyModel:
             self.time_hooks.set_map(None)
         if len(captured) != 1 or not torch.is_tensor(captured[0]):
             raise RuntimeError("AsynDM: the diffusion model's output could not be read (packed or repeated outputs)")
-        return per_pixel(ms.calculate_denoised, sigma_rows, captured[0].float(), x)
+        out = captured[0][:, :, 0] if one_frame else captured[0]
+        denoised = per_pixel(ms.calculate_denoised, sigma_rows, out.float(), image)
+        return denoised.unsqueeze(2) if one_frame else denoised
 
 
 class AreaRecorder:

@@ -118,6 +118,26 @@ def patch_constant(k_map: torch.Tensor, patch_size: int) -> torch.Tensor:
     return pooled.repeat_interleave(patch_size, dim=-2).repeat_interleave(patch_size, dim=-1)[..., :h, :w]
 
 
+class OneFrame:
+    """The CFG guider's model for one-frame latents of a video format (B, C, 1, H, W): the sampler
+    works on (B, C, H, W) and the model is called with the frame axis put back."""
+
+    def __init__(self, model_wrap: Any) -> None:
+        self.model_wrap = model_wrap
+
+    def __getattr__(self, name: str) -> Any:  # inner_model, conds, cfg: the guider's own
+        return getattr(self.model_wrap, name)
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        return self.model_wrap(x.unsqueeze(2), sigma, **kwargs).squeeze(2)
+
+    @staticmethod
+    def callback(callback: Callable | None) -> Callable | None:
+        if callback is None:
+            return None
+        return lambda step, x0, x, total: callback(step, x0.unsqueeze(2), x.unsqueeze(2), total)
+
+
 class AsynSampler(comfy.samplers.Sampler):
     """Asynchronous sampling as a ComfyUI SAMPLER (usable by SamplerCustom / SamplerCustomAdvanced)."""
 
@@ -151,7 +171,8 @@ class AsynSampler(comfy.samplers.Sampler):
         inner = model_wrap.inner_model
         ms = inner.model_sampling
         diffusion_model = inner.diffusion_model
-        if noise.ndim != 4:
+        one_frame = noise.ndim == 5 and noise.shape[2] == 1  # a video format's one frame (Qwen-Image's latents)
+        if noise.ndim != 4 and not one_frame:
             raise UnsupportedModelError(
                 f"asynchronous sampling needs image latents (B, C, H, W); got shape {tuple(noise.shape)}. "
                 f"Supported: {SUPPORTED_FAMILIES}."
@@ -163,9 +184,14 @@ class AsynSampler(comfy.samplers.Sampler):
         self._check_family(time_hooks, ms)
         if self.schedule.is_synchronous and not self.reference:
             # No pixel can leave the background: ComfyUI's own sampler, untouched (no hook, no wrapper).
-            self.record = self._synchronous_record(noise, len(sigmas) - 1)
+            self.record = self._synchronous_record(noise[:, :, 0] if one_frame else noise, len(sigmas) - 1)
             return self.stock_sampler().sample(model_wrap, sigmas, extra_args, callback, noise, latent_image,
                                                denoise_mask, disable_pbar)
+        if one_frame:  # sample the image (B, C, H, W); the model is called with the frame axis put back
+            frame = OneFrame(model_wrap)
+            out = self.sample(frame, sigmas, extra_args, frame.callback(callback), noise[:, :, 0], latent_image[:, :, 0],
+                              None if denoise_mask is None else denoise_mask[:, :, 0], disable_pbar)
+            return out.unsqueeze(2)
         if self.reference:
             sigmas = self._reference_sigmas(ms, len(sigmas) - 1).to(sigmas.device)
         num_steps = len(sigmas) - 1

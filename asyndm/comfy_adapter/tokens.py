@@ -159,15 +159,29 @@ def _streams(tokenized: dict) -> dict[str, list[list[int]]]:
     return {name: [[int(t[0]) for t in chunk] for chunk in chunks] for name, chunks in tokenized.items()}
 
 
-def _body(ids: list[int], specials: set[int]) -> list[int]:
-    """A word's own tokens: leading start tokens dropped, cut at the first end or padding token."""
+def _unpadded(ids: list[int], pad: int) -> list[int]:
+    end = len(ids)
+    while end and ids[end - 1] == pad:
+        end -= 1
+    return ids[:end]
+
+
+def _body(ids: list[int], empty: list[int]) -> list[int]:
+    """A word's own tokens: its tokenization less what the empty prompt's has in front (start token, a
+    chat template's beginning) and behind (end token, the template's end), padding dropped first.
+
+    By position, not by value: a word that the template also holds (Qwen-Image's system prompt has
+    "image", "background", ...) keeps its tokens."""
+    if empty:
+        pad = empty[-1]
+        ids, empty = _unpadded(ids, pad), _unpadded(empty, pad)
     start = 0
-    while start < len(ids) and ids[start] in specials:
+    while start < min(len(ids), len(empty)) and ids[start] == empty[start]:
         start += 1
-    end = start
-    while end < len(ids) and ids[end] not in specials:
-        end += 1
-    return ids[start:end]
+    tail = 0
+    while tail < min(len(ids), len(empty)) - start and ids[-1 - tail] == empty[-1 - tail]:
+        tail += 1
+    return ids[start:len(ids) - tail]
 
 
 def loaded_encoders(clip: Any) -> tuple[str, ...] | None:
@@ -181,19 +195,19 @@ def loaded_encoders(clip: Any) -> tuple[str, ...] | None:
 def prompt_tokens(clip: Any, text: str) -> PromptTokens:
     """Tokenize the prompt and each of its words with every tokenizer of the CLIP object."""
     chunks = _streams(clip.tokenize(text))
-    specials = {name: set(ids[0]) for name, ids in _streams(clip.tokenize("")).items()}  # start, end, padding
+    empty = {name: ids[0] for name, ids in _streams(clip.tokenize("")).items()}  # start, end, template, padding
     words = list(dict.fromkeys(split_words(text)))
     word_ids: dict[str, dict[str, list[int]]] = {name: {} for name in chunks}
     inner_ids: dict[str, dict[str, list[int]]] = {name: {} for name in chunks}
-    lead = {name: _body(ids[0], specials.get(name, set())) for name, ids in _streams(clip.tokenize("x")).items()}
+    lead = {name: _body(ids[0], empty.get(name, [])) for name, ids in _streams(clip.tokenize("x")).items()}
     for word in words:
         alone = _streams(clip.tokenize(word))
         after = _streams(clip.tokenize("x " + word))
         for name, ids in alone.items():
-            body = _body(ids[0], specials.get(name, set()))
+            body = _body(ids[0], empty.get(name, []))
             if body and name in word_ids:
                 word_ids[name][word] = body
-                inner = _body(after.get(name, [[]])[0], specials.get(name, set()))
+                inner = _body(after.get(name, [[]])[0], empty.get(name, []))
                 head = lead.get(name, [])
                 if inner[:len(head)] == head and inner[len(head):] and inner[len(head):] != body:
                     inner_ids[name][word] = inner[len(head):]

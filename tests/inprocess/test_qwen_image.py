@@ -21,12 +21,11 @@ import comfy.text_encoders.qwen_image
 import pytest
 import torch
 
-from asyndm.comfy_adapter.errors import UnsupportedModelError
 from asyndm.comfy_adapter.families import time_adapter
 from asyndm.comfy_adapter.families.base import token_index
 from asyndm.comfy_adapter.families.qwen_image import PerTokenTimestepsQwenImage, template_end
 from asyndm.comfy_adapter.sampler import AsynSampler, patch_constant
-from asyndm.comfy_adapter.tokens import KEY, UnknownWordError, prompt_tokens
+from asyndm.comfy_adapter.tokens import KEY, prompt_tokens
 from asyndm.masks import item_masks
 from asyndm.schedule_spec import AsynSchedule
 from asyndm.schedules import timestep_maps
@@ -44,15 +43,9 @@ def pack_class(name: str) -> type:
     return getattr(importlib.import_module(f"{PACK_MODULE}.asyndm.comfy_adapter.{module}"), cls)
 
 
-# Two changes outside this family's own files are proposed with it: the sampler taking one-frame
-# latents (B, C, 1, H, W) (ComfyUI's KSampler node makes Qwen-Image's empty latent one), and a word's
-# tokens told from the empty prompt's by position, not by value (Qwen-Image's system prompt holds
-# "background", "image", "color", ...). Until they land, the tests that need them fail as the current
-# code fails (strict: they turn red once the changes land; drop the markers then).
-NEEDS_ONE_FRAME = pytest.mark.xfail(strict=True, raises=(UnsupportedModelError, pack_class("errors.UnsupportedModelError")),
-                                    reason="the sampler refuses one-frame latents (B, C, 1, H, W)")
-NEEDS_TEMPLATE_WORDS = pytest.mark.xfail(strict=True, raises=UnknownWordError,
-                                         reason="a word the chat template also holds is not recorded")
+# Qwen-Image relies on the sampler taking one-frame latents (B, C, 1, H, W) (ComfyUI's KSampler node
+# makes Qwen-Image's empty latent one), and on a word's tokens being told from the empty prompt's by
+# position, not by value (Qwen-Image's system prompt holds "background", "image", "color", ...).
 
 SIZE = 16  # latent 16x16 -> 8x8 tokens
 REF = 8  # the Edit reference latent: 8x8 -> 4x4 tokens after the image's
@@ -77,7 +70,6 @@ def latent(h: int = SIZE, w: int = SIZE) -> torch.Tensor:
     return torch.zeros(1, 16, 1, h, w)  # an empty latent as ComfyUI's KSampler node passes it on (Wan 2.1 format)
 
 
-@NEEDS_ONE_FRAME
 @pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m"])
 @pytest.mark.parametrize("cfg", [1.0, 2.5])
 @pytest.mark.parametrize("case", list(SAME_AS_KSAMPLER))
@@ -89,7 +81,6 @@ def test_no_key_pixels_is_the_ksampler_bit_for_bit(model, sampler, cfg, case):
     assert torch.equal(a, b), rel_err(b, a)
 
 
-@NEEDS_ONE_FRAME
 @pytest.mark.parametrize("case", list(SAME_AS_KSAMPLER))
 def test_edit_with_no_key_pixels_is_the_ksampler_bit_for_bit(model, case):
     pos, neg = conds(edit=True)
@@ -197,7 +188,6 @@ def test_each_image_token_is_modulated_at_its_own_timestep(model, edit):
             assert torch.allclose(final_out[:, full], want[:, full], rtol=1e-5, atol=1e-6), t
 
 
-@NEEDS_ONE_FRAME
 def test_a_drawn_mask_reaches_the_transformer_as_the_schedules_token_map(model, monkeypatch):
     pos, neg = conds()
     steps = 5
@@ -225,7 +215,6 @@ def test_a_drawn_mask_reaches_the_transformer_as_the_schedules_token_map(model, 
     assert a.shape == latent().shape and torch.isfinite(a).all() and rel_err(a, sync) > 1e-3
 
 
-@NEEDS_ONE_FRAME
 def test_edit_with_a_drawn_mask_differs_and_keeps_the_reference(model):
     """Qwen-Image-Edit with a drawn key mask: the result differs from synchronous sampling, and the
     reference latent still matters (it is read at the background's timestep)."""
@@ -251,7 +240,6 @@ def test_what_qwen_image_cannot_do_yet_is_refused_by_name(model):
     AsynSampler("dpmpp_2m", fixed_masks(1, SIZE, SIZE))._check_family(adapter, ms)
 
 
-@NEEDS_ONE_FRAME
 def test_nothing_outlives_a_failed_qwen_image_run(model):
     dm = model.model.diffusion_model
     pos, neg = conds(edit=True)
@@ -272,7 +260,6 @@ def test_nothing_outlives_a_failed_qwen_image_run(model):
     assert torch.equal(stock(model, pos, neg, latent(), seed=6, cfg=2.5, scheduler="simple", steps=3), before)
 
 
-@NEEDS_ONE_FRAME
 def test_the_node_samples_qwen_image_from_an_empty_latent(model, pack_nodes):
     """The Asynchronous KSampler node given a 4-D empty latent (EmptySD3LatentImage's): ComfyUI makes it
     one Wan 2.1 frame; a drawn mask, dpmpp_2m, the strip drawn."""
@@ -329,7 +316,6 @@ def test_qwen_key_words_are_columns_of_the_template_trimmed_context(qwen_tokeniz
     assert qwen_tokens.columns("a", layout) == [0]  # the first user token: the template's "user\n" is trimmed
 
 
-@NEEDS_TEMPLATE_WORDS
 def test_a_key_word_the_system_prompt_also_holds(qwen_tokenizer, qwen_tokens, monkeypatch):
     """"background" is in Qwen-Image's system prompt (trimmed from the context) and in the prompt: its
     columns are the prompt's, where ComfyUI's encoder keeps it."""
@@ -354,7 +340,6 @@ class AttentionCalls:
         return func(*args, **kwargs)
 
 
-@NEEDS_ONE_FRAME
 def test_qwen_dynamic_masks_follow_the_joint_attention(qwen_tokens, monkeypatch):
     """The key pixels of step 1 are the threshold of the step-0 attention of the image tokens to the
     word's Qwen2.5 tokens, recomputed here from the model's own q and k; the transformer then sees
@@ -397,7 +382,6 @@ def test_qwen_dynamic_masks_follow_the_joint_attention(qwen_tokens, monkeypatch)
     assert "optimized_attention_override" not in model.model_options.get("transformer_options", {})
 
 
-@NEEDS_ONE_FRAME
 def test_qwen_key_words_through_the_nodes_static_masks_and_the_mask_node(qwen_tokenizer, pack_nodes):
     """What a Qwen-Image user does with key words: the Asynchronous KSampler node with a static mask
     (the synchronous pre-pass, then the asynchronous pass) and the Cross-Attention Mask node, on an

@@ -20,7 +20,6 @@ tokens, decoded with the tokenizer ComfyUI ships (comfy/text_encoders/qwen25_tok
 
 from __future__ import annotations
 
-import functools
 import math
 import re
 from typing import Any
@@ -77,8 +76,8 @@ def template_end(ids: list[int]) -> int:
     return end if end >= 0 else len(ids) - 1  # no template: ComfyUI keeps out[:, -1:]
 
 
-@functools.lru_cache(maxsize=1)
 def _qwen_tokenizer() -> Any:
+    """The tree's Qwen2.5-VL tokenizer (loaded per run: the pack keeps no state between prompts)."""
     import comfy.text_encoders.qwen_image
 
     return comfy.text_encoders.qwen_image.Qwen25_7BVLITokenizer().tokenizer
