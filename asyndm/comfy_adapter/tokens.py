@@ -196,13 +196,16 @@ def prompt_tokens(clip: Any, text: str) -> PromptTokens:
     """Tokenize the prompt and each of its words with every tokenizer of the CLIP object."""
     chunks = _streams(clip.tokenize(text))
     empty = {name: ids[0] for name, ids in _streams(clip.tokenize("")).items()}  # start, end, template, padding
-    words = list(dict.fromkeys(split_words(text)))
+    spelled: dict[str, str] = {}  # each word (lower-cased) as the prompt first spells it: T5, Qwen, Gemma are case-sensitive
+    for match in _WORD.findall(text):
+        spelled.setdefault(match.lower(), match)
+    words = list(spelled)
     word_ids: dict[str, dict[str, list[int]]] = {name: {} for name in chunks}
     inner_ids: dict[str, dict[str, list[int]]] = {name: {} for name in chunks}
     lead = {name: _body(ids[0], empty.get(name, [])) for name, ids in _streams(clip.tokenize("x")).items()}
     for word in words:
-        alone = _streams(clip.tokenize(word))
-        after = _streams(clip.tokenize("x " + word))
+        alone = _streams(clip.tokenize(spelled[word]))
+        after = _streams(clip.tokenize("x " + spelled[word]))
         for name, ids in alone.items():
             body = _body(ids[0], empty.get(name, []))
             if body and name in word_ids:

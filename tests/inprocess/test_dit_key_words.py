@@ -224,3 +224,15 @@ def test_segments_drop_a_template_and_pad_in_front(flux_tokens):
     assert flux_tokens.columns("a", [Segment("t5xxl", drop_front=1)]) == [3, 4]
     with pytest.raises(UnknownWordError, match="not found as consecutive tokens"):
         flux_tokens.columns("rabbit", [Segment("t5xxl", keep=3)])
+
+
+def test_a_capitalised_prompt_word_is_found_with_a_case_sensitive_tokenizer():
+    """T5 spells "Rabbit" and "rabbit" differently: the word is tokenized as the prompt spells it."""
+    tokens = prompt_tokens(TokenizerOnly(comfy.text_encoders.flux.FluxTokenizer(), ("l", "t5xxl")),
+                           "A Rabbit wearing Sunglasses")
+    t5 = tokens.streams["t5xxl"]
+    for word in ("rabbit", "Sunglasses"):
+        cols = tokens.columns(word, ["t5xxl"])
+        assert [t5.chunks[0][c] for c in cols] == t5.word_ids[word.lower()]
+    lower = prompt_tokens(TokenizerOnly(comfy.text_encoders.flux.FluxTokenizer(), ("l", "t5xxl")), "a rabbit")
+    assert lower.streams["t5xxl"].word_ids["rabbit"] != t5.word_ids["rabbit"]  # the case mattered
