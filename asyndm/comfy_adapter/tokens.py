@@ -20,7 +20,8 @@ __all__ = ["PromptTokens", "Segment", "TokenStream", "prompt_tokens", "split_wor
 
 KEY = "asyndm_prompt_tokens"  # where the conditioning dict keeps a PromptTokens
 _WORD = re.compile(r"[\w'-]+", re.UNICODE)
-ENCODERS = {"clip_l": "l", "clip_g": "g", "t5xxl": "t5xxl", "llama": "llama"}  # CLIP model attribute -> its tokenizer stream
+# (CLIP model attribute, its tokenizer stream)
+ENCODERS = (("clip_l", "l"), ("clip_g", "g"), ("t5xxl", "t5xxl"), ("llama", "llama"))
 
 
 class UnknownWordError(ValueError):
@@ -189,7 +190,7 @@ def loaded_encoders(clip: Any) -> tuple[str, ...] | None:
     model = getattr(clip, "cond_stage_model", None)
     if model is None:
         return None
-    return tuple(stream for attr, stream in ENCODERS.items() if getattr(model, attr, None) is not None)
+    return tuple(stream for attr, stream in ENCODERS if getattr(model, attr, None) is not None)
 
 
 def prompt_tokens(clip: Any, text: str) -> PromptTokens:

@@ -30,7 +30,7 @@ from .base import MethodSwap, TimeHooks, gather_tokens, token_index
 
 __all__ = ["PerTokenTimestepsNextDiT", "adapter_for"]
 
-STREAMS = {"Lumina 2": "gemma2_2b", "Z-Image": "qwen3_4b"}  # the tokenizer stream each one's CLIP records
+STREAMS = (("Lumina 2", "gemma2_2b"), ("Z-Image", "qwen3_4b"))  # the tokenizer stream each one's CLIP records
 
 
 def adapter_for(diffusion_model: torch.nn.Module) -> PerTokenTimestepsNextDiT | None:
@@ -75,7 +75,7 @@ class PerTokenTimestepsNextDiT(TimeHooks):
         """NextDiT's caption is the text encoder's whole output: Gemma-2's tokens from the start token on
         (Lumina 2; a system prompt is part of the text), Qwen3's chat template around the prompt (Z-Image).
         Z-Image's caption padding comes after it, in the model."""
-        return [STREAMS[self.family]]
+        return [dict(STREAMS)[self.family]]
 
     def attention_observer(self, latent_hw: tuple[int, int], batch: int,
                            columns_by_uuid: dict[Any, list[list[int]]]) -> JointAttentionObserver:
