@@ -157,7 +157,10 @@ def wrap_sampler_pieces(stack: contextlib.ExitStack, timer: PieceTimer) -> None:
     from asyndm import pixel_tracks, sigma_map
     from asyndm.comfy_adapter import attention, model_wrapper
     from asyndm.comfy_adapter import sampler as asyn_sampler
+    from asyndm.comfy_adapter.families import base
 
+    hooks = base.TimeHooks  # every family's set_map lives in the shared base
+    stack.enter_context(patched(hooks, "set_map", timer.wrap(SET_MAP_LABEL, hooks.__dict__["set_map"])))
     sm = model_wrapper.StepMaps
     stack.enter_context(patched(sm, "set", timer.wrap(STEP_MAPS_LABEL, sm.__dict__["set"])))
     stack.enter_context(patched(asyn_sampler, "model_timesteps", timer.wrap(STEP_MAPS_LABEL,

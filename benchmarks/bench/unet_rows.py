@@ -113,7 +113,7 @@ PIECES = [  # (label, what) in report order; the pieces are exclusive of each ot
     (measure.OBSERVER_LABEL, "AttentionObserver.__call__ (attn2_patch on every attn2)"),
     (measure.ITEM_MASKS_LABEL, "AsynSampler._priorities_from_attention"),
     (measure.STEP_MAPS_LABEL, "distinct model timesteps of the distinct sigmas, per step"),
-    (measure.SET_MAP_LABEL, "PerPixelTimesteps.set_map"),
+    (measure.SET_MAP_LABEL, "TimeHooks.set_map"),
     ("hooks: UNet/block pre/post", "PerPixelTimesteps._unet_pre/_unet_post/_block_pre"),
     ("hooks: time-MLP table", "PerPixelTimesteps._embedding_table (U rows)"),
     (EMB_LABEL, "rest of the emb_layers hooks"),
@@ -143,7 +143,7 @@ def install_profile(bench: Bench, stack: contextlib.ExitStack, timer: PieceTimer
     ppt = unet_time.PerPixelTimesteps
     for cls in (ppt, naive):
         for attr, label in (("_unet_pre", "hooks: UNet/block pre/post"), ("_unet_post", "hooks: UNet/block pre/post"),
-                            ("set_map", "set_map"), ("_embedding_table", "hooks: time-MLP table"),
+                            ("_embedding_table", "hooks: time-MLP table"),
                             ("_index", "hooks: index maps"),
                             ("_per_pixel", "hooks: per-pixel selection"),
                             ("_pixel_embedding", "naive: time MLP on every pixel"),
