@@ -14,13 +14,17 @@ UNets (SD1.x/SD2.x/SDXL shapes):
               does it: the time MLP on every pixel's timestep and every ResBlock's emb_layers on
               every pixel of its resolution (no table of distinct timesteps). Second baseline.
 
+Flux (dev, schnell): ksampler, and fixed (the same two key items as masks; key words are not
+supported on Flux yet). cfg 1 and the simple scheduler unless --cfg / --scheduler say otherwise.
+
 Printed and written (--out, markdown; --json): wall time per image (median, min-max over the
 repeats after the warm-up), the ratio of each variant to the KSampler run of the same repeat
 (median, min-max of those paired ratios), peak memory (CPU: peak RSS of a fresh subprocess per
 variant, and its increase over the loaded model; GPU: torch.cuda.max_memory_allocated), and a
 profile of where the asynchronous run spends its time beyond the model (perf_counter around the
 pack's pieces, in a separate run so that the timed runs carry no instrumentation). With
---forward-repeats, the model's forward alone with and without the pack's hooks.
+--forward-repeats, the model's forward alone with and without the pack's hooks (for Flux also the
+per-token modulation's pieces per forward).
 
 Models are random-weight instances of ComfyUI's own classes built through tests/model_factory.py:
 
@@ -35,17 +39,25 @@ Models are random-weight instances of ComfyUI's own classes built through tests/
               label_emb), with --sdxl-depth transformer blocks at /4 and in the middle instead of
               10 (10 gives the real 2.6B-parameter UNet; the default 2 fits a laptop)
     tiny      32 channels, 3 levels: for the CI smoke test only
+    flux-dev      ComfyUI's Flux class and supported_models.Flux config (guidance embedding, shift
+                  1.15), --flux-hidden wide in heads of 128 (Flux's head width, rotary axes 16/56/56,
+                  MLP ratio 4), --flux-double double-stream and --flux-single single-stream blocks
+                  (Flux: 3072 wide, 19 + 38 blocks)
+    flux-schnell  the same with supported_models.FluxSchnell (no guidance embedding)
+    flux-tiny     tests/model_factory.py build_flux (width 64, 2 + 2 blocks, dev): CI smoke only
 
 Examples:
 
     .dev/venv/bin/python benchmarks/bench_sampling.py --model reduced --sizes 32,64 --batch 1 --steps 10
     .dev/venv/bin/python benchmarks/bench_sampling.py --model full --cases 32x32:1:10,64x64:1:10 --repeats 5
+    .dev/venv/bin/python benchmarks/bench_sampling.py --model flux-dev,flux-schnell --cases 64x64:1:4 \\
+        --flux-hidden 512 --forward-repeats 9
     .dev/venv/bin/python benchmarks/bench_sampling.py --model reduced --sizes 32 --batch 1,4 --steps 10,30 \\
         --out benchmarks/last_run.md --append
 
 torch runs with one thread unless --threads says otherwise (timings on a shared machine are
 steadier that way). This is a script, not a test: tests/inprocess/test_benchmark_smoke.py runs
-main() on the tiny model so that it cannot rot.
+main() on the tiny models so that it cannot rot.
 """
 
 from __future__ import annotations
@@ -66,18 +78,20 @@ from .measure import MEMORY_TAG, measure_memory_here, measure_memory_subprocess,
 from .report import case_ratios, environment, loadavg, markdown, median
 
 ALL_VARIANTS = ("ksampler", "dynamic", "fixed", "naive")
-FAMILY_DEFAULTS = {"unet": {"cfg": 5.0, "scheduler": "normal"}}
+FAMILY_DEFAULTS = {"unet": {"cfg": 5.0, "scheduler": "normal"}, "flux": {"cfg": 1.0, "scheduler": "simple"}}
 
 
 def model_kwargs(spec: dict[str, Any]) -> dict[str, Any]:
     """build_model's keyword arguments from a run's settings (the memory child's spec included)."""
-    return {"seed": spec["seed"], "sdxl_depth": spec.get("sdxl_depth", 2), "device": spec["device"]}
+    return {"seed": spec["seed"], "sdxl_depth": spec.get("sdxl_depth", 2), "device": spec["device"],
+            "flux_hidden": spec.get("flux_hidden", 512), "flux_double": spec.get("flux_double", 2),
+            "flux_single": spec.get("flux_single", 4)}
 
 
 def make_bench(model_name: str, patcher: Any, case: Case, spec: dict[str, Any]) -> Any:
     rows = report.FAMILY_ROWS[family_of(model_name)]
     return rows.make_bench(patcher, case, seed=spec["seed"], cfg=spec["cfg"], sampler=spec["sampler"],
-                           scheduler=spec["scheduler"])
+                           scheduler=spec["scheduler"], text_tokens=spec.get("text_tokens", 128))
 
 
 def memory_child(spec: dict[str, Any]) -> dict[str, Any]:
@@ -127,10 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     p.add_argument("--device", default="cpu", help="cpu, or cuda (the model is moved there by ComfyUI)")
     p.add_argument("--sampler", default="euler")
-    p.add_argument("--scheduler", default=None, help="default: normal")
-    p.add_argument("--cfg", type=float, default=None, help="default: 5")
+    p.add_argument("--scheduler", default=None, help="default: normal on UNets, simple on Flux")
+    p.add_argument("--cfg", type=float, default=None, help="default: 5 on UNets, 1 on Flux (no uncond rows)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sdxl-depth", type=int, default=2, help="transformer blocks at /4 and in the middle (SDXL: 10)")
+    p.add_argument("--flux-hidden", type=int, default=512, help="Flux width, a multiple of 128 (Flux: 3072)")
+    p.add_argument("--flux-double", type=int, default=2, help="Flux double-stream blocks (Flux: 19)")
+    p.add_argument("--flux-single", type=int, default=4, help="Flux single-stream blocks (Flux: 38)")
+    p.add_argument("--text-tokens", type=int, default=128, help="Flux text context length (T5: 256 or 512)")
     p.add_argument("--memory", choices=("subprocess", "inprocess", "off"), default="subprocess",
                    help="peak memory: a fresh process per variant (default), this process, or not at all")
     p.add_argument("--memory-steps", type=int, default=2, help="steps of the memory runs (peaks repeat every step)")
@@ -202,6 +220,9 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]
     scheduler = defaults["scheduler"] if args.scheduler is None else args.scheduler
     spec = {"seed": args.seed, "sdxl_depth": args.sdxl_depth, "device": args.device, "threads": args.threads,
             "cfg": cfg, "sampler": args.sampler, "scheduler": scheduler, "comfyui": args.comfyui}
+    if family == "flux":
+        spec.update(flux_hidden=args.flux_hidden, flux_double=args.flux_double, flux_single=args.flux_single,
+                    text_tokens=args.text_tokens)
 
     run: dict[str, Any] = {
         "command": "python benchmarks/bench_sampling.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -210,6 +231,8 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]
         "scheduler": scheduler, "cfg": cfg, "seed": args.seed, "memory_steps": args.memory_steps,
         "models": {}, "results": [],
     }
+    if family == "flux":
+        run["text_tokens"] = args.text_tokens
     for model_name in models:
         t0 = time.perf_counter()
         patcher = build_model(model_name, **model_kwargs(spec))
@@ -233,6 +256,9 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]
                                       "times": times, "ratios": case_ratios(times)}
             if "naive" in outputs and "dynamic" in outputs:
                 result["naive_vs_dynamic_max_abs"] = float((outputs["naive"] - outputs["dynamic"]).abs().max())
+            if "fixed" in outputs and "ksampler" in outputs and family != "unet":
+                # the key mask changed the result (the run was asynchronous, not the stock path)
+                result["fixed_vs_ksampler_max_abs"] = float((outputs["fixed"] - outputs["ksampler"]).abs().max())
             del outputs
             if args.profile:
                 result["profile"] = {v: rows.profile_variant(bench, v, args.device, args.profile_runs) for v in variants}
@@ -240,7 +266,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]
                     {v: {k: round(x, 1) for k, x in p.items()} for v, p in result["profile"].items()}))
             if args.unet_repeats > 0:
                 result.update(rows.forward_overhead(bench, args.unet_repeats, args.device))
-                forward = result.get("unet") or {}
+                forward = result.get("unet") or result.get("forward") or {}
                 say(f"[{model_name} {case.label}] forward: " + ", ".join(
                     f"{k} {median(x):.4f} s" for k, x in forward.items()))
             if args.memory != "off":

@@ -8,6 +8,11 @@ Models are random-weight instances of ComfyUI's own classes, built through tests
     reduced-attn  the same with attention at all three levels (the test suite's default model)
     sdxl      SDXL's layout with --sdxl-depth transformer blocks at /4 and in the middle
     tiny      32 channels, 3 levels: for the CI smoke test only
+    flux-dev      ComfyUI's Flux class with the guidance embedding (supported_models.Flux), narrow:
+                  --flux-hidden wide (heads of 128 channels, axes 16/56/56 and MLP ratio 4 as in
+                  Flux), --flux-double double-stream and --flux-single single-stream blocks
+    flux-schnell  the same without the guidance embedding (supported_models.FluxSchnell)
+    flux-tiny     tests/model_factory.py build_flux as it is (width 64, 2 + 2 blocks, dev): CI smoke only
 """
 
 from __future__ import annotations
@@ -27,16 +32,22 @@ DEFAULT_COMFYUI = REPO_ROOT / ".dev" / "ComfyUI"
 CLI_SCRIPT = REPO_ROOT / "benchmarks" / "bench_sampling.py"
 
 UNET_MODELS = ("full", "reduced", "reduced-attn", "sdxl", "tiny")
-MODELS = UNET_MODELS
+FLUX_MODELS = ("flux-dev", "flux-schnell", "flux-tiny")
+MODELS = UNET_MODELS + FLUX_MODELS
+FLUX_HEAD_DIM = 128  # Flux's: 24 heads of 128 channels at width 3072
+FLUX_AXES_DIM = (16, 56, 56)  # Flux's rotary axes (sum = head dim)
+FLUX_MLP_RATIO = 4.0
 
 # Two fixed key items (the same on every family): priorities, and the masks of two_item_masks().
 PRIORITIES = (0.8, 0.6)
 
 
 def family_of(model_name: str) -> str:
-    """Which rows module serves the named model ('unet')."""
+    """'unet' or 'flux': which rows module serves the named model."""
     if model_name in UNET_MODELS:
         return "unet"
+    if model_name in FLUX_MODELS:
+        return "flux"
     raise ValueError(f"unknown model {model_name!r}: use one of {', '.join(MODELS)}")
 
 
@@ -97,7 +108,8 @@ def patched(obj: Any, attr: str, value: Any) -> Iterator[None]:
 # Models
 
 
-def build_model(name: str, *, seed: int = 0, sdxl_depth: int = 2, device: str = "cpu") -> Any:
+def build_model(name: str, *, seed: int = 0, sdxl_depth: int = 2, device: str = "cpu", flux_hidden: int = 512,
+                flux_double: int = 2, flux_single: int = 4) -> Any:
     """A ModelPatcher of the named layout with random weights (see the module docstring)."""
     mf = model_factory()
     if name == "full":
@@ -116,6 +128,11 @@ def build_model(name: str, *, seed: int = 0, sdxl_depth: int = 2, device: str = 
                                 transformer_depth_output=[0, 0, 0, 2, 2, 2, d, d, d], transformer_depth_middle=d)
     elif name == "tiny":
         patcher = mf.build_sd15(32, seed=seed, channel_mult=(1, 1, 1), num_res_blocks=1, num_heads=2)
+    elif name in ("flux-dev", "flux-schnell"):
+        patcher = build_flux(name == "flux-dev", hidden=flux_hidden, double=flux_double, single=flux_single,
+                             seed=seed)
+    elif name == "flux-tiny":
+        patcher = mf.build_flux(True, seed=seed)
     else:
         raise ValueError(f"unknown model {name!r}: use one of {', '.join(MODELS)}")
     if device != "cpu":
@@ -125,6 +142,23 @@ def build_model(name: str, *, seed: int = 0, sdxl_depth: int = 2, device: str = 
         dev = torch.device(device)
         patcher = comfy.model_patcher.ModelPatcher(patcher.model, load_device=dev, offload_device=torch.device("cpu"))
     return patcher
+
+
+def build_flux(guidance: bool, *, hidden: int, double: int, single: int, seed: int = 0) -> Any:
+    """Flux dev (guidance) or schnell, as tests/model_factory.py builds them but with Flux's own head
+    width (128), rotary axes and MLP ratio, so that attention and MLP keep Flux's proportions."""
+    import comfy.supported_models
+    import torch
+
+    if hidden < FLUX_HEAD_DIM or hidden % FLUX_HEAD_DIM:
+        raise ValueError(f"--flux-hidden must be a multiple of {FLUX_HEAD_DIM} (heads of {FLUX_HEAD_DIM} channels)")
+    mf = model_factory()
+    layout = mf._flux_layout(hidden, double, single)
+    layout.update(num_heads=hidden // FLUX_HEAD_DIM, axes_dim=list(FLUX_AXES_DIM), mlp_ratio=FLUX_MLP_RATIO)
+    cls = comfy.supported_models.Flux if guidance else comfy.supported_models.FluxSchnell
+    config = cls({"image_model": "flux", "guidance_embed": guidance, "vec_in_dim": mf.FLUX_POOLED_DIM, **layout})
+    config.set_inference_dtype(torch.float32, None)
+    return mf._patcher(config.get_model({}, ""), seed)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,9 +1,9 @@
-"""The naive baseline: the time embedding computed for every pixel.
+"""The naive baselines: the time embedding computed for every pixel (UNet) or every token (Flux).
 
-The pack builds a table over the U distinct timesteps and gathers it per pixel. This subclass of
-the pack's own hooks computes the same thing without the table, the way the paper's reference
-does it, so the gain of the table design can be measured. The class is made once, after ComfyUI
-is importable.
+The pack builds a table over the U distinct timesteps and gathers it per pixel or token. These
+subclasses of the pack's own hooks compute the same thing without the table, the way a direct
+reading of "one timestep per pixel" (and the paper's reference) does it, so the gain of the table
+design can be measured. Classes are made once, after ComfyUI is importable.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 _NAIVE_CLASS: list[type] = []
+_NAIVE_FLUX_CLASS: list[type] = []
 
 
 def naive_hooks_class() -> type:
@@ -18,6 +19,13 @@ def naive_hooks_class() -> type:
     if not _NAIVE_CLASS:
         _NAIVE_CLASS.append(_make_naive_hooks_class())
     return _NAIVE_CLASS[0]
+
+
+def naive_flux_hooks_class() -> type:
+    """The NaivePerTokenTimesteps class (made once, after ComfyUI is importable)."""
+    if not _NAIVE_FLUX_CLASS:
+        _NAIVE_FLUX_CLASS.append(_make_naive_flux_hooks_class())
+    return _NAIVE_FLUX_CLASS[0]
 
 
 def _make_naive_hooks_class() -> type:
@@ -90,3 +98,38 @@ def _make_naive_hooks_class() -> type:
             return pos
 
     return NaivePerPixelTimesteps
+
+
+def _make_naive_flux_hooks_class() -> type:
+    """PerTokenTimesteps without the table: Flux's time MLP on every image token's timestep
+    (B' x L rows), and every modulation layer (each block's and the final layer's) on all B' x L
+    rows, giving the same (B', L, C) modulation as the pack's U-row table and gather."""
+    import torch
+    from comfy.ldm.flux.layers import timestep_embedding
+
+    from asyndm.comfy_adapter.families import flux as flux_time
+
+    class NaivePerTokenTimesteps(flux_time.PerTokenTimesteps):
+        def _table(self) -> torch.Tensor:
+            """(B', L, D): the modulation input vector of every image token."""
+            if self._vec_table is not None:
+                return self._vec_table
+            if self._lengths is None or "time" not in self._captured or self._token_idx is None:
+                raise RuntimeError("naive Flux hooks: a modulation ran before Flux's time embedding")
+            time_rows = self._captured["time"]
+            assert self._unique is not None
+            t = self._unique.to(time_rows.device)[self._token_idx.to(time_rows.device)]  # (B', L)
+            sinusoid = timestep_embedding(t.reshape(-1), flux_time.TIME_EMBED_DIM).to(time_rows.dtype)
+            table = self.model.time_in.forward(sinusoid).view(t.shape[0], t.shape[1], -1)
+            self.table_builds += 1
+            if "guidance" in self._captured:
+                table = table + self._captured["guidance"][:, None]
+            if "vector" in self._captured:
+                table = table + self._captured["vector"][:, None]
+            self._vec_table = table
+            return table
+
+        def _per_token(self, lin_out: torch.Tensor) -> torch.Tensor:
+            return lin_out  # already one row per token
+
+    return NaivePerTokenTimesteps

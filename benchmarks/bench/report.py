@@ -11,11 +11,11 @@ from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
-from . import unet_rows
+from . import flux_rows, unet_rows
 from .measure import OTHER_LABEL, PREVIEW_LABEL
 
-FAMILY_ROWS: dict[str, ModuleType] = {"unet": unet_rows}
-VARIANT_TITLES = dict(unet_rows.VARIANT_TITLES)
+FAMILY_ROWS: dict[str, ModuleType] = {"unet": unet_rows, "flux": flux_rows}
+VARIANT_TITLES = {**flux_rows.VARIANT_TITLES, **unet_rows.VARIANT_TITLES}
 TARGETS = {"dynamic": 1.05, "fixed": 1.03}  # the issue's limits on the time ratio vs KSampler
 MEMORY_TARGET = 1.05
 
@@ -92,6 +92,8 @@ def markdown(run: dict[str, Any]) -> str:
     lines.append("")
     for name, info in run["models"].items():
         lines.append(rows_module(run, name).model_line(name, info))
+    if run.get("text_tokens") is not None and any(info.get("family") == "flux" for info in run["models"].values()):
+        lines.append(f"Text context: {run['text_tokens']} tokens (conditioning and the forward alone).")
     lines.append("")
     timed_results = [r for r in results if any(r["times"].values())]
     if timed_results:
@@ -122,6 +124,12 @@ def markdown(run: dict[str, Any]) -> str:
                           if r.get("naive_vs_dynamic_max_abs") is not None)
         lines.append("")
         lines.append(f"Naive baseline check, max |naive - pack| over the latent of the same run: {diffs}.")
+    if any(r.get("fixed_vs_ksampler_max_abs") is not None for r in results):
+        diffs = ", ".join(f"{r['model']} {r['case_label']}: {r['fixed_vs_ksampler_max_abs']:.2e}" for r in results
+                          if r.get("fixed_vs_ksampler_max_abs") is not None)
+        lines.append("")
+        lines.append(f"Key-mask check, max |async fixed masks - KSampler| over the latent (nonzero: the run was "
+                     f"asynchronous): {diffs}.")
     unet_rows_ = [r for r in results if r.get("unet")]
     if unet_rows_:
         lines.append("")
@@ -141,6 +149,7 @@ def markdown(run: dict[str, Any]) -> str:
                     cell += " " + fmt_ratio([a / b for a, b in zip(u[v], u["stock"], strict=False)])
                 cells.append(cell)
             lines.append(f"| {r['model']} | {c['height']}x{c['width']} | {c['batch']} | " + " | ".join(cells) + " |")
+    lines.extend(_flux_forward_tables([r for r in results if r.get("forward")]))
     mem_rows = [r for r in results if r.get("memory")]
     if mem_rows:
         kind = next(iter(mem_rows[0]["memory"].values()))["kind"]
@@ -192,6 +201,47 @@ def markdown(run: dict[str, Any]) -> str:
         lines.append(f"| {family.PACK_SUM_TITLE} | " + " | ".join(cells) + " | - |")
     lines.append("")
     return "\n".join(lines)
+
+
+def _flux_forward_tables(rows: list[dict[str, Any]]) -> list[str]:
+    """The Flux transformer forward alone: times and ratios, then the hook pieces per forward."""
+    if not rows:
+        return []
+    fv = flux_rows.FORWARD_VARIANTS
+    lines = ["", "Flux transformer forward alone (the sampler's rows: batch, x2 under cfg > 1; hooks installed outside "
+             "the timed call), ms: median (min-max); ratio vs the stock forward of the same repeat. 'per-token hooks' "
+             f"has a two-timestep map ({flux_rows.TIMESTEPS[1]} on the top-left quarter, {flux_rows.TIMESTEPS[0]} "
+             "elsewhere); the naive hooks run the time MLP and every modulation layer on every image token.", ""]
+    lines.append("| model | latent | rows | image + text tokens | " + " | ".join(fv) + " |")
+    lines.append("|---|---|---|---|" + "---|" * len(fv))
+    for r in rows:
+        c, u, shape = r["case"], r["forward"], r["forward_shape"]
+        cells = []
+        for v in fv:
+            cell = _ms_cell(u[v])
+            if v != "stock":
+                cell += " " + fmt_ratio([a / b for a, b in zip(u[v], u["stock"], strict=False)])
+            cells.append(cell)
+        lines.append(f"| {r['model']} | {c['height']}x{c['width']} | {shape['rows']} | "
+                     f"{shape['image_tokens']} + {shape['text_tokens']} | " + " | ".join(cells) + " |")
+    lines += ["", "The per-token modulation's pieces, ms per forward (median of instrumented forwards, exclusive times) "
+              "and % of the median stock forward:", ""]
+    pv = ("per-token hooks", "naive per-token hooks")
+    lines.append("| model | latent | piece | " + " | ".join(pv) + " |")
+    lines.append("|---|---|---|" + "---|" * len(pv))
+    for r in rows:
+        c, pieces = r["case"], r["forward_pieces"]
+        stock_ms = 1000.0 * median(r["forward"]["stock"])
+        for label in (*flux_rows.HOOK_PIECES, "total hooks"):
+            if not any(label in pieces.get(v, {}) for v in pv):
+                continue
+            cells = []
+            for v in pv:
+                ms = pieces.get(v, {}).get(label)
+                cells.append("-" if ms is None else f"{ms:.2f} ({100.0 * ms / stock_ms:.2f}%)")
+            name = f"**{label}**" if label == "total hooks" else label
+            lines.append(f"| {r['model']} | {c['height']}x{c['width']} | {name} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def environment(device: str, threads: int) -> dict[str, Any]:
