@@ -28,11 +28,13 @@ __all__ = [
     "build_flux",
     "build_sd15",
     "build_sd2v",
+    "build_sd3",
     "build_sdxl",
     "diffusion_kwargs",
     "family_of",
     "make_conditioning",
     "make_flux_conditioning",
+    "make_sd3_conditioning",
     "random_context",
 ]
 
@@ -210,6 +212,48 @@ def make_flux_conditioning(batch: int = 1, tokens: int = 12, *, seed: int = 0,
     if guidance is not None:
         extra["guidance"] = guidance
     return [[context, extra]]
+
+
+SD3_TEXT_DIM, SD3_POOLED_DIM = 48, 40  # CLIP-L/G + T5 context width and pooled CLIP-L+G width, shrunk
+SD3_VARIANTS = ("large", "medium")  # SD3.5 large: RMS q/k norm; SD3.5 medium: also image self-attention blocks
+
+
+def build_sd3(variant: str = "large", *, depth: int = 2, pos_embed_max_size: int = 16, seed: int = 0) -> Any:
+    """An SD3.5-shaped ModelPatcher (ComfyUI's SD3 config, MMDiT class, width 64 x depth as detection sets it).
+
+    "large" has RMS q/k norm (SD3.5 large); "medium" adds the x-block self-attention of SD3.5 medium
+    on its first block; "sd3" is SD3 medium (neither).
+    """
+    import comfy.ldm.modules.diffusionmodules.mmdit as mmdit
+    import comfy.supported_models
+
+    unet: dict[str, Any] = {
+        "in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": depth, "input_size": None,
+        "adm_in_channels": SD3_POOLED_DIM, "pos_embed_scaling_factor": None,
+        "context_embedder_config": {"target": "torch.nn.Linear",
+                                    "params": {"in_features": SD3_TEXT_DIM, "out_features": 64 * depth}},
+        "num_patches": pos_embed_max_size ** 2, "pos_embed_max_size": pos_embed_max_size,
+        "x_block_self_attn_layers": [0] if variant == "medium" else [],
+    }
+    if variant in ("large", "medium"):
+        unet["qk_norm"] = "rms"
+    elif variant != "sd3":
+        raise ValueError(f"unknown SD3 variant {variant!r}")
+    config = comfy.supported_models.SD3(unet)
+    config.set_inference_dtype(torch.float32, None)
+    patcher = _patcher(config.get_model({}, ""), seed)
+    dm = patcher.model.diffusion_model
+    with torch.no_grad():  # a buffer (torch.empty until a checkpoint fills it): SD3's fixed sin-cos table
+        table = mmdit.get_2d_sincos_pos_embed(dm.hidden_size, pos_embed_max_size)
+        dm.pos_embed.copy_(torch.from_numpy(table).float()[None])
+    return patcher
+
+
+def make_sd3_conditioning(batch: int = 1, tokens: int = 10, *, seed: int = 0) -> list[list[Any]]:
+    """[[context (CLIP-L/G then T5 tokens), {pooled_output}]] for build_sd3's models."""
+    gen = torch.Generator().manual_seed(seed)
+    context = torch.randn(batch, tokens, SD3_TEXT_DIM, generator=gen)
+    return [[context, {"pooled_output": torch.randn(batch, SD3_POOLED_DIM, generator=gen)}]]
 
 
 def family_of(patcher: Any) -> str:

@@ -5,7 +5,8 @@ from __future__ import annotations
 __all__ = ["SUPPORTED_FAMILIES", "UnsupportedModelError"]
 
 SUPPORTED_FAMILIES = ("SD1.x, SD2.x and SDXL (ComfyUI's openaimodel.UNetModel, image models without temporal layers), "
-                      "and Flux (dev and schnell, comfy.ldm.flux.model.Flux)")
+                      "Flux (dev and schnell, comfy.ldm.flux.model.Flux) and SD3 / SD3.5 (large, medium and "
+                      "turbo, comfy.ldm.modules.diffusionmodules.mmdit.MMDiT)")
 
 
 class UnsupportedModelError(ValueError):

@@ -55,6 +55,30 @@ def hook_state(module: torch.nn.Module) -> list[tuple[str, int, int]]:
     return [(name, len(m._forward_hooks), len(m._forward_pre_hooks)) for name, m in module.named_modules()]
 
 
+class TokenTimesteps:
+    """The timestep of every image token at each forward of a transformer (patch 2): the adapter's
+    token map while one is set, else the stock row's. Remove .handle when done."""
+
+    def __init__(self, monkeypatch, model, adapter_class: type) -> None:
+        self.steps: list[torch.Tensor] = []
+        self.adapter: list = []
+        original = adapter_class.set_map
+
+        def set_map(adapter, *args, **kwargs):
+            self.adapter[:] = [adapter]
+            return original(adapter, *args, **kwargs)
+
+        monkeypatch.setattr(adapter_class, "set_map", set_map)
+        self.handle = model.model.diffusion_model.register_forward_pre_hook(self._record)
+
+    def _record(self, _module, args) -> None:
+        x, timesteps = args[0], args[1]
+        per_token = self.adapter[0].token_timesteps() if self.adapter else None
+        if per_token is None:
+            per_token = timesteps.float()[:, None].expand(-1, ((x.shape[-2] + 1) // 2) * ((x.shape[-1] + 1) // 2))
+        self.steps.append(per_token.clone())
+
+
 def keep_samplers(monkeypatch, adapter) -> list:
     """Every AsynSampler the code under test builds (to read its record afterwards), in order."""
     made: list = []

@@ -20,7 +20,7 @@ from asyndm.comfy_adapter.sampler import AsynSampler
 from asyndm.schedule_spec import AsynSchedule
 from asyndm.schedules import timestep_maps
 from asyndm.sigma_map import state_to_sigma
-from tests.inprocess.sampling import SAME_AS_KSAMPLER, asyn, fixed_masks, hook_state, rel_err, stock
+from tests.inprocess.sampling import SAME_AS_KSAMPLER, TokenTimesteps, asyn, fixed_masks, hook_state, rel_err, stock
 from tests.model_factory import build_chroma, build_flux, make_flux_conditioning
 
 SIZE = 16  # latent 16x16 -> 8x8 tokens
@@ -123,35 +123,12 @@ def test_each_image_token_is_modulated_at_its_own_timestep(models, variant):
             assert torch.equal(got[:, :text], stock_out[carrier][i].expand(-1, text, -1)), i
 
 
-class TokenTimesteps:
-    """The timestep of every image token at each forward: the adapter's map, or the stock row's."""
-
-    def __init__(self, monkeypatch, model) -> None:
-        self.steps: list[torch.Tensor] = []
-        self.adapter: list[PerTokenTimesteps] = []
-        original = PerTokenTimesteps.set_map
-
-        def set_map(adapter, *args, **kwargs):
-            self.adapter[:] = [adapter]
-            return original(adapter, *args, **kwargs)
-
-        monkeypatch.setattr(PerTokenTimesteps, "set_map", set_map)
-        self.handle = model.model.diffusion_model.register_forward_pre_hook(self._record)
-
-    def _record(self, _module, args) -> None:
-        x, timesteps = args[0], args[1]
-        per_token = self.adapter[0].token_timesteps() if self.adapter else None
-        if per_token is None:
-            per_token = timesteps.float()[:, None].expand(-1, ((x.shape[-2] + 1) // 2) * ((x.shape[-1] + 1) // 2))
-        self.steps.append(per_token.clone())
-
-
 def test_a_drawn_mask_reaches_the_transformer_as_the_schedules_token_map(models, monkeypatch):
     model = models["dev"]
     pos, neg = conds("dev")
     steps = 6
     schedule = fixed_masks(1, SIZE, SIZE)  # top half, bin, k = 0.8
-    rec = TokenTimesteps(monkeypatch, model)
+    rec = TokenTimesteps(monkeypatch, model, PerTokenTimesteps)
     try:
         a = asyn(model, pos, neg, latent(), seed=4, steps=steps, cfg=1.0, scheduler="simple", schedule=schedule)
     finally:

@@ -34,15 +34,18 @@ def unwrap(module: torch.nn.Module) -> torch.nn.Module:
 def time_adapter(diffusion_model: torch.nn.Module) -> Any:
     """The adapter for this model's family, after refusing what it cannot serve (by name)."""
     from comfy.ldm.flux.model import Flux
+    from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT, OpenAISignatureMMDITWrapper
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
-    from . import flux, unet
+    from . import flux, mmdit, unet
 
     dm = unwrap(diffusion_model)
     if isinstance(dm, UNetModel):
         return unet.PerPixelTimesteps(dm)
     if type(dm) is Flux:
         return flux.PerTokenTimesteps(dm)
+    if type(dm) in (MMDiT, OpenAISignatureMMDITWrapper):
+        return mmdit.PerTokenTimestepsMMDiT(dm)
     raise UnsupportedModelError(
         f"per-pixel timesteps are not supported for {type(dm).__module__}.{type(dm).__name__}. "
         f"Supported: {SUPPORTED_FAMILIES}."

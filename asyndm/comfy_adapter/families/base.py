@@ -14,7 +14,25 @@ from typing import Any
 
 import torch
 
-__all__ = ["TimeHooks"]
+__all__ = ["TimeHooks", "gather_tokens", "token_index"]
+
+
+def token_index(inverse: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(R, H, W) index map at latent resolution -> (R, L) per image token, in the token order of
+    Flux and SD3 (row by row over the patch grid).
+
+    Both pad the latent to whole patches and read tokens row by row ("b c (h ph) (w pw) ->
+    b (h w) ..."); the sampler keeps its maps constant on each patch, so the patch's top-left
+    pixel stands for the token.
+    """
+    rows = inverse.shape[0]
+    return inverse[:, ::patch_size, ::patch_size].reshape(rows, -1)
+
+
+def gather_tokens(rows: torch.Tensor, token_idx: torch.Tensor) -> torch.Tensor:
+    """(B', U, C) values per distinct timestep -> (B', L, C): every token takes its timestep's row."""
+    idx = token_idx.to(rows.device)
+    return torch.gather(rows, 1, idx[..., None].expand(-1, -1, rows.shape[-1]))
 
 
 class TimeHooks:

@@ -24,26 +24,15 @@ import torch
 from comfy.ldm.flux.layers import ModulationOut, timestep_embedding
 
 from ..errors import SUPPORTED_FAMILIES, UnsupportedModelError
-from .base import TimeHooks
+from .base import TimeHooks, gather_tokens, token_index
 
-__all__ = ["PerTokenTimesteps", "token_index"]
+__all__ = ["PerTokenTimesteps", "token_index"]  # token_index re-exported for tests
 
 TIME_EMBED_DIM = 256  # Flux embeds its timestep (and guidance) with 256 sinusoidal features
 
 
 def _unsupported(what: str) -> UnsupportedModelError:
     return UnsupportedModelError(f"per-token timesteps are not supported for {what}. Supported: {SUPPORTED_FAMILIES}.")
-
-
-def token_index(inverse: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """(R, H, W) index map at latent resolution -> (R, L) per image token, in Flux's token order.
-
-    Flux pads the latent to whole patches and reads tokens row by row ("b c (h ph) (w pw) ->
-    b (h w) ..."); the sampler keeps its maps constant on each patch, so the patch's top-left
-    pixel stands for the token.
-    """
-    rows = inverse.shape[0]
-    return inverse[:, ::patch_size, ::patch_size].reshape(rows, -1)
 
 
 class PerTokenTimesteps(TimeHooks):
@@ -148,8 +137,8 @@ class PerTokenTimesteps(TimeHooks):
 
     def _per_token(self, lin_out: torch.Tensor) -> torch.Tensor:
         """(B', U, C) -> (B', L_img, C): every image token takes its timestep's row."""
-        idx = self._token_idx.to(lin_out.device)
-        return torch.gather(lin_out, 1, idx[..., None].expand(-1, -1, lin_out.shape[-1]))
+        assert self._token_idx is not None
+        return gather_tokens(lin_out, self._token_idx)
 
     def _modulated(self, module: torch.nn.Module, i: int) -> torch.Tensor:
         self._fired[i] += 1
