@@ -22,7 +22,7 @@ if _HERE not in sys.path:  # run as a script, benchmarks/ is already there; load
 
 from bench.cli import build_parser, main, memory_child  # noqa: E402
 from bench.fixtures import MODELS, Case, build_model, family_of, model_factory, patched, setup_comfyui  # noqa: E402
-from bench.flux_rows import FluxBench, flux_forward_overhead  # noqa: E402
+from bench.flux_rows import FluxBench  # noqa: E402
 from bench.flux_rows import forward_inputs as flux_forward_inputs  # noqa: E402
 from bench.measure import PieceTimer, measure_memory_here, measure_memory_subprocess, timed  # noqa: E402
 from bench.naive import naive_flux_hooks_class, naive_hooks_class  # noqa: E402
@@ -30,7 +30,7 @@ from bench.report import markdown, pack_pieces_ms  # noqa: E402
 from bench.unet_rows import UNET_LABEL, Bench, unet_forward_overhead  # noqa: E402
 
 __all__ = [
-    "MODELS", "UNET_LABEL", "Bench", "Case", "FluxBench", "PieceTimer", "flux_forward_inputs", "flux_forward_overhead", "build_model", "build_parser", "family_of",
+    "MODELS", "UNET_LABEL", "Bench", "Case", "FluxBench", "PieceTimer", "flux_forward_inputs", "build_model", "build_parser", "family_of",
     "main", "markdown", "measure_memory_here", "measure_memory_subprocess", "memory_child", "model_factory",
     "naive_flux_hooks_class", "naive_hooks_class", "pack_pieces_ms", "patched", "setup_comfyui", "timed",
     "unet_forward_overhead",

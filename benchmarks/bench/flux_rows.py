@@ -5,58 +5,61 @@
               masks (what Attention Mask to Timestep Map gives it; key words are not supported on
               Flux yet), the same masks and priorities as the UNet rows
 
-The per-token modulation's own cost is measured on the transformer forward alone
-(flux_forward_overhead): the stock forward, the pack's hooks installed without a map, the hooks
-with a two-timestep map, and the naive per-token hooks (bench/naive.py); then instrumented
-forwards give each hook piece's time per forward (the time-vector table build among them).
+The per-token modulation's own cost is measured on the transformer forward alone (bench/dit.py):
+the stock forward, the pack's hooks installed without a map, the hooks with a two-timestep map,
+and the naive per-token hooks (bench/naive.py); then instrumented forwards give each hook piece's
+time per forward (the time-vector table build among them).
 """
 
 from __future__ import annotations
 
 import contextlib
-import statistics
-from collections import defaultdict
+import sys
 from typing import Any
 
-from . import measure
-from .fixtures import PRIORITIES, Case, SamplingBench, model_factory, patched, two_item_masks
-from .measure import PieceTimer, timed
+from . import dit, measure
+from .fixtures import Case, model_factory, patched
+from .measure import PieceTimer
 from .naive import naive_flux_hooks_class
 
 FAMILY = "flux"
-VARIANTS = ("ksampler", "fixed")
-VARIANT_TITLES = {"ksampler": "KSampler", "fixed": "async, fixed masks"}
+VARIANTS = dit.VARIANTS
+VARIANT_TITLES = dit.VARIANT_TITLES
+FORWARD_VARIANTS = dit.FORWARD_VARIANTS
+FORWARD_TITLE = "Flux transformer forward alone"
+NAIVE_NOTE = "the naive hooks run the time MLP and every modulation layer on every image token"
 GUIDANCE = 3.5  # FluxGuidance's default; schnell has no guidance embedding
-LATENT_CHANNELS = 16
+TIMESTEPS = (0.5, 0.7)  # Flux's model timestep is sigma; the key quarter sits at the second
 
 
-class FluxBench(SamplingBench):
-    """A Flux case: T5-like context and CLIP-like pooled vector (model_factory widths), 16-channel latent."""
+class FluxBench(dit.TokenBench):
+    """A Flux case: T5-like context and CLIP-like pooled vector (model_factory widths), guidance on dev."""
 
-    variants = VARIANTS
+    family = sys.modules[__name__]
 
-    def __init__(self, patcher: Any, case: Case, *, seed: int = 0, cfg: float = 1.0, sampler: str = "euler",
-                 scheduler: str = "simple", text_tokens: int = 128) -> None:
-        import comfy.sample
-        import torch
-
-        from asyndm.schedule_spec import AsynSchedule
-
-        super().__init__(patcher, case, seed=seed, cfg=cfg, sampler=sampler, scheduler=scheduler)
-        mf = model_factory()
+    def __init__(self, patcher: Any, case: Case, **kwargs: Any) -> None:
         self.guidance = GUIDANCE if has_guidance(patcher) else None
-        self.text_tokens = text_tokens
-        self.positive = mf.make_flux_conditioning(tokens=text_tokens, seed=1, guidance=self.guidance)
-        self.negative = mf.make_flux_conditioning(tokens=text_tokens, seed=2, guidance=self.guidance)
-        self.latent = torch.zeros(case.batch, LATENT_CHANNELS, case.height, case.width)
-        self.noise = comfy.sample.prepare_noise(self.latent, seed)
-        self.schedules = {"fixed": AsynSchedule(curve="bin", k=PRIORITIES, mask_source="masks",
-                                                masks=two_item_masks(case.height, case.width))}
+        super().__init__(patcher, case, **kwargs)
 
-    def _prepare(self, variant: str, stack: contextlib.ExitStack) -> Any:
-        if variant != "fixed":
-            raise ValueError(f"unknown variant {variant!r} for Flux: use one of {', '.join(VARIANTS)}")
-        return self.schedules["fixed"]
+
+def conditioning(bench: FluxBench, batch: int, seed: int) -> Any:
+    return model_factory().make_flux_conditioning(batch, bench.text_tokens, seed=seed, guidance=bench.guidance)
+
+
+def forward_kwargs(bench: FluxBench, cond: Any, rows: int, device: Any, dtype: Any) -> dict[str, Any]:
+    import torch
+
+    context, extra = cond[0]
+    kwargs: dict[str, Any] = {"context": context.to(device, dtype), "y": extra["pooled_output"].to(device, dtype)}
+    if bench.guidance is not None:
+        kwargs["guidance"] = torch.full((rows,), float(bench.guidance), device=device)
+    return kwargs
+
+
+def hook_classes() -> tuple[type, type]:
+    from asyndm.comfy_adapter.families.flux import PerTokenTimesteps
+
+    return PerTokenTimesteps, naive_flux_hooks_class()
 
 
 def make_bench(patcher: Any, case: Case, **kwargs: Any) -> FluxBench:
@@ -167,103 +170,12 @@ def profile_variant(bench: FluxBench, variant: str, device: str, runs: int = 1) 
 
 
 # ------------------------------------------------------------------------------------------------
-# The transformer forward alone: what the per-token modulation costs inside the model
-
-
-FORWARD_VARIANTS = ("stock", "hooks, no map", "per-token hooks", "naive per-token hooks")
-TIMESTEPS = (0.5, 0.7)  # Flux's model timestep is sigma; the key quarter sits at the second
+# The transformer forward alone
 
 
 def forward_inputs(bench: FluxBench) -> tuple[Any, Any, dict[str, Any], Any, int]:
-    """x, t, kwargs and the two-timestep map of the forward the sampler makes (its CFG rows)."""
-    import torch
-
-    dm = bench.patcher.model.diffusion_model
-    dev = next(dm.parameters()).device
-    dtype = bench.patcher.model.get_dtype()
-    case = bench.case
-    rows = case.batch * (2 if bench.cfg > 1.0 else 1)  # cfg 1: ComfyUI skips the uncond rows
-    cond = model_factory().make_flux_conditioning(rows, bench.text_tokens, seed=1, guidance=bench.guidance)
-    context, extra = cond[0]
-    kwargs: dict[str, Any] = {"context": context.to(dev, dtype), "y": extra["pooled_output"].to(dev, dtype)}
-    if bench.guidance is not None:
-        kwargs["guidance"] = torch.full((rows,), float(bench.guidance), device=dev)
-    gen = torch.Generator().manual_seed(bench.seed)
-    h, w = case.height, case.width
-    x = torch.randn(rows, LATENT_CHANNELS, h, w, generator=gen).to(dev, dtype)
-    t = torch.full((rows,), TIMESTEPS[0], device=dev)
-    t_map = torch.full((rows, h, w), TIMESTEPS[0], device=dev)
-    t_map[:, : h // 2, : w // 2] = TIMESTEPS[1]
-    return x, t, kwargs, t_map, rows
-
-
-def flux_forward_overhead(bench: FluxBench, repeats: int, device: str) -> dict[str, list[float]]:
-    """Seconds per transformer forward of the sampler's rows, interleaved: no hooks; the pack's hooks
-    installed but no map (pass-through); the pack's hooks with a two-timestep map (U = 2, a quarter
-    of the image tokens at another timestep); the naive per-token hooks with the same map. Hooks are
-    installed and removed outside the timed call, as a sampling run installs them once."""
-    import comfy.model_management
-    import torch
-
-    from asyndm.comfy_adapter.families.flux import PerTokenTimesteps
-
-    comfy.model_management.load_models_gpu([bench.patcher])
-    dm = bench.patcher.model.diffusion_model
-    x, t, kwargs, t_map, _ = forward_inputs(bench)
-    hook_classes = {"hooks, no map": PerTokenTimesteps, "per-token hooks": PerTokenTimesteps,
-                    "naive per-token hooks": naive_flux_hooks_class()}
-    times: dict[str, list[float]] = {v: [] for v in FORWARD_VARIANTS}
-    with torch.no_grad():
-        for rep in range(repeats + 1):  # the first round is a warm-up
-            for v in FORWARD_VARIANTS if rep % 2 == 0 else FORWARD_VARIANTS[::-1]:
-                with contextlib.ExitStack() as stack:
-                    if v != "stock":
-                        hooks = stack.enter_context(hook_classes[v](dm))
-                        if v != "hooks, no map":
-                            hooks.set_map(t_map)
-                    dt, _ = timed(lambda: dm(x, t, **kwargs), device)
-                    if v not in ("stock", "hooks, no map"):
-                        hooks.set_map(None)
-                if rep > 0:
-                    times[v].append(dt)
-    return times
-
-
-def flux_forward_pieces(bench: FluxBench, repeats: int, device: str) -> dict[str, dict[str, float]]:
-    """ms per forward of each hook piece (exclusive), median over `repeats` instrumented forwards,
-    for the pack's hooks and the naive ones, with the same map as flux_forward_overhead."""
-    import torch
-
-    from asyndm.comfy_adapter.families.flux import PerTokenTimesteps
-
-    dm = bench.patcher.model.diffusion_model
-    x, t, kwargs, t_map, _ = forward_inputs(bench)
-    out: dict[str, dict[str, float]] = {}
-    for v, cls in (("per-token hooks", PerTokenTimesteps), ("naive per-token hooks", naive_flux_hooks_class())):
-        per_piece: dict[str, list[float]] = defaultdict(list)
-        with torch.no_grad():
-            for rep in range(max(1, repeats) + 1):  # the first forward is a warm-up
-                timer = PieceTimer(device)
-                with contextlib.ExitStack() as stack:
-                    install_hook_timers(stack, timer)
-                    hooks = stack.enter_context(cls(dm))
-                    hooks.set_map(t_map)
-                    dm(x, t, **kwargs)
-                    hooks.set_map(None)
-                if rep == 0:
-                    continue
-                for label in HOOK_PIECES:
-                    per_piece[label].append(1000.0 * timer.exclusive.get(label, 0.0))
-                per_piece["total hooks"].append(1000.0 * sum(timer.exclusive.get(k, 0.0) for k in HOOK_PIECES))
-        out[v] = {k: float(statistics.median(xs)) for k, xs in per_piece.items() if any(x > 0 for x in xs)}
-    return out
+    return dit.forward_inputs(bench)
 
 
 def forward_overhead(bench: FluxBench, repeats: int, device: str) -> dict[str, Any]:
-    """The run's JSON entries for the forward alone: times per variant, hook pieces, rows."""
-    times = flux_forward_overhead(bench, repeats, device)
-    pieces = flux_forward_pieces(bench, repeats, device)
-    rows = bench.case.batch * (2 if bench.cfg > 1.0 else 1)
-    return {"forward": times, "forward_pieces": pieces,
-            "forward_shape": {"rows": rows, "image_tokens": -(-bench.case.height // 2) * -(-bench.case.width // 2),
-                              "text_tokens": bench.text_tokens}}
+    return dit.forward_overhead(bench, repeats, device)

@@ -149,7 +149,7 @@ def markdown(run: dict[str, Any]) -> str:
                     cell += " " + fmt_ratio([a / b for a, b in zip(u[v], u["stock"], strict=False)])
                 cells.append(cell)
             lines.append(f"| {r['model']} | {c['height']}x{c['width']} | {c['batch']} | " + " | ".join(cells) + " |")
-    lines.extend(_flux_forward_tables([r for r in results if r.get("forward")]))
+    lines.extend(_forward_tables(run, [r for r in results if r.get("forward")]))
     mem_rows = [r for r in results if r.get("memory")]
     if mem_rows:
         kind = next(iter(mem_rows[0]["memory"].values()))["kind"]
@@ -203,15 +203,17 @@ def markdown(run: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _flux_forward_tables(rows: list[dict[str, Any]]) -> list[str]:
-    """The Flux transformer forward alone: times and ratios, then the hook pieces per forward."""
+def _forward_tables(run: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
+    """A transformer family's forward alone: times and ratios, then the hook pieces per forward."""
     if not rows:
         return []
-    fv = flux_rows.FORWARD_VARIANTS
-    lines = ["", "Flux transformer forward alone (the sampler's rows: batch, x2 under cfg > 1; hooks installed outside "
+    family = rows_module(run, rows[0]["model"])
+    fv = family.FORWARD_VARIANTS
+    low, high = family.TIMESTEPS
+    lines = ["", f"{family.FORWARD_TITLE} (the sampler's rows: batch, x2 under cfg > 1; hooks installed outside "
              "the timed call), ms: median (min-max); ratio vs the stock forward of the same repeat. 'per-token hooks' "
-             f"has a two-timestep map ({flux_rows.TIMESTEPS[1]} on the top-left quarter, {flux_rows.TIMESTEPS[0]} "
-             "elsewhere); the naive hooks run the time MLP and every modulation layer on every image token.", ""]
+             f"has a two-timestep map (model timestep {high:g} on the top-left quarter, {low:g} elsewhere); "
+             f"{family.NAIVE_NOTE}.", ""]
     lines.append("| model | latent | rows | image + text tokens | " + " | ".join(fv) + " |")
     lines.append("|---|---|---|---|" + "---|" * len(fv))
     for r in rows:
@@ -224,15 +226,15 @@ def _flux_forward_tables(rows: list[dict[str, Any]]) -> list[str]:
             cells.append(cell)
         lines.append(f"| {r['model']} | {c['height']}x{c['width']} | {shape['rows']} | "
                      f"{shape['image_tokens']} + {shape['text_tokens']} | " + " | ".join(cells) + " |")
-    lines += ["", "The per-token modulation's pieces, ms per forward (median of instrumented forwards, exclusive times) "
-              "and % of the median stock forward:", ""]
+    lines += ["", "The per-token modulation's pieces, ms per forward (median of instrumented forwards after a warm-up, "
+              "exclusive times) and % of the median stock forward:", ""]
     pv = ("per-token hooks", "naive per-token hooks")
     lines.append("| model | latent | piece | " + " | ".join(pv) + " |")
     lines.append("|---|---|---|" + "---|" * len(pv))
     for r in rows:
         c, pieces = r["case"], r["forward_pieces"]
         stock_ms = 1000.0 * median(r["forward"]["stock"])
-        for label in (*flux_rows.HOOK_PIECES, "total hooks"):
+        for label in (*family.HOOK_PIECES, "total hooks"):
             if not any(label in pieces.get(v, {}) for v in pv):
                 continue
             cells = []
