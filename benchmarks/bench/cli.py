@@ -14,8 +14,10 @@ UNets (SD1.x/SD2.x/SDXL shapes):
               does it: the time MLP on every pixel's timestep and every ResBlock's emb_layers on
               every pixel of its resolution (no table of distinct timesteps). Second baseline.
 
-Flux (dev, schnell): ksampler, and fixed (the same two key items as masks; key words are not
-supported on Flux yet). cfg 1 and the simple scheduler unless --cfg / --scheduler say otherwise.
+Flux (dev, schnell) and SD3 (SD3.5 large and medium shapes): ksampler, and fixed (the same two key
+items as masks; key words are not supported on these families yet). The simple scheduler, and cfg 1
+on Flux (its guidance embedding, no uncond rows) and 4.5 on SD3, unless --cfg / --scheduler say
+otherwise.
 
 Printed and written (--out, markdown; --json): wall time per image (median, min-max over the
 repeats after the warm-up), the ratio of each variant to the KSampler run of the same repeat
@@ -45,6 +47,11 @@ Models are random-weight instances of ComfyUI's own classes built through tests/
                   (Flux: 3072 wide, 19 + 38 blocks)
     flux-schnell  the same with supported_models.FluxSchnell (no guidance embedding)
     flux-tiny     tests/model_factory.py build_flux (width 64, 2 + 2 blocks, dev): CI smoke only
+    sd3.5-large   ComfyUI's SD3 config (shift 3) and MMDiT class (OpenAISignatureMMDITWrapper), RMS q/k
+                  norm, --sd3-depth joint blocks, width 64 x depth in heads of 64 (SD3.5 large: 38)
+    sd3.5-medium  the same with image self-attention in the first half of the blocks (SD3.5 medium:
+                  24 blocks, 13 of them with it)
+    sd3-tiny      tests/model_factory.py build_sd3 ("large", width 128, 2 blocks): CI smoke only
 
 Examples:
 
@@ -78,14 +85,15 @@ from .measure import MEMORY_TAG, measure_memory_here, measure_memory_subprocess,
 from .report import case_ratios, environment, loadavg, markdown, median
 
 ALL_VARIANTS = ("ksampler", "dynamic", "fixed", "naive")
-FAMILY_DEFAULTS = {"unet": {"cfg": 5.0, "scheduler": "normal"}, "flux": {"cfg": 1.0, "scheduler": "simple"}}
+FAMILY_DEFAULTS = {"unet": {"cfg": 5.0, "scheduler": "normal"}, "flux": {"cfg": 1.0, "scheduler": "simple"},
+                   "mmdit": {"cfg": 4.5, "scheduler": "simple"}}
 
 
 def model_kwargs(spec: dict[str, Any]) -> dict[str, Any]:
     """build_model's keyword arguments from a run's settings (the memory child's spec included)."""
     return {"seed": spec["seed"], "sdxl_depth": spec.get("sdxl_depth", 2), "device": spec["device"],
             "flux_hidden": spec.get("flux_hidden", 512), "flux_double": spec.get("flux_double", 2),
-            "flux_single": spec.get("flux_single", 4)}
+            "flux_single": spec.get("flux_single", 4), "sd3_depth": spec.get("sd3_depth", 6)}
 
 
 def make_bench(model_name: str, patcher: Any, case: Case, spec: dict[str, Any]) -> Any:
@@ -141,14 +149,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     p.add_argument("--device", default="cpu", help="cpu, or cuda (the model is moved there by ComfyUI)")
     p.add_argument("--sampler", default="euler")
-    p.add_argument("--scheduler", default=None, help="default: normal on UNets, simple on Flux")
-    p.add_argument("--cfg", type=float, default=None, help="default: 5 on UNets, 1 on Flux (no uncond rows)")
+    p.add_argument("--scheduler", default=None, help="default: normal on UNets, simple on Flux and SD3")
+    p.add_argument("--cfg", type=float, default=None, help="default: 5 on UNets, 1 on Flux (no uncond rows), 4.5 on SD3")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sdxl-depth", type=int, default=2, help="transformer blocks at /4 and in the middle (SDXL: 10)")
     p.add_argument("--flux-hidden", type=int, default=512, help="Flux width, a multiple of 128 (Flux: 3072)")
     p.add_argument("--flux-double", type=int, default=2, help="Flux double-stream blocks (Flux: 19)")
     p.add_argument("--flux-single", type=int, default=4, help="Flux single-stream blocks (Flux: 38)")
-    p.add_argument("--text-tokens", type=int, default=128, help="Flux text context length (T5: 256 or 512)")
+    p.add_argument("--sd3-depth", type=int, default=6, help="SD3 joint blocks, width 64 x depth (SD3.5 large: 38)")
+    p.add_argument("--text-tokens", type=int, default=128,
+                   help="Flux / SD3 text context length (Flux's T5: 256 or 512; SD3: 77 CLIP + 256 T5)")
     p.add_argument("--memory", choices=("subprocess", "inprocess", "off"), default="subprocess",
                    help="peak memory: a fresh process per variant (default), this process, or not at all")
     p.add_argument("--memory-steps", type=int, default=2, help="steps of the memory runs (peaks repeat every step)")
@@ -223,6 +233,8 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]
     if family == "flux":
         spec.update(flux_hidden=args.flux_hidden, flux_double=args.flux_double, flux_single=args.flux_single,
                     text_tokens=args.text_tokens)
+    elif family == "mmdit":
+        spec.update(sd3_depth=args.sd3_depth, text_tokens=args.text_tokens)
 
     run: dict[str, Any] = {
         "command": "python benchmarks/bench_sampling.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -231,7 +243,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]
         "scheduler": scheduler, "cfg": cfg, "seed": args.seed, "memory_steps": args.memory_steps,
         "models": {}, "results": [],
     }
-    if family == "flux":
+    if family in ("flux", "mmdit"):
         run["text_tokens"] = args.text_tokens
     for model_name in models:
         t0 = time.perf_counter()

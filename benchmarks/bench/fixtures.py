@@ -13,6 +13,11 @@ Models are random-weight instances of ComfyUI's own classes, built through tests
                   Flux), --flux-double double-stream and --flux-single single-stream blocks
     flux-schnell  the same without the guidance embedding (supported_models.FluxSchnell)
     flux-tiny     tests/model_factory.py build_flux as it is (width 64, 2 + 2 blocks, dev): CI smoke only
+    sd3.5-large   ComfyUI's SD3 config (shift 3) and MMDiT class (OpenAISignatureMMDITWrapper), SD3.5
+                  large's layout narrowed: --sd3-depth joint blocks, width 64 x depth (heads of 64),
+                  RMS q/k norm
+    sd3.5-medium  the same with SD3.5 medium's image self-attention in the first half of the blocks
+    sd3-tiny      tests/model_factory.py build_sd3 as it is ("large", width 128, 2 blocks): CI smoke only
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ CLI_SCRIPT = REPO_ROOT / "benchmarks" / "bench_sampling.py"
 
 UNET_MODELS = ("full", "reduced", "reduced-attn", "sdxl", "tiny")
 FLUX_MODELS = ("flux-dev", "flux-schnell", "flux-tiny")
-MODELS = UNET_MODELS + FLUX_MODELS
+SD3_MODELS = ("sd3.5-large", "sd3.5-medium", "sd3-tiny")
+MODELS = UNET_MODELS + FLUX_MODELS + SD3_MODELS
 FLUX_HEAD_DIM = 128  # Flux's: 24 heads of 128 channels at width 3072
 FLUX_AXES_DIM = (16, 56, 56)  # Flux's rotary axes (sum = head dim)
 FLUX_MLP_RATIO = 4.0
@@ -43,11 +49,13 @@ PRIORITIES = (0.8, 0.6)
 
 
 def family_of(model_name: str) -> str:
-    """'unet' or 'flux': which rows module serves the named model."""
+    """'unet', 'flux' or 'mmdit': which rows module serves the named model."""
     if model_name in UNET_MODELS:
         return "unet"
     if model_name in FLUX_MODELS:
         return "flux"
+    if model_name in SD3_MODELS:
+        return "mmdit"
     raise ValueError(f"unknown model {model_name!r}: use one of {', '.join(MODELS)}")
 
 
@@ -109,7 +117,7 @@ def patched(obj: Any, attr: str, value: Any) -> Iterator[None]:
 
 
 def build_model(name: str, *, seed: int = 0, sdxl_depth: int = 2, device: str = "cpu", flux_hidden: int = 512,
-                flux_double: int = 2, flux_single: int = 4) -> Any:
+                flux_double: int = 2, flux_single: int = 4, sd3_depth: int = 6) -> Any:
     """A ModelPatcher of the named layout with random weights (see the module docstring)."""
     mf = model_factory()
     if name == "full":
@@ -133,6 +141,10 @@ def build_model(name: str, *, seed: int = 0, sdxl_depth: int = 2, device: str = 
                              seed=seed)
     elif name == "flux-tiny":
         patcher = mf.build_flux(True, seed=seed)
+    elif name in ("sd3.5-large", "sd3.5-medium"):
+        patcher = build_sd3(name == "sd3.5-medium", depth=sd3_depth, seed=seed)
+    elif name == "sd3-tiny":
+        patcher = mf.build_sd3("large", seed=seed)
     else:
         raise ValueError(f"unknown model {name!r}: use one of {', '.join(MODELS)}")
     if device != "cpu":
@@ -159,6 +171,35 @@ def build_flux(guidance: bool, *, hidden: int, double: int, single: int, seed: i
     config = cls({"image_model": "flux", "guidance_embed": guidance, "vec_in_dim": mf.FLUX_POOLED_DIM, **layout})
     config.set_inference_dtype(torch.float32, None)
     return mf._patcher(config.get_model({}, ""), seed)
+
+
+def build_sd3(self_attention: bool, *, depth: int, seed: int = 0, pos_embed_max_size: int = 64) -> Any:
+    """SD3.5 large (RMS q/k norm) or, with self_attention, SD3.5 medium (also image self-attention in
+    the first half of the joint blocks, as medium has in 13 of its 24), as tests/model_factory.py
+    builds them: ComfyUI's SD3 config and MMDiT class, width 64 x depth, the fixed sin-cos position
+    table filled in. pos_embed_max_size bounds the latent at 2 x that per side."""
+    import comfy.ldm.modules.diffusionmodules.mmdit as mmdit
+    import comfy.supported_models
+    import torch
+
+    mf = model_factory()
+    hidden = 64 * depth
+    unet: dict[str, Any] = {
+        "in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": depth, "input_size": None,
+        "adm_in_channels": mf.SD3_POOLED_DIM, "pos_embed_scaling_factor": None, "qk_norm": "rms",
+        "context_embedder_config": {"target": "torch.nn.Linear",
+                                    "params": {"in_features": mf.SD3_TEXT_DIM, "out_features": hidden}},
+        "num_patches": pos_embed_max_size ** 2, "pos_embed_max_size": pos_embed_max_size,
+        "x_block_self_attn_layers": list(range((depth + 1) // 2)) if self_attention else [],
+    }
+    config = comfy.supported_models.SD3(unet)
+    config.set_inference_dtype(torch.float32, None)
+    patcher = mf._patcher(config.get_model({}, ""), seed)
+    dm = patcher.model.diffusion_model
+    with torch.no_grad():  # a buffer left empty until a checkpoint fills it: SD3's fixed sin-cos table
+        table = mmdit.get_2d_sincos_pos_embed(dm.hidden_size, pos_embed_max_size)
+        dm.pos_embed.copy_(torch.from_numpy(table).float()[None])
+    return patcher
 
 
 # ------------------------------------------------------------------------------------------------

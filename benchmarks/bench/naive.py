@@ -1,4 +1,4 @@
-"""The naive baselines: the time embedding computed for every pixel (UNet) or every token (Flux).
+"""The naive baselines: the time embedding computed for every pixel (UNet) or every token (Flux, SD3).
 
 The pack builds a table over the U distinct timesteps and gathers it per pixel or token. These
 subclasses of the pack's own hooks compute the same thing without the table, the way a direct
@@ -12,6 +12,7 @@ from typing import Any
 
 _NAIVE_CLASS: list[type] = []
 _NAIVE_FLUX_CLASS: list[type] = []
+_NAIVE_MMDIT_CLASS: list[type] = []
 
 
 def naive_hooks_class() -> type:
@@ -26,6 +27,13 @@ def naive_flux_hooks_class() -> type:
     if not _NAIVE_FLUX_CLASS:
         _NAIVE_FLUX_CLASS.append(_make_naive_flux_hooks_class())
     return _NAIVE_FLUX_CLASS[0]
+
+
+def naive_mmdit_hooks_class() -> type:
+    """The NaivePerTokenTimestepsMMDiT class (made once, after ComfyUI is importable)."""
+    if not _NAIVE_MMDIT_CLASS:
+        _NAIVE_MMDIT_CLASS.append(_make_naive_mmdit_hooks_class())
+    return _NAIVE_MMDIT_CLASS[0]
 
 
 def _make_naive_hooks_class() -> type:
@@ -133,3 +141,35 @@ def _make_naive_flux_hooks_class() -> type:
             return lin_out  # already one row per token
 
     return NaivePerTokenTimesteps
+
+
+def _make_naive_mmdit_hooks_class() -> type:
+    """PerTokenTimestepsMMDiT without the table: SD3's t_embedder on every image token's timestep
+    (B' x L rows) and every image block's adaLN (and the final layer's) on all B' x L rows, giving
+    the same per-token modulation as the pack's U-row table and gather."""
+    import torch
+
+    from asyndm.comfy_adapter.families import mmdit as mmdit_time
+
+    class NaivePerTokenTimestepsMMDiT(mmdit_time.PerTokenTimestepsMMDiT):
+        def _table(self) -> torch.Tensor:
+            """(B', L, D): c of every image token."""
+            if self._c_table is not None:
+                return self._c_table
+            if "time" not in self._captured or self._token_idx is None:
+                raise RuntimeError("naive SD3 hooks: a block ran before SD3's time embedding")
+            time_rows = self._captured["time"]
+            assert self._unique is not None
+            t = self._unique.to(time_rows.device)[self._token_idx.to(time_rows.device)]  # (B', L)
+            table = self.model.t_embedder(t.reshape(-1), dtype=time_rows.dtype).view(t.shape[0], t.shape[1], -1)
+            self.table_builds += 1
+            if "vector" in self._captured:
+                table = table + self._captured["vector"][:, None]
+            self._c_table = table
+            return table
+
+        def _mods(self, block: torch.nn.Module, i: int, parts: int) -> tuple[torch.Tensor, ...]:
+            self._fired[i] += 1
+            return tuple(block.adaLN_modulation(self._table()).chunk(parts, dim=-1))  # every token's own row
+
+    return NaivePerTokenTimestepsMMDiT

@@ -11,10 +11,10 @@ from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
-from . import flux_rows, unet_rows
+from . import flux_rows, mmdit_rows, unet_rows
 from .measure import OTHER_LABEL, PREVIEW_LABEL
 
-FAMILY_ROWS: dict[str, ModuleType] = {"unet": unet_rows, "flux": flux_rows}
+FAMILY_ROWS: dict[str, ModuleType] = {"unet": unet_rows, "flux": flux_rows, "mmdit": mmdit_rows}
 VARIANT_TITLES = {**flux_rows.VARIANT_TITLES, **unet_rows.VARIANT_TITLES}
 TARGETS = {"dynamic": 1.05, "fixed": 1.03}  # the limits on the time ratio vs KSampler
 MEMORY_TARGET = 1.05
@@ -92,7 +92,8 @@ def markdown(run: dict[str, Any]) -> str:
     lines.append("")
     for name, info in run["models"].items():
         lines.append(rows_module(run, name).model_line(name, info))
-    if run.get("text_tokens") is not None and any(info.get("family") == "flux" for info in run["models"].values()):
+    if run.get("text_tokens") is not None and any(info.get("family") in ("flux", "mmdit")
+                                                  for info in run["models"].values()):
         lines.append(f"Text context: {run['text_tokens']} tokens (conditioning and the forward alone).")
     lines.append("")
     timed_results = [r for r in results if any(r["times"].values())]
