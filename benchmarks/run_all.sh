@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# The benchmark runs behind benchmarks/results.md, in order (about 45 min on one core of the 2-core
+# The benchmark runs behind benchmarks/results.md, in order (about 70 min on one core of the 2-core
 # CI machine). Raw results go to benchmarks/out/*.json; the tables are rendered into results-tables.md.
-# Run `bash scripts/setup.sh` first. Pass run names (A B C D E F) to run only some.
+# Run `bash scripts/setup.sh` first. Pass run names (A B C D E F G H I) to run only some.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.dev/venv/bin/python
 OUT=benchmarks/out
 mkdir -p "$OUT"
 runs=("$@")
-[ ${#runs[@]} -eq 0 ] && runs=(A B C D E F)
+[ ${#runs[@]} -eq 0 ] && runs=(A B C D E F G H I)
 bench() { "$PY" benchmarks/bench_sampling.py --out '' "$@"; }
 for run in "${runs[@]}"; do
   case "$run" in
@@ -29,7 +29,19 @@ for run in "${runs[@]}"; do
     # F: the UNet forward alone with and without the pack's hooks (reduced model), 15 interleaved repeats
     F) bench --model reduced --cases 32x32:1:2,64x64:1:2,32x32:4:2 --repeats 0 --warmup 0 --no-profile \
          --memory off --unet-repeats 15 --json "$OUT/F_unet.json" ;;
-    *) echo "unknown run $run (use A-F)" >&2; exit 2 ;;
+    # G: Flux dev (ComfyUI's Flux class: hidden 512 in 4 heads of 128, 2 double + 4 single blocks, guidance
+    #    embedding), 64x64 latent (1024 image tokens) + 128 text tokens, cfg 1, 10 steps; the forward alone too
+    G) bench --model flux-dev --flux-hidden 512 --flux-double 2 --flux-single 4 --text-tokens 128 \
+         --cases 64x64:1:10 --repeats 5 --warmup 1 --forward-repeats 15 --json "$OUT/G_flux_dev.json" ;;
+    # H: Flux schnell (the same without the guidance embedding), 4 steps as schnell is used
+    H) bench --model flux-schnell --flux-hidden 512 --flux-double 2 --flux-single 4 --text-tokens 128 \
+         --cases 64x64:1:4 --repeats 5 --warmup 1 --forward-repeats 15 --json "$OUT/H_flux_schnell.json" ;;
+    # I: SD3.5 large and medium shapes (ComfyUI's SD3 config, shift 3, and MMDiT class: 6 joint blocks, hidden 384
+    #    in 6 heads of 64, RMS q/k norm; medium with image self-attention in blocks 0-2), 64x64 latent + 128 text
+    #    tokens, cfg 4.5 (two rows per call), 10 steps; the forward alone too
+    I) bench --model sd3.5-large,sd3.5-medium --sd3-depth 6 --text-tokens 128 --cases 64x64:1:10 --repeats 5 \
+         --warmup 1 --forward-repeats 11 --json "$OUT/I_sd3.json" ;;
+    *) echo "unknown run $run (use A-I)" >&2; exit 2 ;;
   esac
 done
 "$PY" benchmarks/bench_sampling.py --render "$OUT"/*.json --out benchmarks/results-tables.md

@@ -1,4 +1,4 @@
-"""benchmarks/bench_sampling.py cannot rot: its main() on a tiny model, one size, 4 steps, 1 repeat.
+"""benchmarks/bench_sampling.py cannot rot: its main() on tiny models (UNet, Flux, SD3), one size, 4 steps, 1 repeat.
 
 Four steps because dynamic masks give pixels their own timesteps only from step 2 on: every pixel
 follows the last word at steps 0 and 1, and all reach the target together at the last step; while
@@ -33,17 +33,32 @@ def bench() -> ModuleType:
     return module
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread here, as the benchmark itself runs: on a shared 2-core machine two threads
+    wait on each other at every one of the tiny models' thousands of small ops while another process
+    holds the other core (a 0.1 s KSampler run took 7 s that way)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def finite(x: float) -> bool:
     return isinstance(x, float) and math.isfinite(x)
 
 
 def test_main_on_a_tiny_model_prints_a_table_with_finite_ratios(bench, tmp_path, capsys):
-    threads = torch.get_num_threads()
     out = tmp_path / "bench.md"
-    run = bench.main(["--model", "tiny", "--sizes", "16", "--batch", "1", "--steps", "4", "--repeats", "1",
-                      "--warmup", "0", "--memory", "inprocess", "--out", str(out),
-                      "--json", str(tmp_path / "bench.json"), "--quiet"])
-    assert torch.get_num_threads() == threads, "main() must give back the caller's thread count"
+    torch.set_num_threads(2)  # main() runs on one thread (its --threads default) and gives the caller's back
+    try:
+        run = bench.main(["--model", "tiny", "--sizes", "16", "--batch", "1", "--steps", "4", "--repeats", "1",
+                          "--warmup", "0", "--memory", "inprocess", "--out", str(out),
+                          "--json", str(tmp_path / "bench.json"), "--quiet"])
+    finally:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+    assert threads == 2, "main() must give back the caller's thread count"
 
     assert [r["case_label"] for r in run["results"]] == ["16x16 b1 s4"]
     result = run["results"][0]
@@ -88,6 +103,82 @@ def test_naive_baseline_computes_what_the_pack_computes(bench):
     assert float((naive - pack).abs().max() / pack.abs().max()) < 1e-4
     stock = case.run("ksampler")
     assert float((pack - stock).abs().max()) > 1e-3, "the fixed masks did not make the run asynchronous"
+
+
+def test_main_on_a_tiny_flux_gives_the_key_mask_row_and_the_modulation_cost(bench, tmp_path):
+    """The Flux row: KSampler and the key-mask variant, the profile's per-token pieces, the forward alone."""
+    run = bench.main(["--model", "flux-tiny", "--sizes", "16", "--batch", "1", "--steps", "4", "--repeats", "1",
+                      "--warmup", "0", "--memory", "inprocess", "--forward-repeats", "1", "--text-tokens", "8",
+                      "--out", "", "--json", str(tmp_path / "flux.json"), "--quiet"])
+    assert run["cfg"] == 1.0 and run["scheduler"] == "simple"  # Flux's defaults
+    assert run["models"]["flux-tiny"]["family"] == "flux" and run["models"]["flux-tiny"]["guidance_embed"]
+    result = run["results"][0]
+    assert set(result["times"]) == {"ksampler", "fixed"}
+    assert all(len(ts) == 1 and finite(ts[0]) and ts[0] > 0 for ts in result["times"].values())
+    assert finite(result["ratios"]["fixed"][0]) and result["ratios"]["fixed"][0] > 0
+    assert result["fixed_vs_ksampler_max_abs"] > 1e-3, "the key mask did not make the Flux run asynchronous"
+    fixed = result["profile"]["fixed"]
+    assert all(finite(float(v)) for v in fixed.values())
+    for piece in ("hooks: time-vector table (U rows)", "hooks: per-token gather", "set_map"):
+        assert fixed[piece] > 0, piece
+    assert set(result["forward"]) == {"stock", "hooks, no map", "per-token hooks", "naive per-token hooks"}
+    assert all(finite(ts[0]) and ts[0] > 0 for ts in result["forward"].values())
+    assert result["forward_pieces"]["per-token hooks"]["hooks: time-vector table (U rows)"] > 0
+    assert result["forward_pieces"]["naive per-token hooks"]["naive: time MLP on every token"] > 0
+    assert result["forward_shape"] == {"rows": 1, "image_tokens": 64, "text_tokens": 8}
+    for variant, mem in result["memory"].items():
+        assert finite(float(mem["peak_mib"])) and mem["peak_mib"] > 0, variant
+    text = run["markdown"]
+    assert "Flux transformer forward alone" in text and "Profile, flux-tiny 16x16 b1 s4" in text
+    assert "hidden 64 (2 heads of 32)" in text
+
+
+def test_main_on_a_tiny_sd3_gives_the_key_mask_row_and_the_modulation_cost(bench):
+    run = bench.main(["--model", "sd3-tiny", "--sizes", "16", "--batch", "1", "--steps", "4", "--repeats", "1",
+                      "--warmup", "0", "--memory", "off", "--forward-repeats", "1", "--text-tokens", "8",
+                      "--out", "", "--quiet"])
+    assert run["cfg"] == 4.5 and run["models"]["sd3-tiny"]["family"] == "mmdit"
+    assert run["models"]["sd3-tiny"]["class"].endswith("OpenAISignatureMMDITWrapper)")
+    result = run["results"][0]
+    assert set(result["times"]) == {"ksampler", "fixed"} and finite(result["ratios"]["fixed"][0])
+    assert result["fixed_vs_ksampler_max_abs"] > 1e-3, "the key mask did not make the SD3 run asynchronous"
+    for piece in ("hooks: c table (U rows)", "hooks: per-token gather"):
+        assert result["profile"]["fixed"][piece] > 0, piece
+    assert all(finite(ts[0]) and ts[0] > 0 for ts in result["forward"].values())
+    assert result["forward_shape"] == {"rows": 2, "image_tokens": 64, "text_tokens": 8}  # cfg 4.5: two rows
+    assert result["forward_pieces"]["naive per-token hooks"]["naive: t_embedder on every token"] > 0
+    assert "SD3 (MMDiT) transformer forward alone" in run["markdown"]
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_naive_per_token_hooks_compute_what_the_pack_computes(bench, family):
+    """Per token without the table is a slower route to the same forward output."""
+    bench.setup_comfyui()
+    from asyndm.comfy_adapter.families.flux import PerTokenTimesteps
+    from asyndm.comfy_adapter.families.mmdit import PerTokenTimestepsMMDiT
+
+    if family == "flux":
+        patcher = bench.build_model("flux-tiny")
+        case = bench.FluxBench(patcher, bench.Case(16, 16, 1, 1), text_tokens=8)
+        x, t, kwargs, t_map, _ = bench.flux_forward_inputs(case)
+        classes = (PerTokenTimesteps, bench.naive_flux_hooks_class())
+    else:
+        patcher = bench.build_model("sd3-tiny")
+        case = bench.SD3Bench(patcher, bench.Case(16, 16, 1, 1), cfg=4.5, text_tokens=8)
+        x, t, kwargs, t_map, _ = bench.sd3_forward_inputs(case)
+        classes = (PerTokenTimestepsMMDiT, bench.naive_mmdit_hooks_class())
+    dm = patcher.model.diffusion_model
+    outs = []
+    with torch.no_grad():
+        for cls in classes:
+            with cls(dm) as hooks:
+                hooks.set_map(t_map)
+                outs.append(dm(x, t, **kwargs))
+                hooks.set_map(None)
+        stock = dm(x, t, **kwargs)
+    pack, naive = outs
+    assert float((naive - pack).abs().max() / pack.abs().max()) < 1e-5
+    assert float((pack - stock).abs().max()) > 1e-4, "the two-timestep map did not reach the modulation"
 
 
 def test_memory_is_measured_in_a_fresh_process(bench):

@@ -1,0 +1,214 @@
+"""Measuring: wall time, peak memory, and the piece timer with the sampler-side pieces every family shares."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+from .fixtures import CLI_SCRIPT, REPO_ROOT, patched
+
+MEMORY_TAG = "ASYNDM_BENCH_MEMORY "
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], Any], device: str) -> tuple[float, Any]:
+    _sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return time.perf_counter() - t0, out
+
+
+# ------------------------------------------------------------------------------------------------
+# Memory
+
+
+def _proc_status_kib(field_name: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) of this process; False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def measure_memory_here(bench: Any, variant: str, device: str) -> dict[str, Any]:
+    """Peak memory of one run of `variant` in this process: GPU allocator peak, or peak RSS."""
+    gc.collect()
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        bench.run(variant)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        return {"kind": "cuda max_memory_allocated", "peak_mib": peak / 2**20, "delta_mib": (peak - base) / 2**20}
+    import resource
+
+    base = _proc_status_kib("VmRSS")
+    reset = _reset_peak_rss()
+    bench.run(variant)
+    hwm = _proc_status_kib("VmHWM") if reset else None
+    if hwm is None:  # no /proc: the process's lifetime peak (fine in a fresh subprocess)
+        hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        kind = "ru_maxrss"
+    else:
+        kind = "VmHWM"
+    base = base or 0
+    return {"kind": f"peak RSS ({kind})", "peak_mib": hwm / 1024, "delta_mib": (hwm - base) / 1024}
+
+
+def measure_memory_subprocess(spec: dict[str, Any], timeout: float = 3600.0) -> dict[str, Any]:
+    """Run one variant in a fresh interpreter (benchmarks/bench_sampling.py --memory-child SPEC)."""
+    cmd = [sys.executable, str(CLI_SCRIPT), "--memory-child", json.dumps(spec)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=str(REPO_ROOT))
+    for line in proc.stdout.splitlines():
+        if line.startswith(MEMORY_TAG):
+            return json.loads(line[len(MEMORY_TAG) :])
+    raise RuntimeError(f"memory subprocess failed (rc {proc.returncode}): {proc.stderr[-2000:]}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Profile: perf_counter around the pack's pieces
+
+
+class PieceTimer:
+    """Inclusive and exclusive (children subtracted) time per label of wrapped callables."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.exclusive: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+        self._stack: list[float] = []
+
+    def wrap(self, label: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed_call(*args: Any, **kwargs: Any) -> Any:
+            _sync(self.device)
+            t0 = time.perf_counter()
+            self._stack.append(0.0)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                _sync(self.device)
+                dt = time.perf_counter() - t0
+                children = self._stack.pop()
+                self.exclusive[label] += dt - children
+                self.calls[label] += 1
+                if self._stack:
+                    self._stack[-1] += dt
+
+        return timed_call
+
+    def wrap_factory(self, label: str, factory: Callable[..., Any]) -> Callable[..., Any]:
+        """A method that makes a hook (``self._emb_pre(i)``): the hooks it makes are timed under label."""
+        def make(obj: Any, *args: Any) -> Any:
+            return self.wrap(label, factory(obj, *args))
+
+        return make
+
+
+# The sampler-side pieces: the same on every family (labels shared by the families' piece lists).
+SET_MAP_LABEL = "set_map"
+STEP_MAPS_LABEL = "StepMaps.set + model timesteps"
+WRAPPER_LABEL = "apply-model wrapper (rescale, rows, t map)"
+PER_PIXEL_LABEL = "per-pixel calculate_input/denoised"
+NOISE_SCALING_LABEL = "per-pixel noise_scaling"
+GROUPING_LABEL = "schedule: track grouping"
+NEXT_STATE_LABEL = "schedule: next state"
+STATE_SIGMA_LABEL = "schedule: state to sigma"
+STEP_MATH_LABEL = "sampler step math (per-pixel Euler)"
+OBSERVER_LABEL = "attention observer (per-step mask capture)"
+ITEM_MASKS_LABEL = "item masks from attention"
+OTHER_LABEL = "rest (ComfyUI sampling, CFG, conds, setup)"
+PREVIEW_LABEL = "node extra: timestep preview strip (after sampling)"
+
+
+def wrap_sampler_pieces(stack: contextlib.ExitStack, timer: PieceTimer) -> None:
+    """Time the pack's sampler-side pieces for one run (restored when stack closes)."""
+    from asyndm import pixel_tracks, sigma_map
+    from asyndm.comfy_adapter import attention, model_wrapper
+    from asyndm.comfy_adapter import sampler as asyn_sampler
+    from asyndm.comfy_adapter.families import base
+
+    hooks = base.TimeHooks  # every family's set_map lives in the shared base
+    stack.enter_context(patched(hooks, "set_map", timer.wrap(SET_MAP_LABEL, hooks.__dict__["set_map"])))
+    sm = model_wrapper.StepMaps
+    stack.enter_context(patched(sm, "set", timer.wrap(STEP_MAPS_LABEL, sm.__dict__["set"])))
+    stack.enter_context(patched(asyn_sampler, "model_timesteps", timer.wrap(STEP_MAPS_LABEL,
+                                                                             asyn_sampler.model_timesteps)))
+    pam = model_wrapper.PerPixelApplyModel
+    stack.enter_context(patched(pam, "__call__", timer.wrap(WRAPPER_LABEL, pam.__dict__["__call__"])))
+    stack.enter_context(patched(model_wrapper, "per_pixel", timer.wrap(PER_PIXEL_LABEL, model_wrapper.per_pixel)))
+    stack.enter_context(patched(asyn_sampler, "per_pixel", timer.wrap(NOISE_SCALING_LABEL, asyn_sampler.per_pixel)))
+    stack.enter_context(patched(asyn_sampler, "pair_tracks", timer.wrap(GROUPING_LABEL, asyn_sampler.pair_tracks)))
+    tracks = pixel_tracks.PixelTracks
+    stack.enter_context(patched(tracks, "full", timer.wrap(GROUPING_LABEL, tracks.__dict__["full"])))
+    stack.enter_context(patched(tracks, "from_map", staticmethod(timer.wrap(
+        GROUPING_LABEL, tracks.__dict__["from_map"].__func__))))
+    interp = sigma_map.SigmaInterpolator
+    stack.enter_context(patched(interp, "__call__", timer.wrap(STATE_SIGMA_LABEL, interp.__dict__["__call__"])))
+    ao = attention.AttentionObserver
+    stack.enter_context(patched(ao, "__call__", timer.wrap(OBSERVER_LABEL, ao.__dict__["__call__"])))
+    asn = asyn_sampler.AsynSampler
+    for attr, label in (("_priorities_from_attention", ITEM_MASKS_LABEL),
+                        ("_advance", NEXT_STATE_LABEL), ("_next_state", NEXT_STATE_LABEL)):
+        stack.enter_context(patched(asn, attr, timer.wrap(label, asn.__dict__[attr])))
+    for attr in ("ancestral_step", "dpmpp_2m_step"):
+        stack.enter_context(patched(asyn_sampler, attr, timer.wrap(STEP_MATH_LABEL, getattr(asyn_sampler, attr))))
+
+
+def profile_runs(bench: Any, variant: str, device: str, runs: int,
+                 install: Callable[[contextlib.ExitStack, PieceTimer], None],
+                 pieces: list[tuple[str, str]]) -> dict[str, float]:
+    """ms per run of each piece (exclusive), the run's total, and the rest; plus the preview strip.
+
+    install(stack, timer) puts the family's and the sampler's timing wrappers in place for one run."""
+    from asyndm.preview import timestep_strip
+
+    totals: dict[str, float] = defaultdict(float)
+    for _ in range(runs):
+        timer = PieceTimer(device)
+        with contextlib.ExitStack() as stack:
+            install(stack, timer)
+            dt, _ = timed(lambda: bench.run(variant), device)
+        totals["total"] += dt
+        for label, value in timer.exclusive.items():
+            totals[label] += value
+        if variant != "ksampler" and bench.last_sampler is not None and bench.last_sampler.record is not None:
+            rec = bench.last_sampler.record
+            t0 = time.perf_counter()
+            timestep_strip(rec.states, rec.priorities, start_value=float(rec.num_train_timesteps + rec.offset))
+            totals[PREVIEW_LABEL] += time.perf_counter() - t0
+    out = {k: 1000.0 * v / runs for k, v in totals.items()}
+    known = sum(v for k, v in out.items() if k in dict(pieces))
+    out[OTHER_LABEL] = out["total"] - known
+    return out
