@@ -20,14 +20,13 @@ is applied in front of ``final_linear``. With no map set everything calls the or
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
 from ..errors import SUPPORTED_FAMILIES, UnsupportedModelError
 from ..joint_attention import JointAttentionObserver
-from .base import MethodSwap, TimeHooks, gather_tokens, token_index
+from .base import MethodSwap, TokenTimeHooks, gather_tokens, token_index
 
 __all__ = ["PerTokenTimestepsAuraFlow", "adapter_for"]
 
@@ -48,7 +47,7 @@ def adapter_for(diffusion_model: torch.nn.Module) -> PerTokenTimestepsAuraFlow |
     return None
 
 
-class PerTokenTimestepsAuraFlow(TimeHooks):
+class PerTokenTimestepsAuraFlow(TokenTimeHooks):
     """Context manager: while active and a map is set, AuraFlow's image tokens each get their own timestep."""
 
     family = "AuraFlow"
@@ -67,13 +66,6 @@ class PerTokenTimestepsAuraFlow(TimeHooks):
         self.doubles, self.singles = doubles, singles
         super().__init__()
 
-    def token_timesteps(self) -> torch.Tensor | None:
-        """(B', L) timestep of every image token in the forward being set up (for checks)."""
-        if self._unique is None or self._inverse is None:
-            return None
-        idx = token_index(self._inverse, self.patch_size)
-        return self._unique[idx].repeat(self._rows // idx.shape[0], 1)
-
     def text_layout(self, tokens: Any) -> list[str] | None:
         """AuraFlow's context is the Pile-T5-XL encoder's output (the registers are the model's, see below)."""
         return [TEXT_STREAM]
@@ -88,7 +80,7 @@ class PerTokenTimestepsAuraFlow(TimeHooks):
         """
         shifted = {uuid: [[c + self.registers for c in cols] for cols in items]
                    for uuid, items in columns_by_uuid.items()}
-        return JointAttentionObserver(self, latent_hw, self.patch_size, batch, shifted)
+        return super().attention_observer(latent_hw, batch, shifted)
 
     # --------------------------------------------------------------------------------- hooks
     def _install(self) -> None:
@@ -108,9 +100,7 @@ class PerTokenTimestepsAuraFlow(TimeHooks):
     def _model_pre(self, _module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         x = args[0] if args else kwargs["x"]
         context = kwargs.get("context", args[2] if len(args) > 2 else None)
-        image_tokens = math.ceil(x.shape[-2] / self.patch_size) * math.ceil(x.shape[-1] / self.patch_size)
-        text_tokens = int(context.shape[1]) if torch.is_tensor(context) and context.ndim == 3 else 0
-        self.forward_tokens = (self.registers + text_tokens, image_tokens, (int(x.shape[-2]), int(x.shape[-1])))
+        self._record_forward(x, context, self.registers)
         if self._inverse is None:
             return
         if x.ndim != 4 or x.shape[0] != self._rows or tuple(x.shape[-2:]) != tuple(self._inverse.shape[-2:]):

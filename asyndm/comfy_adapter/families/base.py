@@ -14,7 +14,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["MethodSwap", "TimeHooks", "gather_tokens", "token_index"]
+from ..joint_attention import JointAttentionObserver
+
+__all__ = ["MethodSwap", "TimeHooks", "TokenTimeHooks", "gather_tokens", "token_index"]
 
 
 def token_index(inverse: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -193,3 +195,35 @@ class TimeHooks:
             "bypassed (a torch.compile graph traced without them?) or the model called is not the one these "
             "hooks are installed on."
         )
+
+
+class TokenTimeHooks(TimeHooks):
+    """Time hooks of a transformer: one timestep per image token (``patch_size`` latent pixels a side),
+    key words read from the joint attention of its [text, image] (or [image, text]) sequence.
+
+    A subclass records ``forward_tokens`` (text, image, (H, W)) in its forward pre-hook, which the
+    joint-attention observer reads.
+    """
+
+    image_first = False  # the joint sequence puts the image before the text (HiDream, HunyuanImage)
+
+    def token_timesteps(self) -> torch.Tensor | None:
+        """(B', L) timestep of every image token of the latent in the forward being set up (for checks)."""
+        if self._unique is None or self._inverse is None:
+            return None
+        idx = token_index(self._inverse, self.patch_size)
+        return self._unique[idx].repeat(self._rows // idx.shape[0], 1)
+
+    def attention_observer(self, latent_hw: tuple[int, int], batch: int,
+                           columns_by_uuid: dict[Any, list[list[int]]]) -> JointAttentionObserver:
+        return JointAttentionObserver(self, latent_hw, self.patch_size, batch, columns_by_uuid,
+                                      image_first=self.image_first)
+
+    def _record_forward(self, x: torch.Tensor, context: Any, extra_text: int = 0) -> int:
+        """Set ``forward_tokens`` for a forward on latent ``x`` with text ``context`` (plus ``extra_text``
+        tokens the model puts on the text side, e.g. registers); return its image-token count."""
+        p = self.patch_size
+        image_tokens = -(-x.shape[-2] // p) * -(-x.shape[-1] // p)
+        text_tokens = int(context.shape[1]) if torch.is_tensor(context) and context.ndim == 3 else 0
+        self.forward_tokens = (extra_text + text_tokens, image_tokens, (int(x.shape[-2]), int(x.shape[-1])))
+        return image_tokens

@@ -22,15 +22,13 @@ with patch 16 and no final layer.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from comfy.ldm.flux.layers import ModulationOut, timestep_embedding
 
 from ..errors import SUPPORTED_FAMILIES, UnsupportedModelError
-from ..joint_attention import JointAttentionObserver
-from .base import TimeHooks, gather_tokens, token_index
+from .base import TokenTimeHooks, gather_tokens, token_index
 
 __all__ = ["PerTokenTimestepsChroma", "adapter_for", "image_positions"]
 
@@ -56,7 +54,7 @@ def image_positions(depth: int, depth_single: int) -> list[int]:
     return single + double_img + [MOD_INDEX_LENGTH - 2, MOD_INDEX_LENGTH - 1]
 
 
-class PerTokenTimestepsChroma(TimeHooks):
+class PerTokenTimestepsChroma(TokenTimeHooks):
     """Context manager: while active and a map is set, Chroma's image tokens each get their own timestep."""
 
     def __init__(self, diffusion_model: torch.nn.Module) -> None:
@@ -78,20 +76,9 @@ class PerTokenTimestepsChroma(TimeHooks):
         self.positions = image_positions(self.depth, self.depth_single)
         super().__init__()
 
-    def token_timesteps(self) -> torch.Tensor | None:
-        """(B', L) timestep of every image token in the forward being set up (for checks)."""
-        if self._unique is None or self._inverse is None:
-            return None
-        idx = token_index(self._inverse, self.patch_size)
-        return self._unique[idx].repeat(self._rows // idx.shape[0], 1)
-
     def text_layout(self, tokens: Any) -> list[str] | None:
         """Chroma's context is T5-XXL's output for every token (PixArt's tokenizer: no padding, the end token kept)."""
         return ["t5xxl"]
-
-    def attention_observer(self, latent_hw: tuple[int, int], batch: int,
-                           columns_by_uuid: dict[Any, list[list[int]]]) -> JointAttentionObserver:
-        return JointAttentionObserver(self, latent_hw, self.patch_size, batch, columns_by_uuid)
 
     # --------------------------------------------------------------------------------- hooks
     def _install(self) -> None:
@@ -112,9 +99,7 @@ class PerTokenTimestepsChroma(TimeHooks):
     def _model_pre(self, _module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         x = args[0] if args else kwargs["x"]
         context = kwargs.get("context", args[2] if len(args) > 2 else None)
-        image_tokens = math.ceil(x.shape[-2] / self.patch_size) * math.ceil(x.shape[-1] / self.patch_size)
-        text_tokens = int(context.shape[1]) if torch.is_tensor(context) and context.ndim == 3 else 0
-        self.forward_tokens = (text_tokens, image_tokens, (int(x.shape[-2]), int(x.shape[-1])))
+        self._record_forward(x, context)
         if self._inverse is None:
             return
         if x.ndim != 4 or x.shape[0] != self._rows or tuple(x.shape[-2:]) != tuple(self._inverse.shape[-2:]):

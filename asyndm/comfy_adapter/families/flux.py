@@ -25,15 +25,13 @@ ComfyUI 0.3.75 (it comes inside the text-encoder file), so its word positions ca
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from comfy.ldm.flux.layers import ModulationOut, timestep_embedding
 
 from ..errors import SUPPORTED_FAMILIES, UnsupportedModelError
-from ..joint_attention import JointAttentionObserver
-from .base import TimeHooks, gather_tokens, token_index
+from .base import TimeHooks, TokenTimeHooks, gather_tokens, token_index
 
 __all__ = ["PerTokenTimesteps", "PerTokenTimestepsFlux2", "adapter_for", "token_index"]  # token_index: for tests
 
@@ -55,7 +53,7 @@ def adapter_for(diffusion_model: torch.nn.Module) -> PerTokenTimesteps | None:
     return None
 
 
-class PerTokenTimesteps(TimeHooks):
+class PerTokenTimesteps(TokenTimeHooks):
     """Context manager: while active and a map is set, Flux's image tokens each get their own timestep."""
 
     family = "Flux"
@@ -78,13 +76,6 @@ class PerTokenTimesteps(TimeHooks):
         self.final_mod = dm.final_layer.adaLN_modulation
         super().__init__()
 
-    def token_timesteps(self) -> torch.Tensor | None:
-        """(B', L) timestep of every image token in the forward being set up (for checks)."""
-        if self._unique is None or self._inverse is None:
-            return None
-        idx = token_index(self._inverse, self.patch_size)
-        return self._unique[idx].repeat(self._rows // idx.shape[0], 1)
-
     # --------------------------------------------------------------------------------- hooks
     def _install(self) -> None:
         dm = self.model
@@ -106,16 +97,10 @@ class PerTokenTimesteps(TimeHooks):
         """Flux's context is the T5 encoder's output (CLIP-L only gives the pooled vector)."""
         return ["t5xxl"]
 
-    def attention_observer(self, latent_hw: tuple[int, int], batch: int,
-                           columns_by_uuid: dict[Any, list[list[int]]]) -> JointAttentionObserver:
-        return JointAttentionObserver(self, latent_hw, self.patch_size, batch, columns_by_uuid)
-
     def _model_pre(self, _module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         x = args[0] if args else kwargs["x"]
         context = kwargs.get("context", args[2] if len(args) > 2 else None)
-        image_tokens = math.ceil(x.shape[-2] / self.patch_size) * math.ceil(x.shape[-1] / self.patch_size)
-        text_tokens = int(context.shape[1]) if torch.is_tensor(context) and context.ndim == 3 else 0
-        self.forward_tokens = (text_tokens, image_tokens, (int(x.shape[-2]), int(x.shape[-1])))
+        image_tokens = self._record_forward(x, context)
         if self._inverse is None:
             return
         if x.ndim != 4 or x.shape[0] != self._rows or tuple(x.shape[-2:]) != tuple(self._inverse.shape[-2:]):

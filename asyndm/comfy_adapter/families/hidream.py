@@ -31,7 +31,7 @@ import torch
 from ..errors import SUPPORTED_FAMILIES, UnsupportedModelError
 from ..joint_attention import JointAttentionObserver
 from ..tokens import Segment
-from .base import MethodSwap, TimeHooks, gather_tokens, token_index
+from .base import MethodSwap, TokenTimeHooks, gather_tokens, token_index
 
 __all__ = ["PerTokenTimestepsHiDream", "adapter_for"]
 
@@ -47,10 +47,11 @@ def adapter_for(diffusion_model: torch.nn.Module) -> PerTokenTimestepsHiDream | 
     return None
 
 
-class PerTokenTimestepsHiDream(TimeHooks):
+class PerTokenTimestepsHiDream(TokenTimeHooks):
     """Context manager: while active and a map is set, HiDream's image tokens each get their own timestep."""
 
     family = "HiDream"
+    image_first = True  # the joint sequence is [image, T5, Llama, Llama]
 
     def __init__(self, diffusion_model: torch.nn.Module) -> None:
         dm = diffusion_model
@@ -64,13 +65,6 @@ class PerTokenTimestepsHiDream(TimeHooks):
         self.final_mod = dm.final_layer.adaLN_modulation
         self.observer: JointAttentionObserver | None = None
         super().__init__()
-
-    def token_timesteps(self) -> torch.Tensor | None:
-        """(B', L) timestep of every image token of the latent (edit-image tokens left out; for checks)."""
-        if self._unique is None or self._inverse is None:
-            return None
-        idx = token_index(self._inverse, self.patch_size)
-        return self._unique[idx].repeat(self._rows // idx.shape[0], 1)
 
     def text_layout(self, tokens: Any) -> list[str | Segment] | None:
         """[T5 (128 columns: the context), Llama without its start token, the same Llama again].
@@ -90,8 +84,7 @@ class PerTokenTimestepsHiDream(TimeHooks):
 
     def attention_observer(self, latent_hw: tuple[int, int], batch: int,
                            columns_by_uuid: dict[Any, list[list[int]]]) -> JointAttentionObserver:
-        self.observer = JointAttentionObserver(self, latent_hw, self.patch_size, batch, columns_by_uuid,
-                                               image_first=True)
+        self.observer = super().attention_observer(latent_hw, batch, columns_by_uuid)
         return self.observer
 
     # --------------------------------------------------------------------------------- hooks

@@ -28,7 +28,6 @@ import torch
 from comfy.ldm.flux.layers import ModulationOut
 
 from ..errors import SUPPORTED_FAMILIES, UnsupportedModelError
-from ..joint_attention import JointAttentionObserver
 from ..tokens import Segment, TokenStream
 from .base import TimeHooks
 from .flux import PerTokenTimesteps
@@ -110,6 +109,7 @@ class PerTokenTimestepsHunyuanImage(PerTokenTimesteps):
     family = "HunyuanImage 2.1"
     time_factor = 1.0  # HunyuanVideo embeds the model's timestep (0..1000) as it is
     row_terms = ("vector", "guidance")  # vec = time_in(t) + vector_in(y), then + guidance_in(g)
+    image_first = True  # its blocks run on [image, text]
 
     def __init__(self, diffusion_model: torch.nn.Module) -> None:
         dm = diffusion_model
@@ -139,10 +139,6 @@ class PerTokenTimestepsHunyuanImage(PerTokenTimesteps):
             decode = _qwen_tokenizer().decode
             tokens.streams[WORDS_STREAM] = TokenStream(stream.chunks, words_in_prompt(ids, drop, decode))
         return [Segment(WORDS_STREAM, drop_front=drop)]
-
-    def attention_observer(self, latent_hw: tuple[int, int], batch: int,
-                           columns_by_uuid: dict[Any, list[list[int]]]) -> JointAttentionObserver:
-        return JointAttentionObserver(self, latent_hw, self.patch_size, batch, columns_by_uuid, image_first=True)
 
     def _model_pre(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         super()._model_pre(module, args, kwargs)

@@ -25,8 +25,7 @@ from typing import Any
 import torch
 
 from ..errors import SUPPORTED_FAMILIES, UnsupportedModelError
-from ..joint_attention import JointAttentionObserver
-from .base import MethodSwap, TimeHooks, gather_tokens, token_index
+from .base import MethodSwap, TokenTimeHooks, gather_tokens, token_index
 
 __all__ = ["PerTokenTimestepsNextDiT", "adapter_for"]
 
@@ -48,7 +47,7 @@ def _is_z_image(dm: torch.nn.Module) -> bool:
     return first is not None and not isinstance(first, torch.nn.SiLU)
 
 
-class PerTokenTimestepsNextDiT(TimeHooks):
+class PerTokenTimestepsNextDiT(TokenTimeHooks):
     """Context manager: while active and a map is set, NextDiT's image tokens each get their own timestep."""
 
     def __init__(self, diffusion_model: torch.nn.Module) -> None:
@@ -64,22 +63,11 @@ class PerTokenTimestepsNextDiT(TimeHooks):
         self.refiners, self.layers = refiners, layers
         super().__init__()
 
-    def token_timesteps(self) -> torch.Tensor | None:
-        """(B', L) timestep of every image token in the forward being set up (for checks)."""
-        if self._unique is None or self._inverse is None:
-            return None
-        idx = token_index(self._inverse, self.patch_size)
-        return self._unique[idx].repeat(self._rows // idx.shape[0], 1)
-
     def text_layout(self, tokens: Any) -> list[str] | None:
         """NextDiT's caption is the text encoder's whole output: Gemma-2's tokens from the start token on
         (Lumina 2; a system prompt is part of the text), Qwen3's chat template around the prompt (Z-Image).
         Z-Image's caption padding comes after it, in the model."""
         return [dict(STREAMS)[self.family]]
-
-    def attention_observer(self, latent_hw: tuple[int, int], batch: int,
-                           columns_by_uuid: dict[Any, list[list[int]]]) -> JointAttentionObserver:
-        return JointAttentionObserver(self, latent_hw, self.patch_size, batch, columns_by_uuid)
 
     # --------------------------------------------------------------------------------- hooks
     def _padding(self, length: int) -> int:

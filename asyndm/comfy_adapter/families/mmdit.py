@@ -18,14 +18,12 @@ context blocks are not touched. With no map set every swapped method calls the o
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
 from ..errors import SUPPORTED_FAMILIES, UnsupportedModelError
-from ..joint_attention import JointAttentionObserver
-from .base import MethodSwap, TimeHooks, gather_tokens, token_index
+from .base import MethodSwap, TokenTimeHooks, gather_tokens, token_index
 
 __all__ = ["PerTokenTimestepsMMDiT", "adapter_for"]
 
@@ -48,7 +46,7 @@ def adapter_for(diffusion_model: torch.nn.Module) -> PerTokenTimestepsMMDiT | No
     return None
 
 
-class PerTokenTimestepsMMDiT(TimeHooks):
+class PerTokenTimestepsMMDiT(TokenTimeHooks):
     """Context manager: while active and a map is set, SD3's image tokens each get their own timestep."""
 
     family = "SD3"
@@ -68,13 +66,6 @@ class PerTokenTimestepsMMDiT(TimeHooks):
         self.patch_size = int(dm.patch_size)
         self.x_blocks = [b.x_block for b in blocks]
         super().__init__()
-
-    def token_timesteps(self) -> torch.Tensor | None:
-        """(B', L) timestep of every image token in the forward being set up (for checks)."""
-        if self._unique is None or self._inverse is None:
-            return None
-        idx = token_index(self._inverse, self.patch_size)
-        return self._unique[idx].repeat(self._rows // idx.shape[0], 1)
 
     # --------------------------------------------------------------------------------- hooks
     def _install(self) -> None:
@@ -100,16 +91,10 @@ class PerTokenTimestepsMMDiT(TimeHooks):
             layout.append("t5xxl")
         return layout
 
-    def attention_observer(self, latent_hw: tuple[int, int], batch: int,
-                           columns_by_uuid: dict[Any, list[list[int]]]) -> JointAttentionObserver:
-        return JointAttentionObserver(self, latent_hw, self.patch_size, batch, columns_by_uuid)
-
     def _model_pre(self, _module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         x = args[0] if args else kwargs["x"]
         context = kwargs.get("context")
-        image_tokens = math.ceil(x.shape[-2] / self.patch_size) * math.ceil(x.shape[-1] / self.patch_size)
-        text_tokens = int(context.shape[1]) if torch.is_tensor(context) and context.ndim == 3 else 0
-        self.forward_tokens = (text_tokens, image_tokens, (int(x.shape[-2]), int(x.shape[-1])))
+        self._record_forward(x, context)
         if self._inverse is None:
             return
         if x.ndim != 4 or x.shape[0] != self._rows or tuple(x.shape[-2:]) != tuple(self._inverse.shape[-2:]):

@@ -20,15 +20,13 @@ timestep, here the background's.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
 from ..errors import SUPPORTED_FAMILIES, UnsupportedModelError
-from ..joint_attention import JointAttentionObserver
 from ..tokens import Segment
-from .base import MethodSwap, TimeHooks, gather_tokens, token_index
+from .base import MethodSwap, TokenTimeHooks, gather_tokens, token_index
 
 __all__ = ["PerTokenTimestepsQwenImage", "adapter_for", "template_end"]
 
@@ -59,7 +57,7 @@ def adapter_for(diffusion_model: torch.nn.Module) -> PerTokenTimestepsQwenImage 
     return None
 
 
-class PerTokenTimestepsQwenImage(TimeHooks):
+class PerTokenTimestepsQwenImage(TokenTimeHooks):
     """Context manager: while active and a map is set, Qwen-Image's image tokens each get their own timestep."""
 
     family = "Qwen-Image"
@@ -77,23 +75,12 @@ class PerTokenTimestepsQwenImage(TimeHooks):
         self.blocks = blocks
         super().__init__()
 
-    def token_timesteps(self) -> torch.Tensor | None:
-        """(B', L) timestep of every image token in the forward being set up (for checks)."""
-        if self._unique is None or self._inverse is None:
-            return None
-        idx = token_index(self._inverse, self.patch_size)
-        return self._unique[idx].repeat(self._rows // idx.shape[0], 1)
-
     def text_layout(self, tokens: Any) -> list[str | Segment] | None:
         """The Qwen2.5-VL tokens after the template's system prompt (ComfyUI trims it), then the template's end."""
         stream = tokens.streams.get(STREAM)
         if stream is None:
             return [STREAM]  # PromptTokens names the encoders it has and the one this model reads
         return [Segment(STREAM, drop_front=template_end(stream.chunks[0] if stream.chunks else []))]
-
-    def attention_observer(self, latent_hw: tuple[int, int], batch: int,
-                           columns_by_uuid: dict[Any, list[list[int]]]) -> JointAttentionObserver:
-        return JointAttentionObserver(self, latent_hw, self.patch_size, batch, columns_by_uuid)
 
     # --------------------------------------------------------------------------------- hooks
     def _install(self) -> None:
@@ -110,9 +97,7 @@ class PerTokenTimestepsQwenImage(TimeHooks):
     def _model_pre(self, _module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         x = args[0] if args else kwargs["x"]
         context = kwargs.get("context", args[2] if len(args) > 2 else None)
-        image_tokens = math.ceil(x.shape[-2] / self.patch_size) * math.ceil(x.shape[-1] / self.patch_size)
-        text_tokens = int(context.shape[1]) if torch.is_tensor(context) and context.ndim == 3 else 0
-        self.forward_tokens = (text_tokens, image_tokens, (int(x.shape[-2]), int(x.shape[-1])))
+        self._record_forward(x, context)
         if self._inverse is None:
             return
         if x.ndim != 5 or x.shape[2] != 1 or x.shape[0] != self._rows or \
