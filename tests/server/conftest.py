@@ -20,11 +20,13 @@ from comfy_server import ComfyServer  # noqa: E402
 
 MODELS_CONFIG = REPO_ROOT / ".dev" / "extra_model_paths.yaml"
 DEFAULT_CKPT = "asyndm-random-sd15.safetensors"
-# The test-only custom node (tests/server/comfy_nodes/asyndm_test_conditioning.py: seeded Flux / SD3
-# conditioning in place of the T5-XXL and CLIP-G encoders), loaded by every test server and nothing else.
+# The test-only custom nodes in tests/server/comfy_nodes, loaded by every test server and nothing else:
+# asyndm_test_conditioning.py (seeded conditioning in place of text encoders that cannot be built here) and
+# asyndm_test_models.py (small random transformers of the families ComfyUI detects only at full size).
 TEST_NODES_CONFIG = Path(__file__).resolve().parent / "comfy_nodes.yaml"
-TEST_NODES = ["asyndm_test_conditioning.py"]
+TEST_NODES = ["asyndm_test_conditioning.py", "asyndm_test_models.py"]
 TEST_CONDITIONING = "TestOnlyDiTConditioning"
+TEST_TRANSFORMER = "TestOnlyRandomTransformer"
 
 
 # Headless Chromium + playwright-core, installed by scripts/setup_browser.sh (the browser tests).
