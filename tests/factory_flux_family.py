@@ -18,7 +18,7 @@ import torch
 from tests.model_factory import _patcher
 
 __all__ = ["BYT5_DIM", "CHROMA_TEXT_DIM", "FLUX2_TEXT_DIM", "HUNYUAN_TEXT_DIM", "build_chroma", "build_chroma_radiance",
-           "build_flux2", "build_hunyuan_image", "make_chroma_conditioning", "make_flux2_conditioning",
+           "build_flux2", "build_hunyuan_image", "flux2_tokenizer", "make_chroma_conditioning", "make_flux2_conditioning",
            "make_hunyuan_image_conditioning"]
 
 CHROMA_TEXT_DIM = 32  # T5-XXL's 4096, shrunk
@@ -124,3 +124,53 @@ def make_hunyuan_image_conditioning(batch: int = 1, tokens: int = 12, *, seed: i
     if guidance is not None:
         extra["guidance"] = guidance
     return [[context, extra]]
+
+
+# Mistral's tekken special tokens in their ranks (pad 11 and start 1 are what ComfyUI's Mistral3Tokenizer
+# expects), and the words the Flux.2 tests spell with merged tokens; every other text falls back to bytes.
+TEKKEN_SPECIALS = ("<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
+                   "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[TOOL_CALLS]", "[IMG]", "<pad>", "[IMG_BREAK]",
+                   "[IMG_END]", "[PREFIX]", "[MIDDLE]", "[SUFFIX]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]")
+TEKKEN_WORDS = (" rabbit", "Rabbit", " Rabbit", " teddy", " bear", " photo", " image")
+
+
+def flux2_tokenizer(monkeypatch: Any) -> Any:
+    """ComfyUI's Flux2Tokenizer (template, left padding, start token: its own code) on a small byte-level
+    BPE vocabulary in tekken's layout: 19 special tokens, the 256 bytes, merges for TEKKEN_WORDS.
+
+    Why a stand-in vocabulary: the real one (131k tokens) comes inside the Mistral text-encoder file,
+    which cannot be had here. And ComfyUI 0.3.75 converts it with transformers' MistralConverter,
+    whose signature transformers 5 changed; newer ComfyUI builds the BPE itself. So the BPE object is
+    built here (``tokenizers``), and 0.3.75's two loading hooks are patched to hand it over.
+    """
+    import comfy.text_encoders.flux
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    to_char = bytes_to_unicode()
+
+    def spell(raw: bytes) -> str:
+        return "".join(to_char[b] for b in raw)
+
+    vocab = {name: rank for rank, name in enumerate(TEKKEN_SPECIALS)}
+    vocab.update({spell(bytes([b])): len(TEKKEN_SPECIALS) + b for b in range(256)})
+    merges = []
+    for word in TEKKEN_WORDS:
+        raw = word.encode()
+        for end in range(2, len(raw) + 1):
+            if spell(raw[:end]) not in vocab:
+                vocab[spell(raw[:end])] = len(vocab)
+                merges.append((spell(raw[:end - 1]), spell(raw[end - 1:end])))
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.add_special_tokens([AddedToken(name, special=True) for name in TEKKEN_SPECIALS])
+    bpe.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+
+    def wrapped(_path: str, tokenizer_object: Any = None, **_kwargs: Any) -> Any:
+        return PreTrainedTokenizerFast(tokenizer_object=tokenizer_object, bos_token="<s>", pad_token="<pad>")
+
+    monkeypatch.setattr(comfy.text_encoders.flux, "load_mistral_tokenizer", lambda _data: {"tokenizer_object": bpe})
+    monkeypatch.setattr(comfy.text_encoders.flux.MistralTokenizerClass, "from_pretrained", staticmethod(wrapped))
+    return comfy.text_encoders.flux.Flux2Tokenizer(tokenizer_data={"tekken_model": b"{}"})

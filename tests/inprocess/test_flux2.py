@@ -18,11 +18,11 @@ import torch
 
 from asyndm.comfy_adapter.families import time_adapter
 from asyndm.comfy_adapter.families.flux import PerTokenTimestepsFlux2
-from asyndm.comfy_adapter.tokens import KEY, prompt_tokens
+from asyndm.comfy_adapter.tokens import KEY, UnknownWordError, prompt_tokens
 from asyndm.schedule_spec import AsynSchedule
 from asyndm.schedules import timestep_maps
 from asyndm.sigma_map import state_to_sigma
-from tests.factory_flux_family import build_flux2, make_flux2_conditioning
+from tests.factory_flux_family import build_flux2, flux2_tokenizer, make_flux2_conditioning
 from tests.inprocess.sampling import SAME_AS_KSAMPLER, TokenTimesteps, asyn, fixed_masks, hook_state, rel_err, stock
 from tests.model_factory import TokenizerOnly
 
@@ -228,15 +228,52 @@ def test_nothing_outlives_a_failed_flux2_run(model):
     assert torch.equal(stock(model, pos, neg, latent(), seed=6, steps=3, cfg=3.5, scheduler="simple"), before)
 
 
-def test_key_words_on_flux2_are_refused_by_name(model):
-    """ComfyUI 0.3.75 has Flux.2's tokenizer class but not its vocabulary (it comes in the text-encoder
-    file): key words are refused, naming Flux.2 and what to do instead, before any step runs."""
-    pos, neg = conds()
-    pos[0][1][KEY] = prompt_tokens(TokenizerOnly(comfy.text_encoders.flux.FluxTokenizer(), ("l", "t5xxl")),
-                                   "a rabbit next to a teddy bear")
-    steps = []
-    schedule = AsynSchedule(curve="bin", k=(0.7,), mask_source="attention", words=("rabbit",))
-    with pytest.raises(ValueError, match=r"key words are not supported on Flux\.2.*masks instead"):
-        asyn(model, pos, neg, latent(), cfg=3.5, scheduler="simple", schedule=schedule,
-             callback=lambda *a: steps.append(a))
-    assert steps == []
+PROMPT = "a photo of a rabbit next to a teddy bear"
+
+
+@pytest.fixture()
+def flux2_tokens(monkeypatch):
+    tokenizer = flux2_tokenizer(monkeypatch)
+    return tokenizer, prompt_tokens(TokenizerOnly(tokenizer, ()), PROMPT)
+
+
+def test_flux2_key_words_are_columns_of_the_left_padded_template(model, flux2_tokens):
+    """ComfyUI's Flux2Tokenizer wraps the prompt in its system-prompt template (the encoder keeps all of it) and
+    Flux2.extra_conds pads the context on the left to 512: every key word's columns hold its Mistral tokens
+    (as the BPE spells it mid-sentence, with the space), at 512 - len(template tokens) + their position."""
+    tokenizer, tokens = flux2_tokens
+    ids = [t[0] for t in tokenizer.tokenize_with_weights(PROMPT)["mistral3_24b"][0]]
+    pad = TEXT - len(ids)
+    assert ids[0] == 1 and 3 in ids and pad > 0  # the start token, [INST]; shorter than 512
+    layout = PerTokenTimestepsFlux2(model.model.diffusion_model).text_layout(tokens)
+    assert tokens.context_length(layout) == TEXT
+    hf = tokenizer.mistral3_24b.tokenizer
+    for word, text in (("rabbit", " rabbit"), ("teddy bear", " teddy bear"), ("photo", " photo")):
+        want = hf(text, add_special_tokens=False)["input_ids"]
+        cols = tokens.columns(word, layout)
+        assert [ids[c - pad] for c in cols] == want and cols == list(range(cols[0], cols[0] + len(want))), word
+        assert cols[0] - pad > ids.index(3), word  # inside [INST] ... [/INST], not the system prompt's
+    # the system prompt's own "image" is not in the user's prompt: refused by name
+    with pytest.raises(UnknownWordError, match="a, photo, of, rabbit"):
+        tokens.columns("image", layout)
+
+
+@pytest.mark.parametrize("edit", [False, True], ids=["text-to-image", "edit"])
+def test_flux2_key_words_sample_asynchronously(model, flux2_tokens, monkeypatch, edit):
+    """Key words on Flux.2 (text to image, and edit with reference latents): the masks come from the joint
+    attention, the result differs from KSampler's and is finite, and the transformer is given more than one
+    distinct timestep over its image tokens."""
+    _tokenizer, tokens = flux2_tokens
+    pos, neg = conds(edit)
+    pos[0][0] = make_flux2_conditioning(tokens=tokens.streams["mistral3_24b"].length, seed=1)[0][0]
+    pos[0][1][KEY] = tokens
+    kw = dict(seed=7, steps=4, cfg=3.5, scheduler="simple")
+    plain = stock(model, pos, neg, latent(), **kw)
+    recorded = TokenTimesteps(monkeypatch, model, PerTokenTimestepsFlux2)
+    try:
+        schedule = AsynSchedule(curve="bin", k=(0.7, 0.7), mask_source="attention", words=("rabbit", "teddy bear"))
+        got = asyn(model, pos, neg, latent(), schedule=schedule, **kw)
+    finally:
+        recorded.handle.remove()
+    assert torch.isfinite(got).all() and rel_err(got, plain) > 1e-3, rel_err(got, plain)
+    assert max(len(step[0].unique()) for step in recorded.steps) > 1

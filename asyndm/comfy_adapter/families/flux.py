@@ -19,8 +19,8 @@ modulations and the single blocks' are computed once per forward, before the blo
 ``double_stream_modulation_img`` / ``_txt`` and ``single_stream_modulation``, and shared by every
 block. The same hooks sit on those three layers (and the final layer's); the token counts come
 from ``img_in`` and ``txt_in``, which run before them. Its latents are 128 channels in 1x1
-patches. Key words are refused on Flux.2: its Mistral tokenizer's vocabulary is not part of
-ComfyUI 0.3.75 (it comes inside the text-encoder file), so its word positions cannot be checked.
+patches. Its key words are Mistral tokens: the encoder keeps the whole template (system prompt,
+[INST] ... [/INST]) and Flux2.extra_conds pads the context on the left to 512 tokens.
 """
 
 from __future__ import annotations
@@ -31,11 +31,14 @@ import torch
 from comfy.ldm.flux.layers import ModulationOut, timestep_embedding
 
 from ..errors import SUPPORTED_FAMILIES, UnsupportedModelError
+from ..tokens import Segment
 from .base import TimeHooks, TokenTimeHooks, gather_tokens, token_index
 
 __all__ = ["PerTokenTimesteps", "PerTokenTimestepsFlux2", "adapter_for", "token_index"]  # token_index: for tests
 
 TIME_EMBED_DIM = 256  # Flux embeds its timestep (and guidance) with 256 sinusoidal features
+FLUX2_STREAM = "mistral3_24b"  # Flux2Tokenizer's stream (Mistral-Small-3, tekken vocabulary)
+FLUX2_CONTEXT_TOKENS = 512  # Flux2.extra_conds left-pads shorter contexts to this many tokens
 
 
 def _unsupported(what: str) -> UnsupportedModelError:
@@ -256,12 +259,13 @@ class PerTokenTimestepsFlux2(PerTokenTimesteps):
     def _skippable(self) -> int:
         return 0  # the global modulations run in every forward, whatever blocks are skipped
 
-    def text_layout(self, tokens: Any) -> list[str] | None:
-        raise ValueError(
-            "key words are not supported on Flux.2 yet: its text encoder's tokenizer (Mistral's tekken vocabulary) "
-            "is not part of ComfyUI 0.3.75 (it comes inside the text-encoder file), so the positions of the words "
-            "in its template and 512-token left padding cannot be checked; give the key items as masks instead"
-        )
+    def text_layout(self, tokens: Any) -> list[str | Segment] | None:
+        """The Mistral tokens (system prompt and [INST] template included: the encoder keeps them), after the
+        left padding Flux2.extra_conds adds up to 512 context tokens."""
+        stream = tokens.streams.get(FLUX2_STREAM)
+        if stream is None:
+            return [FLUX2_STREAM]  # PromptTokens names the encoders it has and the one this model reads
+        return [Segment(FLUX2_STREAM, pad_front=max(FLUX2_CONTEXT_TOKENS - stream.length, 0))]
 
     def _model_pre(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         self._image_stream = None
