@@ -18,7 +18,8 @@ import torch
 
 from tests.model_factory import _patcher
 
-__all__ = ["LUMINA_TEXT_DIM", "build_lumina2", "build_z_image", "make_lumina_conditioning"]
+__all__ = ["GEMMA_CORPUS", "LUMINA_TEXT_DIM", "build_lumina2", "build_z_image", "gemma_tokenizer",
+           "make_lumina_conditioning"]
 
 LUMINA_TEXT_DIM = 40  # Gemma-2-2B's (2304) and Qwen3-4B's (2560) hidden widths, shrunk
 
@@ -56,3 +57,27 @@ def make_lumina_conditioning(batch: int = 1, tokens: int = 12, *, seed: int = 0)
     """[[Gemma-2 / Qwen3-like context, {}]] for the models above."""
     gen = torch.Generator().manual_seed(seed)
     return [[torch.randn(batch, tokens, LUMINA_TEXT_DIM, generator=gen), {}]]
+
+
+# Sentences a stand-in Gemma vocabulary is trained on: the tests' prompts' words and Lumina 2's system prompt.
+GEMMA_CORPUS = ("a photo of a rabbit next to a teddy bear", "a rabbit wearing sunglasses", "a teddy bear on a chair",
+                "You are an assistant designed to generate superior images with the superior degree of image-text "
+                "alignment based on textual prompts or user prompts. <Prompt Start> an image of a cat")
+
+
+def gemma_tokenizer() -> Any:
+    """ComfyUI's Lumina 2 tokenizer (LuminaTokenizer: Gemma-2's SentencePiece through SPieceTokenizer, start
+    token 2, no end token) on a small SentencePiece BPE model trained here on GEMMA_CORPUS (Gemma's special
+    ids: pad 0, eos 1, bos 2, unk 3; byte fallback). Why trained here: Gemma's 256k-piece model comes
+    inside the text-encoder file, not in ComfyUI's tree, and cannot be had on these machines."""
+    import io
+
+    import comfy.text_encoders.lumina2
+    import sentencepiece
+
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(GEMMA_CORPUS * 4), model_writer=model, vocab_size=320, model_type="bpe",
+        byte_fallback=True, pad_id=0, eos_id=1, bos_id=2, unk_id=3, num_threads=1, character_coverage=1.0,
+        minloglevel=2)
+    return comfy.text_encoders.lumina2.LuminaTokenizer(tokenizer_data={"spiece_model": model.getvalue()})

@@ -22,6 +22,8 @@ KEY = "asyndm_prompt_tokens"  # where the conditioning dict keeps a PromptTokens
 _WORD = re.compile(r"[\w'-]+", re.UNICODE)
 # (CLIP model attribute, its tokenizer stream)
 ENCODERS = (("clip_l", "l"), ("clip_g", "g"), ("t5xxl", "t5xxl"), ("llama", "llama"))
+# What Lumina 2's text node writes between the system prompt and the prompt (CLIPTextEncodeLumina2)
+SYSTEM_PROMPT_END = "<Prompt Start>"
 
 
 class UnknownWordError(ValueError):
@@ -42,6 +44,8 @@ class TokenStream:
     # a word's ids after another word, where a BPE tokenizer (Llama, Qwen) spells it with its leading
     # space (" rabbit"), unlike the word alone (the prompt's first word); only where they differ
     inner_ids: dict[str, list[int]] = field(default_factory=dict)
+    # the first token after SYSTEM_PROMPT_END where the text has it (a system prompt typed before the prompt)
+    prompt_from: int = 0
 
     @property
     def length(self) -> int:
@@ -76,7 +80,9 @@ class Segment:
 
     ``drop_front`` tokens of the stream are not in the context (a chat template the encoder trims),
     ``pad_front`` columns come before the stream's tokens (left padding, or registers the model
-    prepends), and at most ``keep`` tokens remain (None: all). ``in_context`` False: the tokens
+    prepends), and at most ``keep`` tokens remain (None: all). Words are looked for from token
+    ``search_from`` of the stream on (a system prompt the user typed before the prompt is in the
+    context, but its words are not the key items). ``in_context`` False: the tokens
     reach the model through another conditioning tensor (HiDream's Llama layers), appended after
     the context in the attention sequence, so they do not count in the context's length.
     """
@@ -86,6 +92,7 @@ class Segment:
     pad_front: int = 0
     keep: int | None = None
     in_context: bool = True
+    search_from: int = 0
 
     def kept(self, stream: TokenStream) -> int:
         rest = max(stream.length - self.drop_front, 0)
@@ -144,7 +151,7 @@ class PromptTokens:
         offset = 0
         for seg in segments:
             stream = self.streams[seg.stream]
-            cols = stream.find(words, begin=seg.drop_front)
+            cols = stream.find(words, begin=max(seg.drop_front, seg.search_from))
             if cols is not None and cols[-1] < seg.drop_front + seg.kept(stream):
                 found += [offset + seg.pad_front + c - seg.drop_front for c in cols]
             offset += seg.width(stream)
@@ -216,6 +223,15 @@ def prompt_tokens(clip: Any, text: str) -> PromptTokens:
                 if inner[:len(head)] == head and inner[len(head):] and inner[len(head):] != body:
                     inner_ids[name][word] = inner[len(head):]
     streams = {name: TokenStream(chunks[name], word_ids[name], inner_ids[name]) for name in chunks}
+    end = text.find(SYSTEM_PROMPT_END)
+    if end >= 0:  # the tokens up to the marker: the empty prompt's head, then the system prompt's body
+        for name, ids in _streams(clip.tokenize(text[:end + len(SYSTEM_PROMPT_END)])).items():
+            empty_ids = empty.get(name, [])
+            head = 0
+            while head < min(len(ids[0]), len(empty_ids)) and ids[0][head] == empty_ids[head]:
+                head += 1
+            if name in streams:
+                streams[name].prompt_from = head + len(_body(ids[0], empty_ids))
     first = sorted(streams)[0]
     return PromptTokens(text, streams[first].chunks, streams[first].word_ids, streams=streams,
                         encoders=loaded_encoders(clip))

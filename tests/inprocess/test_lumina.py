@@ -4,8 +4,8 @@ The models are random-weight instances of ComfyUI's own Lumina2 / ZImage configs
 NextDiT class (tests/factory_lumina.py: 1 noise refiner, 1 context refiner, 2 main blocks; Lumina 2
 with grouped-query attention, Z-Image with its 256-wide time embedding and 32-token padding), so
 everything the adapter swaps is ComfyUI's code. Z-Image's key words use ComfyUI's own Z-Image
-tokenizer (Qwen3, in ComfyUI's tree); Lumina 2's Gemma-2 tokenizer ships inside the text encoder's
-weights, not in ComfyUI's tree, so its attention masks are checked with hand-written token ids.
+tokenizer (Qwen3, in ComfyUI's tree); Lumina 2's use ComfyUI's LuminaTokenizer on a SentencePiece
+model trained in the test (Gemma's own model ships inside the text-encoder file, not in the tree).
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ from asyndm.comfy_adapter.families import time_adapter
 from asyndm.comfy_adapter.families.base import token_index
 from asyndm.comfy_adapter.families.lumina import PerTokenTimestepsNextDiT
 from asyndm.comfy_adapter.sampler import AsynSampler, patch_constant
-from asyndm.comfy_adapter.tokens import KEY, PromptTokens, TokenStream, prompt_tokens
+from asyndm.comfy_adapter.tokens import KEY, prompt_tokens
 from asyndm.masks import item_masks
 from asyndm.schedule_spec import AsynSchedule
 from asyndm.schedules import timestep_maps
 from asyndm.sigma_map import state_to_sigma
-from tests.factory_lumina import build_lumina2, build_z_image, make_lumina_conditioning
+from tests.factory_lumina import GEMMA_CORPUS, build_lumina2, build_z_image, gemma_tokenizer, make_lumina_conditioning
 from tests.inprocess.sampling import SAME_AS_KSAMPLER, TokenTimesteps, asyn, fixed_masks, hook_state, rel_err, stock
 from tests.model_factory import TokenizerOnly
 
@@ -37,6 +37,8 @@ SIZE = 16  # latent 16x16 -> 8x8 tokens (Z-Image pads the 64 image tokens to 64:
 ODD = (12, 18)  # 6x9 = 54 tokens: Z-Image appends 10 padding tokens
 VARIANTS = ("lumina2", "z_image")
 PROMPT = "a photo of a rabbit wearing sunglasses, next to a teddy bear"
+# what a Lumina 2 user types: its system prompt, then the prompt (the corpus's system-prompt sentence)
+LUMINA_PROMPT = GEMMA_CORPUS[3].replace("an image of a cat", "a photo of a rabbit next to a teddy bear")
 
 
 @pytest.fixture(scope="module")
@@ -336,13 +338,34 @@ def test_z_image_dynamic_masks_follow_the_joint_attention(models, z_image_tokens
     dynamic_masks_follow_the_joint_attention(models["z_image"], z_image_tokens, "rabbit", monkeypatch)
 
 
-def test_lumina2_dynamic_masks_follow_the_joint_attention(models, monkeypatch):
-    """Lumina 2 reads the Gemma-2 stream from its start token on; Gemma's tokenizer is not in ComfyUI's
-    tree, so the prompt's token ids here are written by hand (a start token, then one id per word)."""
-    words = ["a", "rabbit", "next", "to", "a", "bear"]
-    ids = {"a": 9, "rabbit": 2001, "next": 2002, "to": 2003, "bear": 2004}
-    stream = TokenStream([[2] + [ids[w] for w in words]], {w: [i] for w, i in ids.items()})
-    tokens = PromptTokens(" ".join(words), stream.chunks, stream.word_ids, streams={"gemma2_2b": stream})
+@pytest.fixture(scope="module")
+def lumina2_tokens():
+    tokenizer = gemma_tokenizer()
+    return tokenizer, prompt_tokens(TokenizerOnly(tokenizer, ()), LUMINA_PROMPT)
+
+
+def test_lumina2_key_words_are_columns_of_the_gemma_stream(lumina2_tokens, models):
+    """Lumina 2's caption is Gemma-2's output from the start token on, the system prompt the user types
+    included: a word's columns are where Gemma's SentencePiece writes it (ComfyUI's LuminaTokenizer on a
+    SentencePiece model trained in the test: the real one comes inside the text-encoder file), after the
+    system prompt: words are looked for after its "<Prompt Start>" marker, so a word the system prompt
+    also has ("of") is the prompt's. Without the marker the whole text is searched."""
+    tokenizer, tokens = lumina2_tokens
+    ids = [t[0] for t in tokenizer.tokenize_with_weights(LUMINA_PROMPT)["gemma2_2b"][0]]
     layout = time_adapter(models["lumina2"].model.diffusion_model).text_layout(tokens)
-    assert layout == ["gemma2_2b"] and tokens.columns("rabbit", layout) == [2]
-    dynamic_masks_follow_the_joint_attention(models["lumina2"], tokens, "rabbit", monkeypatch)
+    assert tokens.context_length(layout) == len(ids) and ids[0] == 2
+    spm = tokenizer.gemma2_2b.tokenizer.tokenizer  # the SentencePieceProcessor (add_bos on)
+    prompt_at = len(spm.encode(LUMINA_PROMPT.split("<Prompt Start>")[0] + "<Prompt Start>", add_bos=True))
+    for word in ("rabbit", "teddy bear", "of"):
+        want = spm.encode(word, add_bos=False)
+        cols = tokens.columns(word, layout)
+        assert [ids[c] for c in cols] == want and cols == list(range(cols[0], cols[0] + len(want))), word
+        assert cols[0] >= prompt_at, word
+    plain = prompt_tokens(TokenizerOnly(tokenizer, ()), "a photo of a rabbit")
+    assert time_adapter(models["lumina2"].model.diffusion_model).text_layout(plain) == ["gemma2_2b"]
+    photo = len(spm.encode("photo", add_bos=False))
+    assert plain.columns("photo", ["gemma2_2b"]) == list(range(2, 2 + photo))  # after the start token and "a"
+
+
+def test_lumina2_dynamic_masks_follow_the_joint_attention(models, lumina2_tokens, monkeypatch):
+    dynamic_masks_follow_the_joint_attention(models["lumina2"], lumina2_tokens[1], "rabbit", monkeypatch)

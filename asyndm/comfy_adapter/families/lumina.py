@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from ..errors import SUPPORTED_FAMILIES, UnsupportedModelError
+from ..tokens import Segment
 from .base import MethodSwap, TokenTimeHooks, gather_tokens, token_index
 
 __all__ = ["PerTokenTimestepsNextDiT", "adapter_for"]
@@ -63,11 +64,16 @@ class PerTokenTimestepsNextDiT(TokenTimeHooks):
         self.refiners, self.layers = refiners, layers
         super().__init__()
 
-    def text_layout(self, tokens: Any) -> list[str] | None:
+    def text_layout(self, tokens: Any) -> list[str | Segment] | None:
         """NextDiT's caption is the text encoder's whole output: Gemma-2's tokens from the start token on
-        (Lumina 2; a system prompt is part of the text), Qwen3's chat template around the prompt (Z-Image).
-        Z-Image's caption padding comes after it, in the model."""
-        return [dict(STREAMS)[self.family]]
+        (Lumina 2: the system prompt is part of the text, and words are looked for after its
+        "<Prompt Start>" marker, as CLIPTextEncodeLumina2 writes it), Qwen3's chat template around the
+        prompt (Z-Image). Z-Image's caption padding comes after it, in the model."""
+        name = dict(STREAMS)[self.family]
+        stream = tokens.streams.get(name)
+        if stream is None or not stream.prompt_from:
+            return [name]
+        return [Segment(name, search_from=stream.prompt_from)]
 
     # --------------------------------------------------------------------------------- hooks
     def _padding(self, length: int) -> int:
