@@ -418,6 +418,21 @@ def test_converter_maps_widgets_links_reroutes_and_primitives() -> None:
     with pytest.raises(ValueError, match="3 widget values"):
         convert(workflow, info)
 
+    # A bypassed node (mode 4) is left out; a link from its output comes from its input of the same type.
+    info["Mid"] = {"input": {"required": {"n": ["INT", {"forceInput": True}], "x": ["LATENT", {}]}},
+                   "input_order": {"required": ["n", "x"]}, "output": ["LATENT"]}
+    bypassed = {"version": 0.4, "nodes": [
+        {"id": 1, "type": "Src", "inputs": [], "outputs": [{"name": "LATENT", "type": "LATENT", "links": [1]}],
+         "widgets_values": []},
+        {"id": 2, "type": "Mid", "mode": 4, "widgets_values": [],
+         "inputs": [{"name": "n", "type": "INT", "link": None}, {"name": "x", "type": "LATENT", "link": 1}],
+         "outputs": [{"name": "LATENT", "type": "LATENT", "links": [2]}]},
+        {"id": 3, "type": "Dst", "widgets_values": [5, "fixed", "a", "", 0, "fixed"],
+         "inputs": [{"name": "x", "type": "LATENT", "link": 2}]},
+    ], "links": [[1, 1, 0, 2, 1, "LATENT"], [2, 2, 0, 3, 0, "LATENT"]]}
+    prompt = convert(bypassed, info)
+    assert set(prompt) == {"1", "3"} and prompt["3"]["inputs"]["x"] == ["1", 0]
+
 
 # ------------------------------------------------------------------------------------------------
 # The files.
