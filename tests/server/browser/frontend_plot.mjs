@@ -536,6 +536,6 @@ try {
   result.consoleOurs = result.console.filter((c) => c.type === "error" && (ours(c.url) || ours(c.text)));
   result.pageErrorsOurs = result.pageErrors.filter((e) => ours(e.text));
   result.warningsOurs = result.console.filter((c) => c.type === "warning" && /asyndm\.SchedulePlot/.test(c.text));
-  process.stdout.write(`${JSON.stringify(result)}\n`);
-  process.exit(0);
+  // exit once the line is flushed: a pipe takes 64 KiB at a time, and process.exit would cut a longer report
+  process.stdout.write(`${JSON.stringify(result)}\n`, () => process.exit(0));
 }
