@@ -29,6 +29,7 @@ The last six are diffusion models only (UNETLoader), in the dtype of the family'
 ZImage, HunyuanImage21, AuraFlow, Chroma); see the *_UNET_CONFIG comments for what detection fixes.
 
     python scripts/make_dit_models.py --out DIR [--seed 0] [--force] [--check] [--comfyui PATH]
+    python scripts/make_dit_models.py --out DIR --check-only [--only FILE_NAME ...]
     python scripts/make_dit_models.py --cache-key [--comfyui PATH]
 
 Sizes are what detection allows:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,7 +99,7 @@ RESULTS: dict[str, float] = {}
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _report():
+def _report() -> Iterator[None]:
     yield
     if RESULTS:
         print("\n[dit-families] max |a - b| / max |a| per check: " + ", ".join(f"{k} {v:.3g}" for k, v in RESULTS.items()))
@@ -145,7 +146,7 @@ def ksampler_pair(f: Family, *, schedule: bool) -> tuple[Prompt, dict[str, str]]
     return p, prefixes
 
 
-def sampled(server, f: Family, *, schedule: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def sampled(server: Any, f: Family, *, schedule: bool) -> tuple[torch.Tensor, torch.Tensor]:
     p, prefixes = ksampler_pair(f, schedule=schedule)
     got = latents(server, run(server, p))
     a, b = got[prefixes["ksampler"]], got[prefixes["async"]]
@@ -178,12 +179,13 @@ def test_the_files_are_detected_as_their_families() -> None:
     for f in FAMILIES.values():
         wrong = {k: (v, found[f.unet].get(k)) for k, v in f.facts.items() if found[f.unet].get(k) != v}
         assert not wrong, (f.name, wrong)
-        print(f"\n[dit-families] {f.unet}: {json.dumps(found[f.unet], sort_keys=True)}")
+    for name in files:
+        print(f"\n[dit-families] ComfyUI loads {name} as {json.dumps(found[name], sort_keys=True)}")
     tracked = subprocess.run(["git", "ls-files", "*.safetensors"], capture_output=True, text=True, cwd=REPO_ROOT).stdout
     assert not any(n in tracked for n in found), "a random-weight model file is committed"
 
 
-def test_without_key_items_is_the_ksampler(server, family: Family) -> None:
+def test_without_key_items_is_the_ksampler(server: Any, family: Family) -> None:
     """No key items: the Asynchronous KSampler gives KSampler's latent (the pack runs ComfyUI's own sampler)."""
     a, b = sampled(server, family, schedule=False)
     diff = rel_diff(a, b)
@@ -193,7 +195,7 @@ def test_without_key_items_is_the_ksampler(server, family: Family) -> None:
     assert diff <= TOL, diff
 
 
-def test_with_a_key_mask_differs_from_the_ksampler(server, family: Family) -> None:
+def test_with_a_key_mask_differs_from_the_ksampler(server: Any, family: Family) -> None:
     """A drawn key item (the left half) gives those tokens their own timesteps: the result changes."""
     a, b = sampled(server, family, schedule=True)
     diff = rel_diff(a, b)
