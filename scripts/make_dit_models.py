@@ -23,10 +23,14 @@ weights (fixed seed), through ComfyUI's real loaders:
                                                                 mapper), one head of 128, 1 + 1 blocks
     diffusion_models/asyndm-random-auraflow.safetensors         AuraFlow (4-channel SDXL latents), 1 + 1 blocks
     diffusion_models/asyndm-random-chroma.safetensors           Chroma (distilled guidance layer), 1 + 1 blocks
+    vae/asyndm-random-qwen-image-vae.safetensors                Qwen-Image's VAE: Wan 2.1's causal 3-D VAE
+                                                                (16 latent channels), at the real width 96
 
 The last six are diffusion models only (UNETLoader), in the dtype of the family's released files
 (bfloat16; AuraFlow float16), each detected as its supported_models class (QwenImage, Lumina2,
 ZImage, HunyuanImage21, AuraFlow, Chroma); see the *_UNET_CONFIG comments for what detection fixes.
+The Qwen-Image VAE (VAELoader) is bfloat16 like the real qwen_image_vae.safetensors; Z-Image decodes with
+the Flux VAE above.
 
     python scripts/make_dit_models.py --out DIR [--seed 0] [--force] [--check] [--comfyui PATH]
     python scripts/make_dit_models.py --out DIR --check-only [--only FILE_NAME ...]
@@ -49,11 +53,15 @@ Sizes are what detection allows:
   selects it); HunyuanImage 2.1: 9.9M (width 128); AuraFlow: 548M (1.02 GiB, width 3072 fixed);
   Chroma: 631M (1.18 GiB, width 3072 and the 5 x 5120 approximator fixed). Learned token tables
   (AuraFlow's position table and registers, Z-Image's pad tokens) get make_models.py's embedding rule.
+- Qwen-Image VAE: comfy.sd.VAE fixes all of Wan 2.1's VAE but the width, which it reads from the file;
+  the real 96 gives the real file's 127M parameters (242 MiB in bfloat16), and decodes an 8 x 8 latent
+  in about 1.5 s on the 2-core machines, so it is kept. Its RMS norms' ``gamma`` scales are ones.
 
 Each file is checked against ComfyUI's detection before it is written (the detected config must be
 the one built, and the detected model class the family's); ``--check`` then loads every
 file with ComfyUI's own loaders (comfy.sd.load_diffusion_model, load_checkpoint_guess_config,
-comfy.sd.VAE) and prints what they report. Values come from make_models.py's init rule: one
+comfy.sd.VAE) and prints what they report (for the Qwen-Image VAE also a decode of a (1, 16, 1, 8, 8)
+latent to a 64 x 64 image and its encode back). Values come from make_models.py's init rule: one
 generator per tensor, seeded from (seed, component, key), so the dev and schnell files share
 every tensor they both have. scripts/setup.sh builds the folder once into the cache
 (~/.cache/asyndm-comfyui/dit-models-<hash of this builder and of the ComfyUI files that define
@@ -88,7 +96,7 @@ def _load_make_models() -> Any:
 mm = _load_make_models()
 
 # Bump when the content of any file changes (layout, init scheme, key names).
-DIT_CONTENT_VERSION = "dit-v3"
+DIT_CONTENT_VERSION = "dit-v4"  # v4: the Qwen-Image VAE
 
 FLUX_DEV_UNET = "diffusion_models/asyndm-random-flux-dev.safetensors"
 FLUX_SCHNELL_CKPT = "checkpoints/asyndm-random-flux-schnell.safetensors"
@@ -101,8 +109,10 @@ Z_IMAGE_UNET = "diffusion_models/asyndm-random-z-image.safetensors"
 HUNYUAN_IMAGE_UNET = "diffusion_models/asyndm-random-hunyuan-image21.safetensors"
 AURAFLOW_UNET = "diffusion_models/asyndm-random-auraflow.safetensors"
 CHROMA_UNET = "diffusion_models/asyndm-random-chroma.safetensors"
+QWEN_IMAGE_VAE = "vae/asyndm-random-qwen-image-vae.safetensors"
 NEW_FAMILY_UNETS = (QWEN_IMAGE_UNET, LUMINA2_UNET, Z_IMAGE_UNET, HUNYUAN_IMAGE_UNET, AURAFLOW_UNET, CHROMA_UNET)
-FILES = (FLUX_DEV_UNET, FLUX_SCHNELL_CKPT, FLUX_VAE, SD35_LARGE_CKPT, SD35_MEDIUM_CKPT, *NEW_FAMILY_UNETS)
+FILES = (FLUX_DEV_UNET, FLUX_SCHNELL_CKPT, FLUX_VAE, SD35_LARGE_CKPT, SD35_MEDIUM_CKPT, *NEW_FAMILY_UNETS,
+         QWEN_IMAGE_VAE)
 
 # ComfyUI's source files that define these layouts and their detection: a change in any of them
 # may change the files, so scripts/setup.sh keys its cache on them too.
@@ -118,6 +128,7 @@ LAYOUT_SOURCES = (
     "comfy/ldm/aura/mmdit.py",
     "comfy/ldm/chroma/model.py",
     "comfy/ldm/chroma/layers.py",
+    "comfy/ldm/wan/vae.py",  # the Qwen-Image VAE (Wan 2.1's)
     "comfy/model_detection.py",
     "comfy/supported_models.py",  # which class claims a detected config (HunyuanImage21, ZImage, ...)
 )
@@ -225,6 +236,19 @@ CHROMA_UNET_CONFIG: dict[str, Any] = {
 }
 
 
+# Qwen-Image's VAE is Wan 2.1's (comfy.ldm.wan.vae.WanVAE). comfy.sd.VAE takes a file with
+# decoder.middle.0.residual.0.gamma and without Wan 2.2's decoder.upsamples.0.upsamples.0.residual.2.weight
+# for it and fixes everything but the width (16 latent channels, stages x1 x2 x4 x4 of 2 residual blocks, no
+# attention outside the middle block, time downsampling in the last two stages); the width it reads from
+# decoder.head.0.gamma. 96 is the real file's (qwen_image_vae.safetensors: 127M parameters, bfloat16), kept
+# because the decode is cheap at the test sizes (about 1.5 s for a 64 x 64 image on the 2-core machines).
+QWEN_IMAGE_VAE_CONFIG: dict[str, Any] = {
+    "dim": 96, "z_dim": 16, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_scales": [],
+    "temperal_downsample": [False, True, True], "dropout": 0.0,
+}
+QWEN_IMAGE_VAE_DTYPE = "bfloat16"  # the real file's; only random weights, ones and zeros, so nothing rounds badly
+
+
 # The latent scale and shift of each family's VAE (latent_formats.Flux / SD3; VAELoader's taef1 / taesd3).
 VAE_SCALE_SHIFT = {"flux": (0.3611, 0.1159), "sd3": (1.5305, 0.0609)}
 
@@ -280,6 +304,14 @@ def _meta_taesd16() -> Any:
 
     with torch.device("meta"):
         return TAESD(latent_channels=16)
+
+
+def _meta_wan21_vae(config: dict[str, Any]) -> Any:
+    import torch
+    from comfy.ldm.wan.vae import WanVAE
+
+    with torch.device("meta"):
+        return WanVAE(**config)
 
 
 def _pos_embed(config: dict[str, Any]) -> Any:
@@ -395,6 +427,41 @@ def unet_family_file(rel: str, seed: int) -> dict[str, tuple[dict[str, Any], dic
     return {rel: (sd, {"asyndm_unet_config": json.dumps(config, sort_keys=True), "asyndm_model_class": model_class})}
 
 
+def check_wan21_vae(sd: dict[str, Any], config: dict[str, Any]) -> None:
+    """comfy.sd.VAE must take ``sd`` for a Wan 2.1 VAE of exactly ``config``, every key its own."""
+    import comfy.ldm.wan.vae
+    import comfy.sd
+
+    vae = comfy.sd.VAE(sd=dict(sd))
+    first = vae.first_stage_model
+    if type(first) is not comfy.ldm.wan.vae.WanVAE or vae.latent_channels != config["z_dim"]:
+        raise RuntimeError(f"ComfyUI takes the Qwen-Image VAE for {type(first).__module__}.{type(first).__name__} "
+                           f"with {vae.latent_channels} latent channels, not a Wan 2.1 WanVAE with {config['z_dim']}")
+    built = {k: getattr(first, k) for k in config if hasattr(first, k)}
+    diff = {k: (v, built[k]) for k, v in config.items() if k in built and built[k] != v}
+    keys = set(first.state_dict())
+    if diff or keys != set(sd):
+        raise RuntimeError(f"ComfyUI builds another Wan VAE: differs {diff}, missing {sorted(keys - set(sd))[:5]}, "
+                           f"unexpected {sorted(set(sd) - keys)[:5]}")
+
+
+def qwen_image_vae_file(seed: int) -> dict[str, tuple[dict[str, Any], dict[str, str]]]:
+    """{file: (tensors, extra metadata)} for the Qwen-Image VAE (Wan 2.1's layout), in the real file's dtype."""
+    import torch
+    from comfy.ldm.wan.vae import RMS_norm
+
+    meta = _meta_wan21_vae(QWEN_IMAGE_VAE_CONFIG)
+    # Wan's RMS_norm keeps its scale as `gamma` (a class make_models.py's norm rule does not know): ones, that rule.
+    gammas = {f"{name}.gamma": torch.ones(tuple(module.gamma.shape))
+              for name, module in meta.named_modules() if isinstance(module, RMS_norm)}
+    sd = mm.random_state_dict(meta, "qwen-image-vae", seed, values=gammas)
+    del meta
+    check_wan21_vae(sd, QWEN_IMAGE_VAE_CONFIG)
+    for k in list(sd):
+        sd[k] = sd[k].to(getattr(torch, QWEN_IMAGE_VAE_DTYPE))
+    return {QWEN_IMAGE_VAE: (sd, {"asyndm_vae_config": json.dumps(QWEN_IMAGE_VAE_CONFIG, sort_keys=True)})}
+
+
 def file_metadata(seed: int, kind: str, extra: dict[str, str] | None = None) -> dict[str, str]:
     meta = {mm.META_VERSION_KEY: DIT_CONTENT_VERSION, "seed": str(seed), "asyndm_kind": kind}
     meta.update(extra or {})
@@ -423,6 +490,7 @@ def make_dit_models(out: str | os.PathLike[str], seed: int = 0, force: bool = Fa
         ("sd35", sd35_files, (SD35_LARGE_CKPT, SD35_MEDIUM_CKPT)),
         *((Path(rel).stem.removeprefix("asyndm-random-"), functools.partial(unet_family_file, rel), (rel,))
           for rel, *_ in UNET_FAMILIES),
+        ("qwen-image-vae", qwen_image_vae_file, (QWEN_IMAGE_VAE,)),
     ]
     written: dict[str, Path] = {}
     for kind, build, rels in jobs:
@@ -497,6 +565,22 @@ def check_files(out: str | os.PathLike[str], comfyui: str | os.PathLike[str] | N
         return {"vae": type(first).__name__, "latent_channels": vae.latent_channels,
                 "vae_scale": round(first.vae_scale.item(), 6), "vae_shift": round(first.vae_shift.item(), 6)}
 
+    def wan_vae_facts(vae: Any) -> dict[str, Any]:
+        """What comfy.sd.VAE built, and a decode and encode as VAEDecode / VAEEncode run them (one 8 x 8 latent)."""
+        import torch
+
+        first = vae.first_stage_model
+        latent = torch.randn((1, vae.latent_channels, 1, 8, 8), generator=torch.Generator().manual_seed(0))
+        with torch.inference_mode():  # as ComfyUI runs nodes
+            images = vae.decode(latent)
+            images = images.reshape(-1, *images.shape[-3:])  # VAEDecode combines the frames into the batch
+            back = vae.encode(images)
+        return {"vae": type(first).__name__, "vae_module": type(first).__module__, "latent_channels": vae.latent_channels,
+                "dim": first.dim, "params": sum(p.numel() for p in first.parameters()),
+                "decoded": list(images.shape), "decoded_finite": bool(torch.isfinite(images).all()),
+                "decoded_std": round(float(images.std()), 4),
+                "encoded": list(back.shape), "encoded_finite": bool(torch.isfinite(back).all())}
+
     unknown = sorted(set(only or ()) - {Path(rel).name for rel in FILES})
     if unknown:
         raise ValueError(f"no such file among make_dit_models' files: {unknown}")
@@ -517,6 +601,8 @@ def check_files(out: str | os.PathLike[str], comfyui: str | os.PathLike[str] | N
         patcher = comfy.sd.load_diffusion_model(str(out / rel))
         report[rel] = model_facts(patcher, rel)
         del patcher
+    if wanted(QWEN_IMAGE_VAE):
+        report[QWEN_IMAGE_VAE] = wan_vae_facts(comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(out / QWEN_IMAGE_VAE))))
 
     want = {
         FLUX_DEV_UNET: {"config_class": "Flux", "model_class": "Flux", "model_type": "FLUX", "guidance_embed": True},
@@ -543,6 +629,9 @@ def check_files(out: str | os.PathLike[str], comfyui: str | os.PathLike[str] | N
                         "cond_seq_dim": PILE_T5_XL_WIDTH, "n_double_layers": 1, "n_layers": 2, "latent_channels": 4},
         CHROMA_UNET: {"config_class": "Chroma", "model_class": "Chroma", "model_type": "FLUX", "image_model": "chroma",
                       "hidden_size": 3072, "depth": 1, "depth_single_blocks": 1, "latent_channels": 16},
+        QWEN_IMAGE_VAE: {"vae": "WanVAE", "vae_module": "comfy.ldm.wan.vae", "latent_channels": 16,
+                         "dim": QWEN_IMAGE_VAE_CONFIG["dim"], "decoded": [1, 64, 64, 3], "decoded_finite": True,
+                         "encoded": [1, 16, 1, 8, 8], "encoded_finite": True},
     }
     wrong = {rel: {k: (v, report[rel].get(k)) for k, v in facts.items() if report[rel].get(k) != v}
              for rel, facts in want.items() if rel in report}
