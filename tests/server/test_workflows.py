@@ -24,10 +24,12 @@ runs as shipped. The API runs and the browser runs below both use that variant (
 template as the template browser does, then opens the variant in the same tab); the template itself is
 what the frontend's graphToPrompt is compared on.
 
-No random-weight Qwen-Image or Z-Image file exists yet (TEST_UNETS / TEST_VAES name the files
-scripts/make_dit_models.py is to write); until the model folders hold them, those two workflows are
-checked as files and in the browser (load, convert, save, reopen) but not run: their API and UI runs
-are skipped, naming the missing file.
+Qwen-Image runs on asyndm-random-qwen-image.safetensors with its own VAE, asyndm-random-qwen-image-vae
+(ComfyUI's Wan 2.1 VAE at the real width, 127M parameters, about 1.5 s per 64 x 64 decode here), and
+Z-Image on asyndm-random-z-image.safetensors with the Flux test VAE (the real workflow uses Flux's
+ae.safetensors). A workflow whose test files (TEST_UNETS / TEST_VAES) the model folders lack -- a stale
+.dev/dit-models, say -- is still checked as a file and in the browser (load, convert, save, reopen) but
+not run: its API and UI runs are skipped, naming the missing file.
 
 The SDXL workflow runs on an SDXL random checkpoint when the model folders hold one
 (`asyndm-random-sdxl.safetensors`, from `scripts/make_models.py --sdxl`); writing that file takes
@@ -115,8 +117,8 @@ MODEL_WIDGETS = {"CheckpointLoaderSimple": (("ckpt_name",), "checkpoints"), "UNE
 FAMILY = {"asyndm_sdxl": "sdxl", "asyndm_flux": "flux", "asyndm_sd35": "sd35", "asyndm_flux_kontext": "flux",
           "asyndm_qwen_image": "qwen_image", "asyndm_z_image": "z_image"}  # the others: sd15
 SDXL_TEST_CKPT = "asyndm-random-sdxl.safetensors"
-# The random-weight files that stand in for the real ones (scripts/make_dit_models.py). The Qwen-Image
-# and Z-Image ones are not written yet: a workflow whose test files the server does not list is not run
+# The random-weight files that stand in for the real ones (scripts/make_dit_models.py writes them all;
+# Z-Image's VAE is Flux's, see VAE_FAMILY). A workflow whose test files the server does not list is not run
 # (missing_test_models). Flux Kontext has Flux dev's layout and runs on the Flux dev file.
 TEST_CKPTS = {"sd35": "asyndm-random-sd35-large.safetensors"}
 TEST_UNETS = {"flux": "asyndm-random-flux-dev.safetensors", "qwen_image": "asyndm-random-qwen-image.safetensors",
@@ -249,7 +251,7 @@ def object_info(server) -> dict[str, Any]:
 
 def missing_test_models(workflow: dict[str, Any], object_info: dict[str, Any]) -> list[str]:
     """The random-weight test files the workflow's UNET / VAE loaders would run on that the server does not
-    list (for now the Qwen-Image and Z-Image ones: see TEST_UNETS)."""
+    list (none, once scripts/setup.sh has built .dev/dit-models: see TEST_UNETS)."""
     missing = []
     for kind, table, real in (("UNETLoader", TEST_UNETS, REAL_UNETS), ("VAELoader", TEST_VAES, REAL_VAES)):
         (widget,), _ = MODEL_WIDGETS[kind]
@@ -665,8 +667,8 @@ def test_every_template_has_a_current_thumbnail(server) -> None:
 def test_workflow_runs_through_the_api(server, object_info: dict[str, Any], name: str) -> None:
     prompt, facts = prompt_for_tests(name, object_info)
     if facts["missing"]:
-        pytest.skip(f"{name}: no random-weight test model for it yet ({', '.join(facts['missing'])} not in the "
-                    f"model folders; scripts/make_dit_models.py is to write it)")
+        pytest.skip(f"{name}: no random-weight test model for it ({', '.join(facts['missing'])} not in the "
+                    f"model folders; scripts/setup.sh has scripts/make_dit_models.py write it)")
     if name == "asyndm_sdxl":
         ckpt = next(n for n in prompt.values() if n["class_type"] == "CheckpointLoaderSimple")["inputs"]["ckpt_name"]
         # Without an SDXL test checkpoint the SD1.5 one stands in (see the module docstring).
@@ -922,7 +924,7 @@ def test_workflow_runs_from_the_ui(server, browser_run: dict[str, Any], object_i
     seen = _seen(browser_run, name)
     prompt, facts = prompt_for_tests(name, object_info, seed_offset=BROWSER_SEED_OFFSET)
     if facts["missing"]:
-        pytest.skip(f"{name}: not queued, no random-weight test model for it yet ({', '.join(facts['missing'])})")
+        pytest.skip(f"{name}: not queued, no random-weight test model for it ({', '.join(facts['missing'])})")
     entry = seen.get("history")
     assert entry, f"{name}: no history entry after app.queuePrompt ({seen.get('runError')})"
     sent = entry["prompt"][2]  # what the frontend queued: the same as the converter gives for the same settings
