@@ -26,11 +26,11 @@ weights (fixed seed), through ComfyUI's real loaders:
     vae/asyndm-random-qwen-image-vae.safetensors                Qwen-Image's VAE: Wan 2.1's causal 3-D VAE
                                                                 (16 latent channels), at the real width 96
 
-The last six are diffusion models only (UNETLoader), in the dtype of the family's released files
-(bfloat16; AuraFlow float16), each detected as its supported_models class (QwenImage, Lumina2,
-ZImage, HunyuanImage21, AuraFlow, Chroma); see the *_UNET_CONFIG comments for what detection fixes.
-The Qwen-Image VAE (VAELoader) is bfloat16 like the real qwen_image_vae.safetensors; Z-Image decodes with
-the Flux VAE above.
+The six from Qwen-Image to Chroma are diffusion models only (UNETLoader), in the dtype of the
+family's released files (bfloat16; AuraFlow float16), each detected as its supported_models class
+(QwenImage, Lumina2, ZImage, HunyuanImage21, AuraFlow, Chroma); see the *_UNET_CONFIG comments for
+what detection fixes. The Qwen-Image VAE (VAELoader) is bfloat16 like the real
+qwen_image_vae.safetensors; Z-Image decodes with the Flux VAE above.
 
     python scripts/make_dit_models.py --out DIR [--seed 0] [--force] [--check] [--comfyui PATH]
     python scripts/make_dit_models.py --out DIR --check-only [--only FILE_NAME ...]

@@ -86,9 +86,9 @@ fi
 
 # 4. Default models (random weights, fixed seed) and the paths ComfyUI reads them from -----------
 "$PY" "$ROOT/scripts/make_models.py" --out "$DEV/models" --comfyui "$COMFY"
-# Random-weight DiT files for the DiT tests -- Flux (dev, schnell), SD3.5 (large, medium), Qwen-Image, Lumina 2,
-# Z-Image, HunyuanImage 2.1, AuraFlow and Chroma -- about 8 GB: built once into the cache (about a minute),
-# keyed by the builder and the ComfyUI files that define their layouts.
+# Random-weight DiT files for the DiT tests -- Flux (dev, schnell), SD3.5 (large, medium), Qwen-Image (and its
+# Wan 2.1 VAE), Lumina 2, Z-Image, HunyuanImage 2.1, AuraFlow and Chroma -- about 8 GB: built once into the
+# cache (about a minute), keyed by the builder and the ComfyUI files that define their layouts.
 dit_key="$("$PY" "$ROOT/scripts/make_dit_models.py" --cache-key --comfyui "$COMFY")"
 DIT="$CACHE/dit-models-$dit_key"
 if [ ! -f "$DIT/.complete" ]; then
