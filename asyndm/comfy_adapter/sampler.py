@@ -420,6 +420,18 @@ class AsynSampler(comfy.samplers.Sampler):
         states.append(torch.zeros_like(s))
         return torch.stack(states, dim=1)
 
+    def _to_sigma(self, model_wrap: Any, sigmas: torch.Tensor) -> tuple[Callable[[torch.Tensor], torch.Tensor], bool]:
+        """(state -> sigma for this run, KSampler's max_denoise for these sigmas)."""
+        ms = model_wrap.inner_model.model_sampling
+        max_denoise = self.max_denoise(model_wrap, sigmas)
+        sigma_top = float(ms.sigma_max) if self._starts_at_the_top(ms, sigmas, max_denoise) else float(sigmas[0])
+        return self._sigma_function(sigmas, ms, sigma_top), max_denoise
+
+    def fixed_tracks(self, model_wrap: Any, sigmas: torch.Tensor, k_map: torch.Tensor) -> TrackSet:
+        """The tracks this sampler runs for a fixed priority map (B, H, W) on these sigmas."""
+        to_sigma, _ = self._to_sigma(model_wrap, sigmas)
+        return self._tracks([k_map] * len(sigmas), sigmas, to_sigma)
+
     def _tracks(self, history: list[torch.Tensor], sigmas: torch.Tensor,
                 to_sigma: Callable[[torch.Tensor], torch.Tensor]) -> TrackSet:
         return tracks_from_history(torch.stack(history[:len(sigmas) - 1]), sigmas, self._state_rows, to_sigma)
@@ -435,8 +447,7 @@ class AsynSampler(comfy.samplers.Sampler):
         num_steps = len(sigmas) - 1
         b, _, h, w = noise.shape
         device = noise.device
-        max_denoise = self.max_denoise(model_wrap, sigmas)
-        sigma_top = float(ms.sigma_max) if self._starts_at_the_top(ms, sigmas, max_denoise) else float(sigmas[0])
+        to_sigma, max_denoise = self._to_sigma(model_wrap, sigmas)
         base = self.stock_sampler()
 
         if fixed_k is not None:
@@ -445,7 +456,6 @@ class AsynSampler(comfy.samplers.Sampler):
             init = initial_item_masks(b, self.token_positions, (h, w)).to(device)
             k = torch.tensor(self.schedule.k, dtype=torch.float32, device=device).view(1, -1, 1, 1)
             k_map = (init * k).amax(dim=1)
-        to_sigma = self._sigma_function(sigmas, ms, sigma_top)
         # history[i]: the priority map with which every pixel reaches its state i (i = 0 .. N; N is the preview's)
         history = [k_map] * (num_steps + 1)
         tracks = self._tracks(history, sigmas, to_sigma)

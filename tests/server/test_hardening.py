@@ -578,7 +578,6 @@ def test_schedule_names_cannot_leave_the_folders_in_process(comfy_inprocess: str
 # No module-level state in the pack
 
 ALLOWED_MODULE_CONSTANTS = {  # read-only tables (never mutated), checked below
-    ("asyndm/comfy_adapter/sampler.py", "SUPPORTED_SAMPLERS"),
     ("asyndm/schedule_file.py", "FLOAT_DTYPES"),
 }
 
@@ -629,9 +628,15 @@ def test_module_constants_are_not_changed_by_sampling(comfy_inprocess: str, smal
 
     adapter = importlib.import_module(f"{comfy_inprocess}.asyndm.comfy_adapter.sampler")
     schedule_file = importlib.import_module(f"{comfy_inprocess}.asyndm.schedule_file")
-    before = (repr(adapter.SUPPORTED_SAMPLERS), repr(sorted(schedule_file.FLOAT_DTYPES)))
+    lockstep = importlib.import_module(f"{comfy_inprocess}.asyndm.comfy_adapter.lockstep")
+
+    def tables() -> tuple[str, ...]:
+        return (repr(adapter.REFUSED_SAMPLERS), repr(dict(lockstep.REFUSED)), repr(dict(lockstep.BROWNIAN_SAMPLERS)),
+                repr(sorted(schedule_file.FLOAT_DTYPES)))
+
+    before = tables()
     pos, neg = make_conditioning(small_sd15, seed=1), make_conditioning(small_sd15, seed=2)
-    for sampler in ("euler", "ddim", "dpmpp_2m"):
+    for sampler in ("euler", "ddim", "dpmpp_2m", "dpmpp_2m_sde", "heun"):
         _node_sample(comfy_inprocess, small_sd15, pos, neg, {"samples": torch.zeros(1, 4, 8, 8)},
                      sampler_name=sampler, eta=0.0)
-    assert (repr(adapter.SUPPORTED_SAMPLERS), repr(sorted(schedule_file.FLOAT_DTYPES))) == before
+    assert tables() == before
