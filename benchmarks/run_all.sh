@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # The benchmark runs behind benchmarks/results.md, in order (about 70 min on one core of the 2-core
 # CI machine). Raw results go to benchmarks/out/*.json; the tables are rendered into results-tables.md.
-# Run `bash scripts/setup.sh` first. Pass run names (A B C D E F G H I) to run only some.
+# Run `bash scripts/setup.sh` first. Pass run names (A B C D E F G H I J) to run only some.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.dev/venv/bin/python
 OUT=benchmarks/out
 mkdir -p "$OUT"
 runs=("$@")
-[ ${#runs[@]} -eq 0 ] && runs=(A B C D E F G H I)
+[ ${#runs[@]} -eq 0 ] && runs=(A B C D E F G H I J)
 bench() { "$PY" benchmarks/bench_sampling.py --out '' "$@"; }
 for run in "${runs[@]}"; do
   case "$run" in
@@ -41,7 +41,11 @@ for run in "${runs[@]}"; do
     #    tokens, cfg 4.5 (two rows per call), 10 steps; the forward alone too
     I) bench --model sd3.5-large,sd3.5-medium --sd3-depth 6 --text-tokens 128 --cases 64x64:1:10 --repeats 5 \
          --warmup 1 --forward-repeats 11 --json "$OUT/I_sd3.json" ;;
-    *) echo "unknown run $run (use A-I)" >&2; exit 2 ;;
+    # J: the other transformer families (Flux Kontext, Flux.2, Chroma, Chroma Radiance, HunyuanImage 2.1, Qwen-Image,
+    #    Qwen-Image-Edit, Lumina 2, Z-Image, HiDream, AuraFlow): hidden 512 in 4 heads of 128, 2-4 blocks, each at its
+    #    own latent and cfg, 8 steps; no key items and a half-image key mask vs the KSampler (about 8 min)
+    J) bench --families all --repeats 3 --warmup 1 --memory inprocess --no-profile --json "$OUT/J_dit_families.json" ;;
+    *) echo "unknown run $run (use A-J)" >&2; exit 2 ;;
   esac
 done
 "$PY" benchmarks/bench_sampling.py --render "$OUT"/*.json --out benchmarks/results-tables.md

@@ -86,12 +86,13 @@ fi
 
 # 4. Default models (random weights, fixed seed) and the paths ComfyUI reads them from -----------
 "$PY" "$ROOT/scripts/make_models.py" --out "$DEV/models" --comfyui "$COMFY"
-# Random-weight Flux (dev, schnell) and SD3.5 (large, medium) files for the DiT tests, about 2.1 GB: built
-# once into the cache (about 15 s), keyed by the builder and the ComfyUI files that define their layouts.
+# Random-weight DiT files for the DiT tests -- Flux (dev, schnell), SD3.5 (large, medium), Qwen-Image, Lumina 2,
+# Z-Image, HunyuanImage 2.1, AuraFlow and Chroma -- about 8 GB: built once into the cache (about a minute),
+# keyed by the builder and the ComfyUI files that define their layouts.
 dit_key="$("$PY" "$ROOT/scripts/make_dit_models.py" --cache-key --comfyui "$COMFY")"
 DIT="$CACHE/dit-models-$dit_key"
 if [ ! -f "$DIT/.complete" ]; then
-  log "writing the random-weight Flux and SD3.5 models into $DIT (about 2.1 GB, once)"
+  log "writing the random-weight DiT models into $DIT (about 8 GB, once)"
   tmp="$(mktemp -d "$CACHE/dit-models.XXXXXX")" && chmod 755 "$tmp"   # mktemp makes it 0700
   "$PY" "$ROOT/scripts/make_dit_models.py" --out "$tmp" --comfyui "$COMFY" --check
   touch "$tmp/.complete"

@@ -20,12 +20,12 @@ AURA_TEXT_DIM = 32  # Pile-T5-XL's 2048, shrunk
 AURA_MAX_SEQ = 16 * 16  # a 16x16 token position table (a 32x32 latent), interpolated above
 
 
-def build_auraflow(*, dim: int = 64, n_double: int = 2, n_single: int = 2, seed: int = 0) -> Any:
-    """An AuraFlow-shaped ModelPatcher: 2 heads of 32 channels, joint then single blocks."""
+def build_auraflow(*, dim: int = 64, n_double: int = 2, n_single: int = 2, seed: int = 0, heads: int = 2) -> Any:
+    """An AuraFlow-shaped ModelPatcher: heads of dim / heads channels (2 of 32), joint then single blocks."""
     import comfy.supported_models
 
     unet = {"cond_seq_dim": AURA_TEXT_DIM, "max_seq": AURA_MAX_SEQ, "n_double_layers": n_double,
-            "n_layers": n_double + n_single, "dim": dim, "n_heads": 2, "global_conddim": dim,
+            "n_layers": n_double + n_single, "dim": dim, "n_heads": heads, "global_conddim": dim,
             "in_channels": 4, "out_channels": 4, "patch_size": 2}
     config = comfy.supported_models.AuraFlow(unet)
     config.set_inference_dtype(torch.float32, None)

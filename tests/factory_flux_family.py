@@ -37,24 +37,25 @@ def _chroma_layout(depth: int, depth_single: int, patch_size: int, in_channels: 
             "qkv_bias": True, "in_dim": 64, "out_dim": _HIDDEN, "hidden_dim": 48, "n_layers": 2}
 
 
-def build_chroma(*, depth: int = 2, depth_single: int = 2, seed: int = 0) -> Any:
-    """A Chroma ModelPatcher: 16-channel latents in 2x2 patches (Chroma's detection feeds img_in 64 = 16 x 2 x 2)."""
+def build_chroma(*, depth: int = 2, depth_single: int = 2, seed: int = 0, **layout: Any) -> Any:
+    """A Chroma ModelPatcher: 16-channel latents in 2x2 patches (Chroma's detection feeds img_in 64 = 16 x 2 x 2).
+    layout overrides keys of the transformer's shape (a wider model for the benchmark)."""
     import comfy.supported_models
 
-    unet = {"image_model": "chroma", **_chroma_layout(depth, depth_single, 2, 64)}
+    unet = {"image_model": "chroma", **_chroma_layout(depth, depth_single, 2, 64), **layout}
     config = comfy.supported_models.Chroma(unet)
     config.set_inference_dtype(torch.float32, None)
     return _patcher(config.get_model({}, ""), seed)
 
 
 def build_chroma_radiance(*, depth: int = 2, depth_single: int = 1, nerf_tile_size: int = 0,
-                          head: str = "conv", seed: int = 0) -> Any:
-    """A Chroma Radiance ModelPatcher: RGB pixels in 16x16 patches, then the NeRF head."""
+                          head: str = "conv", seed: int = 0, **layout: Any) -> Any:
+    """A Chroma Radiance ModelPatcher: RGB pixels in 16x16 patches, then the NeRF head (layout: as build_chroma)."""
     import comfy.supported_models
 
     unet = {"image_model": "chroma_radiance", **_chroma_layout(depth, depth_single, 16, 3),
             "nerf_hidden_size": 16, "nerf_mlp_ratio": 2, "nerf_depth": 2, "nerf_max_freqs": 4,
-            "nerf_tile_size": nerf_tile_size, "nerf_final_head_type": head, "nerf_embedder_dtype": torch.float32}
+            "nerf_tile_size": nerf_tile_size, "nerf_final_head_type": head, "nerf_embedder_dtype": torch.float32, **layout}
     config = comfy.supported_models.ChromaRadiance(unet)
     config.set_inference_dtype(torch.float32, None)
     return _patcher(config.get_model({}, ""), seed)
@@ -71,16 +72,17 @@ def make_chroma_conditioning(batch: int = 1, tokens: int = 12, *, seed: int = 0,
     return [[torch.randn(batch, tokens, CHROMA_TEXT_DIM, generator=gen), extra]]
 
 
-def build_flux2(*, guidance: bool = True, depth: int = 1, depth_single: int = 1, seed: int = 0) -> Any:
+def build_flux2(*, guidance: bool = True, depth: int = 1, depth_single: int = 1, seed: int = 0, **layout: Any) -> Any:
     """A Flux.2 ModelPatcher: ComfyUI's Flux class with global modulation, as model_detection configures
-    it (4 RoPE axes, SiLU-gated MLPs, no biases, reference latents by index), 128-channel latents in 1x1 patches."""
+    it (4 RoPE axes, SiLU-gated MLPs, no biases, reference latents by index), 128-channel latents in 1x1 patches
+    (layout: as build_chroma)."""
     import comfy.supported_models
 
     unet = {"image_model": "flux2", "axes_dim": [8, 8, 8, 8], "num_heads": _HEADS, "mlp_ratio": 3.0, "theta": 2000,
             "out_channels": 128, "global_modulation": True, "vec_in_dim": None, "mlp_silu_act": True,
             "qkv_bias": False, "ops_bias": False, "default_ref_method": "index", "ref_index_scale": 10.0,
             "in_channels": 128, "hidden_size": _HIDDEN, "context_in_dim": FLUX2_TEXT_DIM, "patch_size": 1,
-            "depth": depth, "depth_single_blocks": depth_single, "guidance_embed": guidance}
+            "depth": depth, "depth_single_blocks": depth_single, "guidance_embed": guidance, **layout}
     config = comfy.supported_models.Flux2(unet)
     config.set_inference_dtype(torch.float32, None)
     return _patcher(config.get_model({}, ""), seed)
@@ -97,16 +99,17 @@ def make_flux2_conditioning(batch: int = 1, tokens: int = 20, *, seed: int = 0,
 
 
 def build_hunyuan_image(*, guidance: bool = False, byt5: bool = True, meanflow: bool = False, depth: int = 1,
-                        depth_single: int = 1, seed: int = 0) -> Any:
+                        depth_single: int = 1, seed: int = 0, **layout: Any) -> Any:
     """A HunyuanImage 2.1 ModelPatcher: ComfyUI's HunyuanVideo class with 2-D 1x1 patches on 64-channel latents,
-    configured as model_detection does (RoPE axes [h, w], theta 256, TokenRefiner, the ByT5 mapper)."""
+    configured as model_detection does (RoPE axes [h, w], theta 256, TokenRefiner, the ByT5 mapper; layout: as
+    build_chroma)."""
     import comfy.supported_models
 
     unet = {"image_model": "hunyuan_video", "in_channels": 64, "out_channels": 64, "patch_size": [1, 1],
             "vec_in_dim": None, "axes_dim": [16, 16], "meanflow": meanflow, "context_in_dim": HUNYUAN_TEXT_DIM,
             "hidden_size": _HIDDEN, "mlp_ratio": 4.0, "num_heads": _HEADS, "depth": depth,
             "depth_single_blocks": depth_single, "theta": 256, "qkv_bias": True, "byt5": byt5,
-            "guidance_embed": guidance, "use_cond_type_embedding": False, "vision_in_dim": None}
+            "guidance_embed": guidance, "use_cond_type_embedding": False, "vision_in_dim": None, **layout}
     config = comfy.supported_models.HunyuanImage21(unet)
     config.set_inference_dtype(torch.float32, None)
     return _patcher(config.get_model({}, ""), seed)

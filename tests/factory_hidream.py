@@ -20,8 +20,9 @@ __all__ = ["HD_LLAMA_DIM", "HD_POOLED_DIM", "HD_T5_DIM", "build_hidream", "make_
 HD_T5_DIM, HD_LLAMA_DIM, HD_POOLED_DIM = 32, 24, 20  # T5-XXL 4096, Llama-3.1 4096, CLIP-L+G 2048, shrunk
 
 
-def build_hidream(*, n_double: int = 2, n_single: int = 2, experts: int = 4, seed: int = 0) -> Any:
-    """A HiDream-shaped ModelPatcher; block i reads Llama layer i of make_hidream_conditioning's stack."""
+def build_hidream(*, n_double: int = 2, n_single: int = 2, experts: int = 4, seed: int = 0, **layout: Any) -> Any:
+    """A HiDream-shaped ModelPatcher; block i reads Llama layer i of make_hidream_conditioning's stack. layout
+    overrides keys of the transformer's shape (a wider model for the benchmark)."""
     import comfy.supported_models
 
     blocks = n_double + n_single
@@ -29,7 +30,7 @@ def build_hidream(*, n_double: int = 2, n_single: int = 2, experts: int = 4, see
             "num_layers": n_double, "num_single_layers": n_single, "attention_head_dim": 32,
             "num_attention_heads": 2, "caption_channels": [HD_T5_DIM, HD_LLAMA_DIM], "text_emb_dim": HD_POOLED_DIM,
             "num_routed_experts": experts, "num_activated_experts": 2, "axes_dims_rope": [8, 12, 12],
-            "max_resolution": [32, 32], "llama_layers": list(range(blocks))}
+            "max_resolution": [32, 32], "llama_layers": list(range(blocks)), **layout}
     config = comfy.supported_models.HiDream(unet)
     config.set_inference_dtype(torch.float32, None)
     return _patcher(config.get_model({}, ""), seed)

@@ -30,24 +30,25 @@ def _common(dim: int, heads: int, kv_heads: int, axes: list[int]) -> dict[str, A
             "axes_dims": axes}
 
 
-def build_lumina2(*, seed: int = 0) -> Any:
-    """A Lumina 2 shaped ModelPatcher (width 64: 2 query heads, 1 key/value head of 32 channels)."""
+def build_lumina2(*, seed: int = 0, **layout: Any) -> Any:
+    """A Lumina 2 shaped ModelPatcher (width 64: 2 query heads, 1 key/value head of 32 channels); layout overrides
+    keys of the transformer's shape (a wider model for the benchmark)."""
     import comfy.supported_models
 
     unet = {**_common(64, 2, 1, [8, 12, 12]), "axes_lens": [300, 512, 512], "rope_theta": 10000.0,
-            "ffn_dim_multiplier": 4.0}
+            "ffn_dim_multiplier": 4.0, **layout}
     config = comfy.supported_models.Lumina2(unet)
     config.set_inference_dtype(torch.float32, None)
     return _patcher(config.get_model({}, ""), seed)
 
 
-def build_z_image(*, seed: int = 0) -> Any:
-    """A Z-Image shaped ModelPatcher (width 256: 2 heads of 128 channels)."""
+def build_z_image(*, seed: int = 0, **layout: Any) -> Any:
+    """A Z-Image shaped ModelPatcher (width 256: 2 heads of 128 channels; layout: as build_lumina2)."""
     import comfy.supported_models
 
     unet = {**_common(256, 2, 2, [32, 48, 48]), "axes_lens": [1536, 512, 512], "rope_theta": 256.0,
             "ffn_dim_multiplier": 8.0 / 3.0, "z_image_modulation": True, "time_scale": 1000.0,
-            "pad_tokens_multiple": 32}
+            "pad_tokens_multiple": 32, **layout}
     config = comfy.supported_models.ZImage(unet)
     config.set_inference_dtype(torch.float32, None)
     return _patcher(config.get_model({}, ""), seed)

@@ -22,13 +22,14 @@ __all__ = ["QWEN_TEXT_DIM", "build_qwen_image", "make_qwen_conditioning"]
 QWEN_TEXT_DIM = 48  # Qwen2.5-VL-7B's hidden width (3584), shrunk
 
 
-def build_qwen_image(*, depth: int = 2, seed: int = 0) -> Any:
-    """A Qwen-Image shaped ModelPatcher on the CPU (ComfyUI's config, model_base and transformer class)."""
+def build_qwen_image(*, depth: int = 2, seed: int = 0, **layout: Any) -> Any:
+    """A Qwen-Image shaped ModelPatcher on the CPU (ComfyUI's config, model_base and transformer class); layout
+    overrides keys of the transformer's shape (a wider model for the benchmark)."""
     import comfy.supported_models
 
     unet = {"image_model": "qwen_image", "in_channels": 64, "out_channels": 16, "patch_size": 2,
             "num_layers": depth, "attention_head_dim": 32, "num_attention_heads": 2,
-            "joint_attention_dim": QWEN_TEXT_DIM, "axes_dims_rope": (8, 12, 12)}
+            "joint_attention_dim": QWEN_TEXT_DIM, "axes_dims_rope": (8, 12, 12), **layout}
     config = comfy.supported_models.QwenImage(unet)
     config.set_inference_dtype(torch.float32, None)
     return _patcher(config.get_model({}, ""), seed)

@@ -53,6 +53,14 @@ Models are random-weight instances of ComfyUI's own classes built through tests/
                   24 blocks, 13 of them with it)
     sd3-tiny      tests/model_factory.py build_sd3 ("large", width 128, 2 blocks): CI smoke only
 
+The other transformer families the pack samples in-process (--families all, or some of them; one
+run, one row each, at each family's own latent size and cfg; bench/dit_models.py): flux-kontext,
+flux2, chroma, chroma-radiance, hunyuan-image, qwen-image, qwen-image-edit, lumina2, z-image,
+hidream, auraflow. ComfyUI's own classes with random weights from the test factories, at hidden
+512 (4 heads of 128) and a few blocks (--dit-size tiny: the tests' sizes). Variants: ksampler,
+nokeys (the pack's sampler with no key items) and half (one key item, the image's top half, k 0.8);
+the summary table gives both ratios and the overhead per step in ms.
+
 Examples:
 
     .dev/venv/bin/python benchmarks/bench_sampling.py --model reduced --sizes 32,64 --batch 1 --steps 10
@@ -61,6 +69,8 @@ Examples:
         --flux-hidden 512 --forward-repeats 9
     .dev/venv/bin/python benchmarks/bench_sampling.py --model reduced --sizes 32 --batch 1,4 --steps 10,30 \\
         --out benchmarks/last_run.md --append
+    .dev/venv/bin/python benchmarks/bench_sampling.py --families all --repeats 3 --memory inprocess
+    .dev/venv/bin/python benchmarks/bench_sampling.py --families chroma,qwen-image-edit --dit-size tiny
 
 torch runs with one thread unless --threads says otherwise (timings on a shared machine are
 steadier that way). This is a script, not a test: tests/inprocess/test_benchmark_smoke.py runs
@@ -79,27 +89,31 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import report
-from .fixtures import MODELS, REPO_ROOT, Case, build_model, family_of, setup_comfyui
+from . import dit_models, family_rows, report
+from .fixtures import DIT_MODELS, MODELS, REPO_ROOT, Case, build_model, family_of, setup_comfyui
 from .measure import MEMORY_TAG, measure_memory_here, measure_memory_subprocess, timed
 from .report import case_ratios, environment, loadavg, markdown, median
 
-ALL_VARIANTS = ("ksampler", "dynamic", "fixed", "naive")
-FAMILY_DEFAULTS = {"unet": {"cfg": 5.0, "scheduler": "normal"}, "flux": {"cfg": 1.0, "scheduler": "simple"},
-                   "mmdit": {"cfg": 4.5, "scheduler": "simple"}}
+ALL_VARIANTS = ("ksampler", "dynamic", "fixed", "naive", "nokeys", "half")
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "unet": {"cfg": 5.0, "scheduler": "normal"}, "flux": {"cfg": 1.0, "scheduler": "simple"},
+    "mmdit": {"cfg": 4.5, "scheduler": "simple"},
+    "dit": {"cfg": None, "scheduler": "simple"},  # cfg None: each family's own (bench/dit_models.py)
+}
 
 
 def model_kwargs(spec: dict[str, Any]) -> dict[str, Any]:
     """build_model's keyword arguments from a run's settings (the memory child's spec included)."""
     return {"seed": spec["seed"], "sdxl_depth": spec.get("sdxl_depth", 2), "device": spec["device"],
             "flux_hidden": spec.get("flux_hidden", 512), "flux_double": spec.get("flux_double", 2),
-            "flux_single": spec.get("flux_single", 4), "sd3_depth": spec.get("sd3_depth", 6)}
+            "flux_single": spec.get("flux_single", 4), "sd3_depth": spec.get("sd3_depth", 6),
+            "dit_size": spec.get("dit_size", "bench")}
 
 
 def make_bench(model_name: str, patcher: Any, case: Case, spec: dict[str, Any]) -> Any:
     rows = report.FAMILY_ROWS[family_of(model_name)]
-    return rows.make_bench(patcher, case, seed=spec["seed"], cfg=spec["cfg"], sampler=spec["sampler"],
-                           scheduler=spec["scheduler"], text_tokens=spec.get("text_tokens", 128))
+    return rows.make_bench(patcher, case, model=model_name, seed=spec["seed"], cfg=spec["cfg"], sampler=spec["sampler"],
+                           scheduler=spec["scheduler"], text_tokens=spec.get("text_tokens"))
 
 
 def memory_child(spec: dict[str, Any]) -> dict[str, Any]:
@@ -130,7 +144,7 @@ def parse_cases(args: argparse.Namespace) -> list[Case]:
             h, _, w = size.partition("x")
             cases.append(Case(int(h), int(w or h), int(batch), int(steps)))
         return cases
-    return [Case(s, s, b, n) for s, b, n in itertools.product(parse_ints(args.sizes), parse_ints(args.batch),
+    return [Case(s, s, b, n) for s, b, n in itertools.product(parse_ints(args.sizes or "32,64"), parse_ints(args.batch),
                                                               parse_ints(args.steps))]
 
 
@@ -138,7 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bench_sampling.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="reduced", help=f"comma-separated, one family per run, from: {', '.join(MODELS)}")
-    p.add_argument("--sizes", default="32,64", help="latent sizes (square), comma-separated")
+    p.add_argument("--families", default="", metavar="NAMES",
+                   help="the other transformer families' rows instead of --model: 'all' or comma-separated, from: "
+                        + ", ".join(DIT_MODELS) + " (each at its own latent size unless --cases says otherwise)")
+    p.add_argument("--dit-size", choices=("bench", "tiny"), default="bench",
+                   help="those families' model size: bench (hidden 512, a few blocks) or tiny (the tests')")
+    p.add_argument("--sizes", default=None, help="latent sizes (square), comma-separated (default 32,64)")
     p.add_argument("--batch", default="1", help="batch sizes, comma-separated")
     p.add_argument("--steps", default="10", help="step counts, comma-separated")
     p.add_argument("--cases", default="", help="explicit cases HxW:batch:steps,... (replaces sizes x batch x steps)")
@@ -157,8 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flux-double", type=int, default=2, help="Flux double-stream blocks (Flux: 19)")
     p.add_argument("--flux-single", type=int, default=4, help="Flux single-stream blocks (Flux: 38)")
     p.add_argument("--sd3-depth", type=int, default=6, help="SD3 joint blocks, width 64 x depth (SD3.5 large: 38)")
-    p.add_argument("--text-tokens", type=int, default=128,
-                   help="Flux / SD3 text context length (Flux's T5: 256 or 512; SD3: 77 CLIP + 256 T5)")
+    p.add_argument("--text-tokens", type=int, default=None,
+                   help="text context length: default 128 on Flux / SD3 (Flux's T5: 256 or 512; SD3: 77 CLIP + 256 T5), "
+                        "64 on the other families")
     p.add_argument("--memory", choices=("subprocess", "inprocess", "off"), default="subprocess",
                    help="peak memory: a fresh process per variant (default), this process, or not at all")
     p.add_argument("--memory-steps", type=int, default=2, help="steps of the memory runs (peaks repeat every step)")
@@ -207,7 +227,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]:
     started = time.perf_counter()
-    models = [m.strip() for m in args.model.split(",") if m.strip()]
+    try:
+        models = dit_models.parse_families(args.families) if args.families else [
+            m.strip() for m in args.model.split(",") if m.strip()]
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     try:
         families = {family_of(m) for m in models}
     except ValueError as e:
@@ -223,34 +247,41 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]
     if "ksampler" not in requested:
         requested.insert(0, "ksampler")
     variants = [v for v in rows.VARIANTS if v in requested]  # the family's own, in its order
+    if family == "dit" and args.unet_repeats > 0:
+        raise SystemExit("--forward-repeats: not on the other transformer families' rows (their hooks' cost is "
+                         "the per-step overhead of the sampling runs)")
     cases = parse_cases(args)
+    own_cases = family == "dit" and not args.cases and args.sizes is None  # each family's own case
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
     defaults = FAMILY_DEFAULTS[family]
     cfg = defaults["cfg"] if args.cfg is None else args.cfg
+    text_tokens = (128 if family in ("flux", "mmdit") else None) if args.text_tokens is None else args.text_tokens
     scheduler = defaults["scheduler"] if args.scheduler is None else args.scheduler
     spec = {"seed": args.seed, "sdxl_depth": args.sdxl_depth, "device": args.device, "threads": args.threads,
             "cfg": cfg, "sampler": args.sampler, "scheduler": scheduler, "comfyui": args.comfyui}
     if family == "flux":
         spec.update(flux_hidden=args.flux_hidden, flux_double=args.flux_double, flux_single=args.flux_single,
-                    text_tokens=args.text_tokens)
+                    text_tokens=text_tokens)
     elif family == "mmdit":
-        spec.update(sd3_depth=args.sd3_depth, text_tokens=args.text_tokens)
+        spec.update(sd3_depth=args.sd3_depth, text_tokens=text_tokens)
+    elif family == "dit":
+        spec.update(dit_size=args.dit_size, text_tokens=text_tokens)
 
     run: dict[str, Any] = {
         "command": "python benchmarks/bench_sampling.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "environment": environment(args.device, args.threads),
         "variants": variants, "warmup": args.warmup, "repeats": args.repeats, "sampler": args.sampler,
-        "scheduler": scheduler, "cfg": cfg, "seed": args.seed, "memory_steps": args.memory_steps,
+        "scheduler": scheduler, "cfg": "per model" if cfg is None else cfg, "seed": args.seed, "memory_steps": args.memory_steps,
         "models": {}, "results": [],
     }
-    if family in ("flux", "mmdit"):
-        run["text_tokens"] = args.text_tokens
+    if family in ("flux", "mmdit", "dit"):
+        run["text_tokens"] = family_rows.TEXT_TOKENS if text_tokens is None else text_tokens
     for model_name in models:
         t0 = time.perf_counter()
         patcher = build_model(model_name, **model_kwargs(spec))
-        run["models"][model_name] = info = rows.describe(patcher)
+        run["models"][model_name] = info = rows.describe(patcher, model=model_name, size=args.dit_size)
         say(f"[{model_name}] built in {time.perf_counter() - t0:.1f} s: {info}")
-        for case in cases:
+        for case in [dit_models.family(model_name).cases[args.dit_size]] if own_cases else cases:
             bench = make_bench(model_name, patcher, case, spec)
             times: dict[str, list[float]] = {v: [] for v in variants}
             outputs: dict[str, Any] = {}
@@ -268,9 +299,10 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]
                                       "times": times, "ratios": case_ratios(times)}
             if "naive" in outputs and "dynamic" in outputs:
                 result["naive_vs_dynamic_max_abs"] = float((outputs["naive"] - outputs["dynamic"]).abs().max())
-            if "fixed" in outputs and "ksampler" in outputs and family != "unet":
-                # the key mask changed the result (the run was asynchronous, not the stock path)
-                result["fixed_vs_ksampler_max_abs"] = float((outputs["fixed"] - outputs["ksampler"]).abs().max())
+            for v in ("fixed", "half", "nokeys"):
+                if v in outputs and "ksampler" in outputs and family != "unet":
+                    # a key mask changed the result (the run was asynchronous); no key items did not
+                    result[f"{v}_vs_ksampler_max_abs"] = float((outputs[v] - outputs["ksampler"]).abs().max())
             del outputs
             if args.profile:
                 result["profile"] = {v: rows.profile_variant(bench, v, args.device, args.profile_runs) for v in variants}

@@ -7,9 +7,13 @@ forward, the pack's hooks installed without a map, the hooks with a two-timestep
 top-left quarter of the image tokens at the second timestep), and the naive per-token hooks
 (bench/naive.py); then instrumented forwards give each hook piece's time per forward.
 
-A family module provides: ``hook_classes()`` (the pack's adapter class and the naive one),
-``conditioning(bench, batch, seed)``, ``forward_kwargs(bench, cond, rows, device, dtype)``,
-``install_hook_timers(stack, timer)``, ``HOOK_PIECES`` and ``TIMESTEPS``.
+The profile is the same on every transformer family: the model's forward timed whole (minus the
+hook pieces the family times inside it), the family's hook pieces, and the sampler's pieces.
+
+A family module provides: ``conditioning(bench, batch, seed)``, ``install_hook_timers(stack, timer)``,
+``MODEL_LABEL`` and ``PIECES`` (made by pieces()); for the forward alone also ``hook_classes()`` (the
+pack's adapter class and the naive one), ``forward_kwargs(bench, cond, rows, device, dtype)``,
+``HOOK_PIECES`` and ``TIMESTEPS``.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from collections import defaultdict
 from types import ModuleType
 from typing import Any
 
-from .fixtures import PRIORITIES, Case, SamplingBench, two_item_masks
+from . import measure
+from .fixtures import PRIORITIES, Case, SamplingBench, patched, two_item_masks
 from .measure import PieceTimer, timed
 
 VARIANTS = ("ksampler", "fixed")
@@ -42,26 +47,58 @@ class TokenBench(SamplingBench):
         import comfy.sample
         import torch
 
-        from asyndm.schedule_spec import AsynSchedule
-
         super().__init__(patcher, case, seed=seed, cfg=cfg, sampler=sampler, scheduler=scheduler)
         self.text_tokens = text_tokens
         self.positive = self.family.conditioning(self, 1, seed=1)
         self.negative = self.family.conditioning(self, 1, seed=2)
-        self.latent = torch.zeros(case.batch, LATENT_CHANNELS, case.height, case.width)
+        self.latent = torch.zeros(self.latent_shape())
         self.noise = comfy.sample.prepare_noise(self.latent, seed)
-        self.schedules = {"fixed": AsynSchedule(curve="bin", k=PRIORITIES, mask_source="masks",
-                                                masks=two_item_masks(case.height, case.width))}
+        self.schedules = self.key_schedules()
+
+    def latent_shape(self) -> tuple[int, ...]:
+        return (self.case.batch, LATENT_CHANNELS, self.case.height, self.case.width)
+
+    def key_schedules(self) -> dict[str, Any]:
+        """The schedule of each asynchronous variant (None: no key items)."""
+        from asyndm.schedule_spec import AsynSchedule
+
+        return {"fixed": AsynSchedule(curve="bin", k=PRIORITIES, mask_source="masks",
+                                      masks=two_item_masks(self.case.height, self.case.width))}
 
     def _prepare(self, variant: str, stack: contextlib.ExitStack) -> Any:
-        if variant != "fixed":
-            raise ValueError(f"unknown variant {variant!r} for {type(self).__name__}: use one of {', '.join(VARIANTS)}")
-        return self.schedules["fixed"]
+        if variant not in self.schedules:
+            raise ValueError(f"unknown variant {variant!r} for {type(self).__name__}: use one of "
+                             f"{', '.join(self.variants)}")
+        return self.schedules[variant]
 
     @property
     def rows(self) -> int:
         """The rows of one model call: the batch, twice under cfg > 1 (cfg 1 skips the uncond rows)."""
         return self.case.batch * (2 if self.cfg > 1.0 else 1)
+
+
+def pieces(model: tuple[str, str], hooks: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """A family's profile pieces, (label, what) in report order: its model compute, the per-step maps,
+    its hook pieces, then the sampler's."""
+    return [model, *measure.STEP_PIECES, *hooks, *measure.SAMPLER_PIECES]
+
+
+def install_profile(bench: TokenBench, stack: contextlib.ExitStack, timer: PieceTimer) -> None:
+    """The family's timing wrappers for one run (restored when stack closes), then the sampler's."""
+    dm = bench.patcher.model.diffusion_model
+    stack.enter_context(patched(dm, "forward", timer.wrap(bench.family.MODEL_LABEL, dm.forward)))
+    bench.family.install_hook_timers(stack, timer)
+    measure.wrap_sampler_pieces(stack, timer)
+
+
+def profile_variant(bench: TokenBench, variant: str, device: str, runs: int = 1) -> dict[str, float]:
+    """ms per run of each piece (exclusive), the run's total, and the rest; plus the preview strip."""
+    return measure.profile_runs(bench, variant, device, runs, lambda stack, timer: install_profile(bench, stack, timer),
+                                bench.family.PIECES)
+
+
+# ------------------------------------------------------------------------------------------------
+# The transformer forward alone
 
 
 def forward_inputs(bench: TokenBench) -> tuple[Any, Any, dict[str, Any], Any, int]:

@@ -18,6 +18,10 @@ Models are random-weight instances of ComfyUI's own classes, built through tests
                   RMS q/k norm
     sd3.5-medium  the same with SD3.5 medium's image self-attention in the first half of the blocks
     sd3-tiny      tests/model_factory.py build_sd3 as it is ("large", width 128, 2 blocks): CI smoke only
+
+and the other transformer families (bench/dit_models.py: flux-kontext, flux2, chroma, chroma-radiance,
+hunyuan-image, qwen-image, qwen-image-edit, lumina2, z-image, hidream, auraflow), each at a bench
+size or the tests' tiny one (--dit-size).
 """
 
 from __future__ import annotations
@@ -39,7 +43,9 @@ CLI_SCRIPT = REPO_ROOT / "benchmarks" / "bench_sampling.py"
 UNET_MODELS = ("full", "reduced", "reduced-attn", "sdxl", "tiny")
 FLUX_MODELS = ("flux-dev", "flux-schnell", "flux-tiny")
 SD3_MODELS = ("sd3.5-large", "sd3.5-medium", "sd3-tiny")
-MODELS = UNET_MODELS + FLUX_MODELS + SD3_MODELS
+DIT_MODELS = ("flux-kontext", "flux2", "chroma", "chroma-radiance", "hunyuan-image", "qwen-image", "qwen-image-edit",
+              "lumina2", "z-image", "hidream", "auraflow")  # bench/dit_models.py FAMILIES, in order
+MODELS = UNET_MODELS + FLUX_MODELS + SD3_MODELS + DIT_MODELS
 FLUX_HEAD_DIM = 128  # Flux's: 24 heads of 128 channels at width 3072
 FLUX_AXES_DIM = (16, 56, 56)  # Flux's rotary axes (sum = head dim)
 FLUX_MLP_RATIO = 4.0
@@ -49,13 +55,15 @@ PRIORITIES = (0.8, 0.6)
 
 
 def family_of(model_name: str) -> str:
-    """'unet', 'flux' or 'mmdit': which rows module serves the named model."""
+    """'unet', 'flux', 'mmdit' or 'dit': which rows module serves the named model."""
     if model_name in UNET_MODELS:
         return "unet"
     if model_name in FLUX_MODELS:
         return "flux"
     if model_name in SD3_MODELS:
         return "mmdit"
+    if model_name in DIT_MODELS:
+        return "dit"
     raise ValueError(f"unknown model {model_name!r}: use one of {', '.join(MODELS)}")
 
 
@@ -117,7 +125,7 @@ def patched(obj: Any, attr: str, value: Any) -> Iterator[None]:
 
 
 def build_model(name: str, *, seed: int = 0, sdxl_depth: int = 2, device: str = "cpu", flux_hidden: int = 512,
-                flux_double: int = 2, flux_single: int = 4, sd3_depth: int = 6) -> Any:
+                flux_double: int = 2, flux_single: int = 4, sd3_depth: int = 6, dit_size: str = "bench") -> Any:
     """A ModelPatcher of the named layout with random weights (see the module docstring)."""
     mf = model_factory()
     if name == "full":
@@ -145,6 +153,10 @@ def build_model(name: str, *, seed: int = 0, sdxl_depth: int = 2, device: str = 
         patcher = build_sd3(name == "sd3.5-medium", depth=sd3_depth, seed=seed)
     elif name == "sd3-tiny":
         patcher = mf.build_sd3("large", seed=seed)
+    elif name in DIT_MODELS:
+        from . import dit_models
+
+        patcher = dit_models.family(name).build(dit_size, seed)
     else:
         raise ValueError(f"unknown model {name!r}: use one of {', '.join(MODELS)}")
     if device != "cpu":

@@ -17,7 +17,7 @@ import contextlib
 import sys
 from typing import Any
 
-from . import dit, measure
+from . import dit
 from .fixtures import Case, model_factory, patched
 from .measure import PieceTimer
 from .naive import naive_flux_hooks_class
@@ -62,7 +62,7 @@ def hook_classes() -> tuple[type, type]:
     return PerTokenTimesteps, naive_flux_hooks_class()
 
 
-def make_bench(patcher: Any, case: Case, **kwargs: Any) -> FluxBench:
+def make_bench(patcher: Any, case: Case, *, model: str = "", **kwargs: Any) -> FluxBench:
     return FluxBench(patcher, case, **kwargs)
 
 
@@ -70,7 +70,7 @@ def has_guidance(patcher: Any) -> bool:
     return bool(getattr(patcher.model.diffusion_model.params, "guidance_embed", False))
 
 
-def describe(patcher: Any) -> dict[str, Any]:
+def describe(patcher: Any, **_: Any) -> dict[str, Any]:
     dm = patcher.model.diffusion_model
     p = dm.params
     return {
@@ -115,24 +115,17 @@ MODULATION_LABEL = "hooks: block modulation, SiLU + Linear (pack: on the U rows;
 GATHER_LABEL = "hooks: per-token gather"
 POST_LABEL = "hooks: modulation hooks (final layer on the U rows, concat, split)"
 NAIVE_TABLE_LABEL = "naive: time MLP on every token"
-PIECES = [  # (label, what) in report order; the pieces are exclusive of each other
+PIECES = dit.pieces(  # (label, what) in report order; the pieces are exclusive of each other
     (FLUX_LABEL, "diffusion_model.forward minus the hooks that run inside it (stock modulation included)"),
-    (measure.STEP_MAPS_LABEL, "distinct model timesteps of the distinct sigmas, per step"),
-    (measure.SET_MAP_LABEL, "TimeHooks.set_map"),
-    (HOOKS_PRE_POST, "PerTokenTimesteps._model_pre/_model_post/_first_block_pre and the time/guidance/vector captures"),
-    (TABLE_LABEL, "PerTokenTimesteps._table: time_in on the U distinct timesteps, plus guidance and pooled terms"),
-    (MODULATION_LABEL, "PerTokenTimesteps._modulated minus the table and the gather: every block's Linear on U rows"),
-    (GATHER_LABEL, "PerTokenTimesteps._per_token: one (B', L, C) gather per modulation layer"),
-    (POST_LABEL, "the rest of the img_mod / modulation / final-layer hooks"),
-    (NAIVE_TABLE_LABEL, "naive baseline only: time_in on B' x L rows"),
-    (measure.WRAPPER_LABEL, "PerPixelApplyModel.__call__ minus its children"),
-    (measure.PER_PIXEL_LABEL, "model_wrapper.per_pixel"),
-    (measure.NOISE_SCALING_LABEL, "sampler.per_pixel (once per run)"),
-    (measure.GROUPING_LABEL, "PixelTracks.from_map / pair_tracks / full"),
-    (measure.NEXT_STATE_LABEL, "AsynSampler._advance/_next_state on the distinct (state, k) pairs"),
-    (measure.STATE_SIGMA_LABEL, "SigmaInterpolator on the distinct states"),
-    (measure.STEP_MATH_LABEL, "steps.ancestral_step / dpmpp_2m_step"),
-]
+    [
+        (HOOKS_PRE_POST, "PerTokenTimesteps._model_pre/_model_post/_first_block_pre and the time/guidance/vector captures"),
+        (TABLE_LABEL, "PerTokenTimesteps._table: time_in on the U distinct timesteps, plus guidance and pooled terms"),
+        (MODULATION_LABEL, "PerTokenTimesteps._modulated minus the table and the gather: every block's Linear on U rows"),
+        (GATHER_LABEL, "PerTokenTimesteps._per_token: one (B', L, C) gather per modulation layer"),
+        (POST_LABEL, "the rest of the img_mod / modulation / final-layer hooks"),
+        (NAIVE_TABLE_LABEL, "naive baseline only: time_in on B' x L rows"),
+    ],
+)
 HOOK_PIECES = (HOOKS_PRE_POST, TABLE_LABEL, MODULATION_LABEL, GATHER_LABEL, POST_LABEL, NAIVE_TABLE_LABEL)
 PACK_SUM_TITLE = ("**sum of the pack's pieces** (rows between the Flux compute and the rest; % of the KSampler "
                   "total)")
@@ -155,27 +148,11 @@ def install_hook_timers(stack: contextlib.ExitStack, timer: PieceTimer) -> None:
                 stack.enter_context(patched(cls, attr, timer.wrap_factory(label, cls.__dict__[attr])))
 
 
-def install_profile(bench: FluxBench, stack: contextlib.ExitStack, timer: PieceTimer) -> None:
-    """Flux's timing wrappers for one run (restored when stack closes), then the sampler's."""
-    dm = bench.patcher.model.diffusion_model
-    stack.enter_context(patched(dm, "forward", timer.wrap(FLUX_LABEL, dm.forward)))
-    install_hook_timers(stack, timer)
-    measure.wrap_sampler_pieces(stack, timer)
-
-
-def profile_variant(bench: FluxBench, variant: str, device: str, runs: int = 1) -> dict[str, float]:
-    """ms per run of each piece (exclusive), the run's total, and the rest; plus the preview strip."""
-    return measure.profile_runs(bench, variant, device, runs, lambda stack, timer: install_profile(bench, stack, timer),
-                                PIECES)
+profile_variant = dit.profile_variant
 
 
 # ------------------------------------------------------------------------------------------------
-# The transformer forward alone
+# The transformer forward alone (bench/dit.py)
 
-
-def forward_inputs(bench: FluxBench) -> tuple[Any, Any, dict[str, Any], Any, int]:
-    return dit.forward_inputs(bench)
-
-
-def forward_overhead(bench: FluxBench, repeats: int, device: str) -> dict[str, Any]:
-    return dit.forward_overhead(bench, repeats, device)
+forward_inputs = dit.forward_inputs
+forward_overhead = dit.forward_overhead

@@ -150,6 +150,21 @@ OBSERVER_LABEL = "attention observer (per-step mask capture)"
 ITEM_MASKS_LABEL = "item masks from attention"
 OTHER_LABEL = "rest (ComfyUI sampling, CFG, conds, setup)"
 PREVIEW_LABEL = "node extra: timestep preview strip (after sampling)"
+# (label, what) of the sampler-side pieces in the transformer families' report order: the per-step
+# maps before the family's hook pieces, the rest after them (bench/dit.py pieces()).
+STEP_PIECES = [
+    (STEP_MAPS_LABEL, "distinct model timesteps of the distinct sigmas, per step"),
+    (SET_MAP_LABEL, "TimeHooks.set_map"),
+]
+SAMPLER_PIECES = [
+    (WRAPPER_LABEL, "PerPixelApplyModel.__call__ minus its children"),
+    (PER_PIXEL_LABEL, "model_wrapper.per_pixel"),
+    (NOISE_SCALING_LABEL, "sampler.per_pixel (once per run)"),
+    (GROUPING_LABEL, "PixelTracks.from_map / pair_tracks / full"),
+    (NEXT_STATE_LABEL, "AsynSampler._advance/_next_state on the distinct (state, k) pairs"),
+    (STATE_SIGMA_LABEL, "SigmaInterpolator on the distinct states"),
+    (STEP_MATH_LABEL, "steps.ancestral_step / dpmpp_2m_step"),
+]
 
 
 def wrap_sampler_pieces(stack: contextlib.ExitStack, timer: PieceTimer) -> None:

@@ -17,7 +17,7 @@ import contextlib
 import sys
 from typing import Any
 
-from . import dit, measure
+from . import dit
 from .fixtures import Case, model_factory, patched
 from .measure import PieceTimer
 from .naive import naive_mmdit_hooks_class
@@ -52,11 +52,11 @@ def hook_classes() -> tuple[type, type]:
     return PerTokenTimestepsMMDiT, naive_mmdit_hooks_class()
 
 
-def make_bench(patcher: Any, case: Case, **kwargs: Any) -> SD3Bench:
+def make_bench(patcher: Any, case: Case, *, model: str = "", **kwargs: Any) -> SD3Bench:
     return SD3Bench(patcher, case, **kwargs)
 
 
-def describe(patcher: Any) -> dict[str, Any]:
+def describe(patcher: Any, **_: Any) -> dict[str, Any]:
     dm = patcher.model.diffusion_model
     blocks = list(dm.joint_blocks)
     return {
@@ -102,24 +102,17 @@ MODULATION_LABEL = "hooks: image-block adaLN, SiLU + Linear (pack: on the U rows
 GATHER_LABEL = "hooks: per-token gather"
 POST_LABEL = "hooks: final layer redone per token (norm, modulate, linear)"
 NAIVE_TABLE_LABEL = "naive: t_embedder on every token"
-PIECES = [  # (label, what) in report order; the pieces are exclusive of each other
+PIECES = dit.pieces(  # (label, what) in report order; the pieces are exclusive of each other
     (MMDIT_LABEL, "diffusion_model.forward minus the hooks' pieces below"),
-    (measure.STEP_MAPS_LABEL, "distinct model timesteps of the distinct sigmas, per step"),
-    (measure.SET_MAP_LABEL, "TimeHooks.set_map"),
-    (HOOKS_PRE_POST, "PerTokenTimestepsMMDiT._model_pre/_model_post/_active_for and the time/vector captures"),
-    (TABLE_LABEL, "PerTokenTimestepsMMDiT._table: t_embedder on the U distinct timesteps, plus the pooled term"),
-    (MODULATION_LABEL, "PerTokenTimestepsMMDiT._mods minus the table and the gather"),
-    (GATHER_LABEL, "gather_tokens: one (B', L, parts x D) gather per image block and the final layer"),
-    (POST_LABEL, "the final layer's hook minus its children (the stock final layer ran before it)"),
-    (NAIVE_TABLE_LABEL, "naive baseline only: t_embedder on B' x L rows"),
-    (measure.WRAPPER_LABEL, "PerPixelApplyModel.__call__ minus its children"),
-    (measure.PER_PIXEL_LABEL, "model_wrapper.per_pixel"),
-    (measure.NOISE_SCALING_LABEL, "sampler.per_pixel (once per run)"),
-    (measure.GROUPING_LABEL, "PixelTracks.from_map / pair_tracks / full"),
-    (measure.NEXT_STATE_LABEL, "AsynSampler._advance/_next_state on the distinct (state, k) pairs"),
-    (measure.STATE_SIGMA_LABEL, "SigmaInterpolator on the distinct states"),
-    (measure.STEP_MATH_LABEL, "steps.ancestral_step / dpmpp_2m_step"),
-]
+    [
+        (HOOKS_PRE_POST, "PerTokenTimestepsMMDiT._model_pre/_model_post/_active_for and the time/vector captures"),
+        (TABLE_LABEL, "PerTokenTimestepsMMDiT._table: t_embedder on the U distinct timesteps, plus the pooled term"),
+        (MODULATION_LABEL, "PerTokenTimestepsMMDiT._mods minus the table and the gather"),
+        (GATHER_LABEL, "gather_tokens: one (B', L, parts x D) gather per image block and the final layer"),
+        (POST_LABEL, "the final layer's hook minus its children (the stock final layer ran before it)"),
+        (NAIVE_TABLE_LABEL, "naive baseline only: t_embedder on B' x L rows"),
+    ],
+)
 HOOK_PIECES = (HOOKS_PRE_POST, TABLE_LABEL, MODULATION_LABEL, GATHER_LABEL, POST_LABEL, NAIVE_TABLE_LABEL)
 PACK_SUM_TITLE = ("**sum of the pack's pieces** (rows between the MMDiT compute and the rest; % of the KSampler "
                   "total)")
@@ -142,27 +135,11 @@ def install_hook_timers(stack: contextlib.ExitStack, timer: PieceTimer) -> None:
                 stack.enter_context(patched(cls, attr, timer.wrap_factory(label, cls.__dict__[attr])))
 
 
-def install_profile(bench: SD3Bench, stack: contextlib.ExitStack, timer: PieceTimer) -> None:
-    """SD3's timing wrappers for one run (restored when stack closes), then the sampler's."""
-    dm = bench.patcher.model.diffusion_model
-    stack.enter_context(patched(dm, "forward", timer.wrap(MMDIT_LABEL, dm.forward)))
-    install_hook_timers(stack, timer)
-    measure.wrap_sampler_pieces(stack, timer)
-
-
-def profile_variant(bench: SD3Bench, variant: str, device: str, runs: int = 1) -> dict[str, float]:
-    """ms per run of each piece (exclusive), the run's total, and the rest; plus the preview strip."""
-    return measure.profile_runs(bench, variant, device, runs, lambda stack, timer: install_profile(bench, stack, timer),
-                                PIECES)
+profile_variant = dit.profile_variant
 
 
 # ------------------------------------------------------------------------------------------------
-# The transformer forward alone
+# The transformer forward alone (bench/dit.py)
 
-
-def forward_inputs(bench: SD3Bench) -> tuple[Any, Any, dict[str, Any], Any, int]:
-    return dit.forward_inputs(bench)
-
-
-def forward_overhead(bench: SD3Bench, repeats: int, device: str) -> dict[str, Any]:
-    return dit.forward_overhead(bench, repeats, device)
+forward_inputs = dit.forward_inputs
+forward_overhead = dit.forward_overhead

@@ -11,11 +11,11 @@ from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
-from . import flux_rows, mmdit_rows, unet_rows
+from . import family_rows, flux_rows, mmdit_rows, unet_rows
 from .measure import OTHER_LABEL, PREVIEW_LABEL
 
-FAMILY_ROWS: dict[str, ModuleType] = {"unet": unet_rows, "flux": flux_rows, "mmdit": mmdit_rows}
-VARIANT_TITLES = {**flux_rows.VARIANT_TITLES, **unet_rows.VARIANT_TITLES}
+FAMILY_ROWS: dict[str, ModuleType] = {"unet": unet_rows, "flux": flux_rows, "mmdit": mmdit_rows, "dit": family_rows}
+VARIANT_TITLES = {**flux_rows.VARIANT_TITLES, **unet_rows.VARIANT_TITLES, **family_rows.VARIANT_TITLES}
 TARGETS = {"dynamic": 1.05, "fixed": 1.03}  # the issue's limits on the time ratio vs KSampler
 MEMORY_TARGET = 1.05
 
@@ -92,7 +92,7 @@ def markdown(run: dict[str, Any]) -> str:
     lines.append("")
     for name, info in run["models"].items():
         lines.append(rows_module(run, name).model_line(name, info))
-    if run.get("text_tokens") is not None and any(info.get("family") in ("flux", "mmdit")
+    if run.get("text_tokens") is not None and any(info.get("family") in ("flux", "mmdit", "dit")
                                                   for info in run["models"].values()):
         lines.append(f"Text context: {run['text_tokens']} tokens (conditioning and the forward alone).")
     lines.append("")
@@ -131,6 +131,7 @@ def markdown(run: dict[str, Any]) -> str:
         lines.append("")
         lines.append(f"Key-mask check, max |async fixed masks - KSampler| over the latent (nonzero: the run was "
                      f"asynchronous): {diffs}.")
+    lines.extend(_family_summary(run, timed_results))
     unet_rows_ = [r for r in results if r.get("unet")]
     if unet_rows_:
         lines.append("")
@@ -180,7 +181,7 @@ def markdown(run: dict[str, Any]) -> str:
         prof = r["profile"]
         pv = [v for v in variants if v in prof]
         base_total = prof.get("ksampler", {}).get("total")
-        lead = "dynamic" if "dynamic" in prof else "fixed"
+        lead = next((v for v in ("dynamic", "fixed", "half") if v in prof), "fixed")
         lines.append("")
         lines.append(f"Profile, {r['model']} {r['case_label']}: ms per run (one instrumented run each, exclusive "
                      f"times, so the rows add up to the total); last column: the {lead} run's piece as % of the "
@@ -202,6 +203,48 @@ def markdown(run: dict[str, Any]) -> str:
         lines.append(f"| {family.PACK_SUM_TITLE} | " + " | ".join(cells) + " | - |")
     lines.append("")
     return "\n".join(lines)
+
+
+def overhead_ms_per_step(r: dict[str, Any], variant: str) -> float:
+    """Median over the repeats of (variant - KSampler of the same repeat) / steps, in ms per image."""
+    c, times = r["case"], r["times"]
+    diffs = [(a - b) / (c["steps"] * c["batch"]) for a, b in zip(times.get(variant, []), times["ksampler"], strict=False)]
+    return 1000.0 * median(diffs)
+
+
+def _family_summary(run: dict[str, Any], results: list[dict[str, Any]]) -> list[str]:
+    """The other transformer families' rows, one line each: both ratios, the overhead per step, memory."""
+    rows = [r for r in results if run["models"].get(r["model"], {}).get("family") == family_rows.FAMILY]
+    if not rows:
+        return []
+    lines = ["", "Transformer families: time ratio vs KSampler (median (min-max) of the per-repeat ratios); overhead "
+             "per step = median over the repeats of (async - KSampler of the same repeat) / steps, ms (below 0: "
+             "noise); max |async - KSampler| over the latent (no key items: 0, ComfyUI's own sampler ran; key mask: "
+             "nonzero, the run was asynchronous); peak memory ratio vs KSampler.", ""]
+    lines.append("| family | latent | image + text tokens | steps | cfg | KSampler, s | no key items | half-image key mask "
+                 "| overhead, ms/step: no keys / key mask | max abs diff: no keys / key mask | peak memory: no keys / "
+                 "key mask |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        info, c = run["models"][r["model"]], r["case"]
+        patch = info["patch_size"]
+        image = -(-c["height"] // patch) * -(-c["width"] // patch)
+        text = run.get("text_tokens", "?")
+        if info.get("text_pad") and isinstance(text, int) and text < info["text_pad"]:
+            text = f"{text} (padded to {info['text_pad']})"
+        tokens = f"{image}" + (f" + {image} ref" if info["reference"] else "") + f" + {text}"
+        over = " / ".join(f"{overhead_ms_per_step(r, v):.1f}" for v in ("nokeys", "half"))
+        diffs = " / ".join(f"{r[f'{v}_vs_ksampler_max_abs']:.2g}" if f"{v}_vs_ksampler_max_abs" in r else "-"
+                           for v in ("nokeys", "half"))
+        mem = r.get("memory") or {}
+        base = mem.get("ksampler")
+        peaks = " / ".join(f"{mem[v]['peak_mib'] / base['peak_mib']:.3f}" if base and v in mem else "-"
+                           for v in ("nokeys", "half"))
+        cfg = run["cfg"] if isinstance(run["cfg"], (int, float)) else info["cfg"]
+        lines.append(f"| {info['title']} (`{r['model']}`) | {c['height']}x{c['width']} | {tokens} | {c['steps']} | "
+                     f"{cfg:g} | {fmt_time(r['times']['ksampler'])} | {fmt_ratio(r['ratios'].get('nokeys', []))} "
+                     f"| {fmt_ratio(r['ratios'].get('half', []))} | {over} | {diffs} | {peaks} |")
+    return lines
 
 
 def _forward_tables(run: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:

@@ -72,12 +72,12 @@ class Bench(SamplingBench):
         return self.schedules["fixed" if variant == "fixed" else "dynamic"]
 
 
-def make_bench(patcher: Any, case: Case, **kwargs: Any) -> Bench:
+def make_bench(patcher: Any, case: Case, *, model: str = "", **kwargs: Any) -> Bench:
     kwargs.pop("text_tokens", None)  # the UNet prompt is CLIP-L's 77 tokens
     return Bench(patcher, case, **kwargs)
 
 
-def describe(patcher: Any) -> dict[str, Any]:
+def describe(patcher: Any, **_: Any) -> dict[str, Any]:
     dm = patcher.model.diffusion_model
     cfg = patcher.model.model_config.unet_config
     return {

@@ -1,4 +1,5 @@
-"""benchmarks/bench_sampling.py cannot rot: its main() on tiny models (UNet, Flux, SD3), one size, 4 steps, 1 repeat.
+"""benchmarks/bench_sampling.py cannot rot: its main() on tiny models (UNet, Flux, SD3, one of the other transformer
+families), one size, 4 steps, 1 repeat.
 
 Four steps because dynamic masks give pixels their own timesteps only from step 2 on: every pixel
 follows the last word at steps 0 and 1, and all reach the target together at the last step; while
@@ -148,6 +149,31 @@ def test_main_on_a_tiny_sd3_gives_the_key_mask_row_and_the_modulation_cost(bench
     assert result["forward_shape"] == {"rows": 2, "image_tokens": 64, "text_tokens": 8}  # cfg 4.5: two rows
     assert result["forward_pieces"]["naive per-token hooks"]["naive: t_embedder on every token"] > 0
     assert "SD3 (MMDiT) transformer forward alone" in run["markdown"]
+
+
+def test_a_tiny_transformer_family_row_gives_both_ratios_and_the_overhead_per_step(bench, tmp_path):
+    """One of the other families' rows (Qwen-Image-Edit: a one-frame video latent and a reference latent) at
+    the tests' size: no key items is ComfyUI's own run, the half-image key mask an asynchronous one."""
+    assert bench.parse_families("all") == list(bench.DIT_MODELS)
+    run = bench.main(["--families", "qwen-image-edit", "--dit-size", "tiny", "--repeats", "1", "--warmup", "0",
+                      "--memory", "inprocess", "--out", "", "--json", str(tmp_path / "dit.json"), "--quiet"])
+    info = run["models"]["qwen-image-edit"]
+    assert info["family"] == "dit" and info["reference"] and info["size"] == "tiny" and run["cfg"] == "per model"
+    result = run["results"][0]
+    assert result["case_label"] == "16x16 b1 s4"  # the family's own tiny case
+    assert set(result["times"]) == {"ksampler", "nokeys", "half"}
+    for v in ("nokeys", "half"):
+        assert finite(result["ratios"][v][0]) and result["ratios"][v][0] > 0, v
+        assert finite(float(result["memory"][v]["peak_mib"])), v
+    assert result["nokeys_vs_ksampler_max_abs"] == 0.0, "no key items must hand the run to ComfyUI's own sampler"
+    assert result["half_vs_ksampler_max_abs"] > 1e-3, "the key mask did not make the run asynchronous"
+    half = result["profile"]["half"]
+    assert all(finite(float(v)) for v in half.values()) and half["set_map"] > 0
+    text = run["markdown"]
+    assert "| Qwen-Image-Edit (`qwen-image-edit`) | 16x16 | 64 + 64 ref + 64 | 4 | 2.5 |" in text
+    assert "overhead, ms/step" in text and "Model `qwen-image-edit` (Qwen-Image-Edit, tiny size)" in text
+    rendered = bench.main(["--render", str(tmp_path / "dit.json"), "--out", ""])
+    assert "| Qwen-Image-Edit (`qwen-image-edit`) |" in rendered["markdown"]
 
 
 @pytest.mark.parametrize("family", ["flux", "sd3"])

@@ -15,8 +15,11 @@ tests can queue the pack's example workflows through ``POST /prompt`` without a 
   a socket;
 - frontend-only nodes are left out: notes, ``Reroute`` (followed to its source) and
   ``PrimitiveNode`` (its value replaces the link, as the frontend does);
-- muted nodes (mode 2) are left out, with the links into them; bypassed nodes (mode 4) and
-  subgraphs are refused (the example workflows use neither).
+- muted nodes (mode 2) are left out, with the links into them; a bypassed node (mode 4) is left
+  out too, and a link from one of its outputs is followed to the link into its input of the same
+  type (the input at the output's own slot index first, then the first input of that type), as the
+  frontend's graphToPrompt does (the tests bypass FluxKontextImageScale that way); subgraphs are
+  refused (the example workflows use none).
 
 ``convert(workflow, object_info)`` returns ``{node_id: {"class_type", "inputs", "_meta"}}``;
 ``set_widget`` changes one widget value of a UI workflow in place (the tests shrink sizes and
@@ -170,6 +173,13 @@ def convert(workflow: dict[str, Any], object_info: dict[str, Any]) -> dict[str, 
             return ("value", values[0])
         if origin.get("mode", 0) == MODE_MUTED:
             return None
+        if origin.get("mode", 0) == MODE_BYPASSED:
+            slots = origin.get("inputs", []) or []
+            out_type = (origin.get("outputs") or [])[origin_slot]["type"] if origin_slot < len(origin.get("outputs") or []) else None
+            order = [origin_slot, *range(len(slots))]
+            match = next((i for i in order if i < len(slots) and slots[i].get("type") == out_type), None)
+            upstream = None if match is None else slots[match].get("link")
+            return None if upstream is None else source(int(upstream), seen | {link_id})
         return ("link", [str(origin_id), origin_slot])
 
     prompt: dict[str, dict[str, Any]] = {}
@@ -178,10 +188,8 @@ def convert(workflow: dict[str, Any], object_info: dict[str, Any]) -> dict[str, 
         if kind in FRONTEND_ONLY:
             continue
         mode = node.get("mode", 0)
-        if mode == MODE_MUTED:
+        if mode in (MODE_MUTED, MODE_BYPASSED):
             continue
-        if mode == MODE_BYPASSED:
-            raise WorkflowError(f"node {node_id} ({kind}) is bypassed: not supported by this converter")
         node_def = object_info.get(kind)
         if node_def is None:
             raise WorkflowError(f"node {node_id}: type {kind!r} is not in /object_info (missing custom node?)")

@@ -369,7 +369,8 @@ async function templateThumbnails(page, spec, screenshots) {
     for (const name of spec.names) {
       try {
         // cards below the fold load their image only once scrolled into view
-        await dialog.locator(`h3[title="${name}"]`).first().scrollIntoViewIfNeeded({ timeout: 5000 });
+        // (centred: the newest frontend renders a card's image only while the whole card is near the view)
+        await dialog.locator(`h3[title="${name}"]`).first().evaluate((el) => el.scrollIntoView({ block: "center" }));
         const img = dialog.locator(`img[alt="${name}"]`).first();
         await img.waitFor({ state: "attached", timeout: 5000 });
         await img.scrollIntoViewIfNeeded({ timeout: 5000 });
@@ -536,6 +537,6 @@ try {
   result.consoleOurs = result.console.filter((c) => c.type === "error" && (ours(c.url) || ours(c.text)));
   result.pageErrorsOurs = result.pageErrors.filter((e) => ours(e.text));
   result.warningsOurs = result.console.filter((c) => c.type === "warning" && /asyndm\.SchedulePlot/.test(c.text));
-  process.stdout.write(`${JSON.stringify(result)}\n`);
-  process.exit(0);
+  // exit once the line is flushed: a pipe takes 64 KiB at a time, and process.exit would cut a longer report
+  process.stdout.write(`${JSON.stringify(result)}\n`, () => process.exit(0));
 }

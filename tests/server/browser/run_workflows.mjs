@@ -4,7 +4,7 @@
 //   node run_workflows.mjs INPUT.json
 //
 // INPUT: { url, chromium, nodeDir, userDataDir, out, pack, timeoutMs, runTimeoutMs,
-//          workflows: [{ name, saveAs, substitute, changes: { nodeId: { widget: value } }, reload, edits: { ... } }] }
+//          workflows: [{ name, saveAs, substitute, changes: { nodeId: { widget: value } }, run, reload, edits: { ... } }] }
 //
 // For each workflow, in one page, with a phase name on everything it records:
 //   load      fetch /api/workflow_templates/<pack>/<name>.json, app.loadGraphData it as the template
@@ -18,8 +18,8 @@
 //   save      Ctrl+S, type `saveAs` into the frontend's "Save workflow" prompt, Enter: the frontend
 //             POSTs the workflow to /api/userdata/workflows%2F<saveAs>.json; read the file back and
 //             open it (app.loadGraphData) as the workflows sidebar does; snapshot;
-//   run       app.queuePrompt(0, 1) on that reopened graph; the POST /api/prompt reply gives the
-//             prompt id, polled in /history until it completes or errors;
+//   run       (unless `run` is false: no test model for it) app.queuePrompt(0, 1) on that reopened graph;
+//             the POST /api/prompt reply gives the prompt id, polled in /history until it completes or errors;
 //   reload    (with `reload`) set `edits` (a new value for every editable widget of the pack's nodes), snapshot,
 //             page.reload(): the frontend restores the last workflow from session storage
 //             (Comfy.Workflow.Persist); snapshot again.
@@ -383,7 +383,7 @@ try {
       seen.snapshots.roundtrip = await snapshot(page);
       seen.save = await step("save", () => saveThroughUi(page, item.saveAs), 3 * T);
       seen.snapshots.reopened = await snapshot(page);
-      Object.assign(seen, await step("run", () => queueAndWait(page), RUN_T + 2 * T));
+      if (item.run !== false) Object.assign(seen, await step("run", () => queueAndWait(page), RUN_T + 2 * T));
       if (!item.reload) continue;
       seen.missingEdits = await step("edit", () => applyChanges(page, item.edits ?? {}));
       seen.snapshots.edited = await snapshot(page);
