@@ -118,6 +118,7 @@ class _Instance:
         self.call_offset = 0  # the index of the run's model call that answered this instance's first call
         self.replay: list[torch.Tensor] = []  # recorded answers to its first calls (a re-partition)
         self.sigmas: torch.Tensor | None = None
+        self.run_sigmas: torch.Tensor | None = None
         self.on_replay: Callable[[int, dict], None] | None = None
         self.callbacks: list[dict] = []
         self._thread = threading.Thread(target=self._main, name=f"asyndm-lockstep-{track}", daemon=True)
@@ -338,6 +339,7 @@ class _LockstepRun:
 
         inst = _Instance(j, run, self.grad, self.inference)
         inst.sigmas = sigmas
+        inst.run_sigmas = sig  # what the sampler function gets (UniPC writes its last sigma in place)
         inst.on_replay = self._replay_side_channel
         self.all_instances.append(inst)
         return inst
@@ -498,6 +500,9 @@ class _LockstepRun:
                 self._report(self.reported, out)
                 self.reported += 1
         results = [inst.result for inst in self.instances]  # type: ignore[union-attr]
+        carrier = self.instances[0]
+        assert carrier is not None and carrier.run_sigmas is not None
+        self.final_sigma = carrier.run_sigmas[-1]
         return _compose(self.tracks, results)  # type: ignore[arg-type]
 
     def _call(self, live: list[_Instance]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -538,8 +543,10 @@ class _LockstepRun:
 
 def run_lockstep(sampler: comfy.samplers.KSAMPLER, model_wrap: Any, tracks: TrackSet, extra_args: dict,
                  callback: Callable | None, start: StartLatent, disable_pbar: bool, pixel_model: PixelModel,
-                 retrack: Retrack | None = None) -> torch.Tensor:
-    """Run `sampler` (a KSAMPLER: function + options) once per track, in lock step; return the composed
-    latent in the sampler's own scaling (the caller applies inverse_noise_scaling)."""
-    return _LockstepRun(sampler, model_wrap, tracks, extra_args, callback, start, disable_pbar, pixel_model,
-                        retrack).run()
+                 retrack: Retrack | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run `sampler` (a KSAMPLER: function + options) once per track, in lock step. Returns the composed
+    latent in the sampler's own scaling and the background's last sigma as its run left it (KSAMPLER
+    un-scales with that: UniPC sets a last sigma of 0 to 0.001 in place)."""
+    run = _LockstepRun(sampler, model_wrap, tracks, extra_args, callback, start, disable_pbar, pixel_model, retrack)
+    samples = run.run()
+    return samples, run.final_sigma

@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 
 from ..masks import initial_item_masks, item_masks
-from ..pixel_tracks import PixelTracks, pair_tracks
 from ..schedule_spec import AsynSchedule
 from ..schedule_table import table_step
 from ..schedules import step as schedule_step
@@ -127,15 +126,22 @@ def patch_constant(k_map: torch.Tensor, patch_size: int) -> torch.Tensor:
 
 class OneFrame:
     """The CFG guider's model for one-frame latents of a video format (B, C, 1, H, W): the sampler
-    works on (B, C, H, W) and the model is called with the frame axis put back."""
+    works on (B, C, H, W) and the model is called with the frame axis put back. The post-CFG
+    functions a sampler adds (CFG++ keeps the unconditional prediction) see the sampler's shapes."""
 
-    def __init__(self, model_wrap: Any) -> None:
+    def __init__(self, model_wrap: Any, guider_post_cfg: list[Callable]) -> None:
         self.model_wrap = model_wrap
+        self.guider_post_cfg = guider_post_cfg
 
     def __getattr__(self, name: str) -> Any:  # inner_model, conds, cfg: the guider's own
         return getattr(self.model_wrap, name)
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        options = kwargs.get("model_options") or {}
+        post = options.get("sampler_post_cfg_function") or []
+        if any(all(fn is not g for g in self.guider_post_cfg) for fn in post):
+            kwargs["model_options"] = {**options, "sampler_post_cfg_function": [
+                fn if any(fn is g for g in self.guider_post_cfg) else _image_args(fn) for fn in post]}
         return self.model_wrap(x.unsqueeze(2), sigma, **kwargs).squeeze(2)
 
     @staticmethod
@@ -143,6 +149,17 @@ class OneFrame:
         if callback is None:
             return None
         return lambda step, x0, x, total: callback(step, x0.unsqueeze(2), x.unsqueeze(2), total)
+
+
+def _image_args(fn: Callable[[dict], Any]) -> Callable[[dict], Any]:
+    """A post-CFG function of the sampler, called with one-frame tensors as images (and back)."""
+
+    def run(args: dict) -> Any:
+        out = fn({k: v.squeeze(2) if torch.is_tensor(v) and v.ndim == 5 and v.shape[2] == 1 else v
+                  for k, v in args.items()})
+        return out.unsqueeze(2) if torch.is_tensor(out) and out.ndim == 4 else out
+
+    return run
 
 
 class AsynSampler(comfy.samplers.Sampler):
@@ -209,7 +226,7 @@ class AsynSampler(comfy.samplers.Sampler):
             return self.stock_sampler().sample(model_wrap, sigmas, extra_args, callback, noise, latent_image,
                                                denoise_mask, disable_pbar)
         if one_frame:  # sample the image (B, C, H, W); the model is called with the frame axis put back
-            frame = OneFrame(model_wrap)
+            frame = OneFrame(model_wrap, list(extra_args["model_options"].get("sampler_post_cfg_function", [])))
             out = self.sample(frame, sigmas, extra_args, frame.callback(callback), noise[:, :, 0], latent_image[:, :, 0],
                               None if denoise_mask is None else denoise_mask[:, :, 0], disable_pbar)
             return out.unsqueeze(2)
@@ -321,11 +338,6 @@ class AsynSampler(comfy.samplers.Sampler):
         first = float(background_track(num_steps, num_train_timesteps=self.num_train_timesteps, offset=self.offset)[0])
         step = self.num_train_timesteps / num_steps
         return float(ms.timestep(sigmas[:1].float())[0]) >= first - step
-
-    def _advance(self, states: PixelTracks, k: PixelTracks, remaining: int, num_steps: int) -> PixelTracks:
-        """Every pixel's next state, computed once per distinct (state, k) pair."""
-        s_values, k_values, index = pair_tracks(states, k)
-        return PixelTracks(self._next_state(s_values, k_values, remaining, num_steps), index)
 
     def _next_state(self, s: torch.Tensor, k_map: torch.Tensor, remaining: int, num_steps: int) -> torch.Tensor:
         t, target = self.num_train_timesteps, float(self.offset)
@@ -484,8 +496,8 @@ class AsynSampler(comfy.samplers.Sampler):
         if fixed_k is None and not collect_attention:
             retrack = _DynamicMasks(self, history, observed, sigmas, to_sigma, (h, w))
         try:
-            x = run_lockstep(base, model_wrap, tracks, extra_args, callback, start, self.disable_pbar, observed,
-                             retrack)
+            x, final_sigma = run_lockstep(base, model_wrap, tracks, extra_args, callback, start, self.disable_pbar,
+                                          observed, retrack)
         finally:
             if observer is not None:
                 observer.enabled = False
@@ -500,7 +512,7 @@ class AsynSampler(comfy.samplers.Sampler):
             self.record.priorities = [history[i + 1].cpu() for i in range(num_steps)]
         if self.reference:  # the paper ends at t = 0 and returns x_0 in its own (variance-preserving) scaling
             return ms.calculate_input(sigmas[-1:].expand(b), x)
-        return ms.inverse_noise_scaling(sigmas[-1], x)
+        return ms.inverse_noise_scaling(final_sigma, x)
 
 
 class _ObservedModel:
