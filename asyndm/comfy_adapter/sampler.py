@@ -437,6 +437,11 @@ class AsynSampler(comfy.samplers.Sampler):
         ms = model_wrap.inner_model.model_sampling
         max_denoise = self.max_denoise(model_wrap, sigmas)
         sigma_top = float(ms.sigma_max) if self._starts_at_the_top(ms, sigmas, max_denoise) else float(sigmas[0])
+        if math.isclose(sigma_top, float(sigmas[0]), rel_tol=1e-05):
+            # The scheduler's first sigma is the model's largest (KSampler's max_denoise rule): the same noise
+            # level, so key pixels wait there exactly (a sigma_max one float step above it would make their
+            # samplers take a zero-length first step, which multistep ones divide by).
+            sigma_top = float(sigmas[0])
         return self._sigma_function(sigmas, ms, sigma_top), max_denoise
 
     def fixed_tracks(self, model_wrap: Any, sigmas: torch.Tensor, k_map: torch.Tensor) -> TrackSet:

@@ -250,3 +250,27 @@ def test_progress_reports_once_per_step(tiny):
     assert [r[0] for r in reports] == list(range(STEPS)) and all(r[2] == STEPS for r in reports)
     mask = drawn_mask(1, SIZE, SIZE)[:, None].expand_as(out)
     assert torch.isfinite(reports[-1][1][mask]).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# Key words (dynamic masks: the tracks are re-partitioned as the masks move) on every name.
+
+
+@pytest.mark.parametrize("name", [n for n in comfy.samplers.KSampler.SAMPLERS if n not in ALWAYS_REFUSED])
+def test_every_sampler_with_key_words_is_finite_and_differs(sd15_checkpoint, conds, pack_nodes, name):
+    """Key words through the node on the random SD1.5 checkpoint (CLIP Text Encode (AsynDM)): the masks come
+    from the cross-attention at every step, pixels change tracks as they move, and each track's run is
+    continued from its recorded model outputs. Finite, and not KSampler's result (which the same node gives
+    with no key words)."""
+    model = sd15_checkpoint[0]
+    scheduler = "ddim_uniform" if name == "sa_solver_pece" else "normal"
+    latent = {"samples": torch.zeros(1, 4, 16, 16)}
+
+    def run(key_words: str) -> torch.Tensor:
+        return pack_nodes.AsynDMKSampler.execute(model, conds[0], conds[1], latent, 5, 5, 5.0, name, scheduler, 1.0,
+                                                 key_words, 0.7, "bin", 1.0, "dynamic", 0.0, False).args[0]["samples"]
+
+    plain = run("")
+    out = run("rabbit, basketball:0.9")
+    assert torch.isfinite(out).all(), name
+    assert rel_dev(out, plain) > 1e-3, (name, rel_dev(out, plain))

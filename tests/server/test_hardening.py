@@ -259,10 +259,10 @@ def test_latent_batch_two_with_batch_one_conditioning(server) -> None:
     assert not np.array_equal(a, b)  # each image has its own noise
 
 
-def test_unsupported_sampler_scheduler_and_options(server) -> None:
+def test_unknown_sampler_scheduler_and_options(server) -> None:
     # This ComfyUI does not check V3 combo values (newer ones reject them): either answer is fine.
-    expect_error(server, asyn(sampler_name="lms"), "sampler 'lms' is not supported", "euler", "dpmpp_2m",
-                 input_name="sampler_name")
+    expect_error(server, asyn(sampler_name="not_a_sampler"), "unknown sampler 'not_a_sampler'", "euler",
+                 "dpmpp_2m_sde", input_name="sampler_name")
     expect_error(server, asyn(scheduler="bogus"), "unknown scheduler 'bogus'", "karras", input_name="scheduler")
     expect_error(server, asyn(curve="wavy"), "unknown curve 'wavy'", "bin, lin, exp", input_name="curve")
     expect_error(server, asyn(mask_mode="sometimes"), "mask_mode", "'sometimes'", "'dynamic' or 'static'",
@@ -459,14 +459,16 @@ def test_unsupported_model_family_is_named(comfy_inprocess: str) -> None:
             assert family in msg, msg
 
 
-def test_unsupported_sampler_is_refused_in_process(comfy_inprocess: str) -> None:
+def test_unknown_sampler_is_refused_in_process(comfy_inprocess: str) -> None:
     adapter = importlib.import_module(f"{comfy_inprocess}.asyndm.comfy_adapter.sampler")
     sampling = importlib.import_module(f"{comfy_inprocess}.nodes.sampling")
-    with pytest.raises(ValueError, match=r"sampler 'lms' is not supported by asynchronous sampling; choose one of: "
-                                         r"euler, ddim, euler_ancestral, ddpm, dpmpp_2m"):
-        adapter.AsynSampler("lms", None)
-    with pytest.raises(ValueError, match="'lms' is not supported"):
-        sampling.AsynDMSampler.execute("lms", "", 0.7, "bin", 1.0, "dynamic", 0.0, False)
+    with pytest.raises(ValueError, match=r"unknown sampler 'lms2': use one of ComfyUI's samplers \(euler, "):
+        adapter.AsynSampler("lms2", None)
+    with pytest.raises(ValueError, match="unknown sampler 'lms2'"):
+        sampling.AsynDMSampler.execute("lms2", "", 0.7, "bin", 1.0, "dynamic", 0.0, False)
+    with pytest.raises(ValueError, match="the sampler input is a str, not one of ComfyUI's k-diffusion samplers"):
+        sampling.AsynDMSampler.execute("euler", "", 0.7, "bin", 1.0, "dynamic", 0.0, False, None, "euler")
+    adapter.AsynSampler("lms", None)  # every one of ComfyUI's samplers
     with pytest.raises(ValueError, match="mask_mode must be 'dynamic' or 'static'"):
         sampling.AsynDMSampler.execute("euler", "rabbit", 0.7, "bin", 1.0, "Dynamic", 0.0, False)
 
