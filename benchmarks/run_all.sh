@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # The benchmark runs behind benchmarks/results.md, in order (about 70 min on one core of the 2-core
 # CI machine). Raw results go to benchmarks/out/*.json; the tables are rendered into results-tables.md.
-# Run `bash scripts/setup.sh` first. Pass run names (A B C D E F G H I J) to run only some.
+# Run `bash scripts/setup.sh` first. Pass run names (A B C D E F G H I J K) to run only some.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.dev/venv/bin/python
 OUT=benchmarks/out
 mkdir -p "$OUT"
 runs=("$@")
-[ ${#runs[@]} -eq 0 ] && runs=(A B C D E F G H I J)
+[ ${#runs[@]} -eq 0 ] && runs=(A B C D E F G H I J K)
 bench() { "$PY" benchmarks/bench_sampling.py --out '' "$@"; }
 for run in "${runs[@]}"; do
   case "$run" in
@@ -45,7 +45,13 @@ for run in "${runs[@]}"; do
     #    Qwen-Image-Edit, Lumina 2, Z-Image, HiDream, AuraFlow): hidden 512 in 4 heads of 128, 2-4 blocks, each at its
     #    own latent and cfg, 8 steps; no key items and a half-image key mask vs the KSampler (about 8 min)
     J) bench --families all --repeats 3 --warmup 1 --memory inprocess --no-profile --json "$OUT/J_dit_families.json" ;;
-    *) echo "unknown run $run (use A-J)" >&2; exit 2 ;;
+    # K: other samplers (issue 17): an SDE sampler (dpmpp_2m_sde, Brownian tree) and a multistep one with a
+    #    corrector (uni_pc), on the reduced UNet at 64x64, 10 steps; the key pixels' tracks run in lock step
+    K) for sampler in dpmpp_2m_sde uni_pc; do
+         bench --model reduced --cases 64x64:1:10 --repeats 5 --warmup 1 --sampler "$sampler" --memory inprocess \
+           --no-profile --json "$OUT/K_$sampler.json"
+       done ;;
+    *) echo "unknown run $run (use A-K)" >&2; exit 2 ;;
   esac
 done
 "$PY" benchmarks/bench_sampling.py --render "$OUT"/*.json --out benchmarks/results-tables.md

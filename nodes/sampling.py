@@ -11,7 +11,7 @@ import latent_preview
 import torch
 from comfy_api.latest import io, ui
 
-from ..asyndm.comfy_adapter.sampler import SUPPORTED_SAMPLERS, AsynSampler
+from ..asyndm.comfy_adapter.sampler import REFUSED_SAMPLERS, AsynSampler, sampler_names
 from ..asyndm.comfy_adapter.tokens import KEY as TOKENS_KEY
 from ..asyndm.comfy_adapter.tokens import prompt_tokens
 from ..asyndm.keywords import parse_key_words
@@ -23,7 +23,14 @@ ScheduleType = io.Custom("ASYNDM_SCHEDULE")
 NOISE_NOTE = (
     "With the pack's random-weight test models the pictures are noise: judge them by parity, not by looking."
 )
-SUPPORTED_TEXT = ", ".join(SUPPORTED_SAMPLERS)
+SAMPLERS_TEXT = (
+    "Samplers: every one of ComfyUI's (the list is ComfyUI's own): each pixel takes its sampler's own update on its "
+    "own sigmas (ComfyUI's sampler runs once per group of pixels that share a schedule, the groups in lock step, "
+    "one model call for the whole image). Refused when there are key items: "
+    + "; ".join(f"{name} ({why})" for name, why in REFUSED_SAMPLERS) + "."
+)
+SAMPLER_TOOLTIP = ("ComfyUI's sampler, run on every pixel's own sigmas: "
+                   + ", ".join(name for name, _ in REFUSED_SAMPLERS) + " are refused with key items.")
 
 
 def _async_inputs() -> list[Any]:
@@ -48,7 +55,8 @@ def _async_inputs() -> list[Any]:
                                "run a synchronous pass first, average its attention, and keep those masks."),
         io.Float.Input("eta", default=0.0, min=0.0, max=1.0, step=0.05,
                        tooltip="Noise of the ddim sampler (0 = deterministic, as ComfyUI's ddim; 1 = DDPM, the "
-                               "paper's setting). euler_ancestral and ddpm always use 1, euler and dpmpp_2m 0."),
+                               "paper's setting). Every other sampler keeps ComfyUI's own noise (the ancestral and "
+                               "SDE samplers their eta 1); with a SAMPLER connected, set its noise on that node."),
         io.Boolean.Input("reference", default=False,
                          tooltip="Reproduce the paper's sampler exactly: linear integer timesteps from 1001 "
                                  "(the scheduler is ignored), unit noise x_T as the start, a last step to t = 0 "
@@ -85,12 +93,12 @@ class AsynDMKSampler(io.ComfyNode):
             description=(
                 "KSampler whose latent pixels each follow their own timestep schedule (AsynDM, arXiv 2510.04504): "
                 "pixels of the key words are denoised later and more gradually, reading a clearer context, "
-                f"which improves text-image alignment. Samplers: {SUPPORTED_TEXT} (others are refused). "
+                f"which improves text-image alignment. {SAMPLERS_TEXT} "
                 "Schedulers: all of ComfyUI's; the background follows the chosen one exactly. With ddim_uniform "
                 "every pixel gets the paper's own integer timestep (key pixels above the scheduler's first one "
                 "included); with other schedulers key pixels are interpolated between its sigmas. Models: SD1.x, "
                 "SD2.x and SDXL UNets; Flux (dev, schnell) and SD3 / SD3.5 transformers (one timestep per 2x2 "
-                "token) with euler, ddim (eta 0) or dpmpp_2m. ControlNet hints are computed at the "
+                "token) and the other transformer families in the README. ControlNet hints are computed at the "
                 "background's noise level. "
                 + NOISE_NOTE
             ),
@@ -105,8 +113,7 @@ class AsynDMKSampler(io.ComfyNode):
                 io.Int.Input("steps", default=20, min=1, max=10000, tooltip="Number of denoising steps."),
                 io.Float.Input("cfg", default=8.0, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip="Classifier-free guidance scale (the paper uses 5.0)."),
-                io.Combo.Input("sampler_name", options=list(SUPPORTED_SAMPLERS), default="euler",
-                               tooltip=f"Update rule, taken pixel by pixel: {SUPPORTED_TEXT}."),
+                io.Combo.Input("sampler_name", options=sampler_names(), default="euler", tooltip=SAMPLER_TOOLTIP),
                 io.Combo.Input("scheduler", options=list(comfy.samplers.KSampler.SCHEDULERS), default="normal",
                                tooltip="Noise schedule of the background pixels. ddim_uniform = the paper's timesteps "
                                        "for every pixel; others: key pixels interpolated between its sigmas."),
@@ -165,21 +172,29 @@ class AsynDMSampler(io.ComfyNode):
             category=CATEGORY,
             description=(
                 "Asynchronous sampling as a SAMPLER for SamplerCustom / SamplerCustomAdvanced: the SIGMAS you "
-                "connect drive the background pixels; key-word pixels follow the chosen concave curve. "
-                f"Samplers: {SUPPORTED_TEXT}. " + NOISE_NOTE
+                "connect drive the background pixels; key-word pixels follow the chosen concave curve. Connect a "
+                "SAMPLER (KSamplerSelect, or a sampler node with its options) to make that sampler asynchronous; "
+                f"without it, sampler_name is used. {SAMPLERS_TEXT} " + NOISE_NOTE
             ),
             inputs=[
-                io.Combo.Input("sampler_name", options=list(SUPPORTED_SAMPLERS), default="euler",
-                               tooltip=f"Update rule, taken pixel by pixel: {SUPPORTED_TEXT}."),
+                io.Combo.Input("sampler_name", options=sampler_names(), default="euler",
+                               tooltip=SAMPLER_TOOLTIP + " Ignored when a SAMPLER is connected."),
                 *_async_inputs(),
+                io.Sampler.Input("sampler", optional=True,
+                                 tooltip="Optional: a SAMPLER (KSamplerSelect, SamplerEulerAncestral, "
+                                         "SamplerDPMPP_2M_SDE, ...) to run asynchronously with its own options; "
+                                         "replaces sampler_name."),
             ],
             outputs=[io.Sampler.Output(display_name="SAMPLER", tooltip="Connect to SamplerCustom or SamplerCustomAdvanced.")],
         )
 
     @classmethod
     def execute(cls, sampler_name: str, key_words: str, k: float, curve: str, mask_threshold: float, mask_mode: str,
-                eta: float, reference: bool, schedule: AsynSchedule | None = None) -> io.NodeOutput:
+                eta: float, reference: bool, schedule: AsynSchedule | None = None,
+                sampler: Any = None) -> io.NodeOutput:
         spec = _schedule(key_words, k, curve, mask_threshold, mask_mode, schedule)
+        if sampler is not None:
+            return io.NodeOutput(AsynSampler(sampler_name, spec, eta=eta or None, reference=reference, base=sampler))
         return io.NodeOutput(AsynSampler(sampler_name, spec, eta=_eta(sampler_name, eta), reference=reference))
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from comfy_api.latest import io, ui
 
-from ..asyndm.comfy_adapter.sampler import SUPPORTED_SAMPLERS, AsynSampler
+from ..asyndm.comfy_adapter.sampler import AsynSampler, sampler_names
 from ..asyndm.keywords import parse_key_words
 from ..asyndm.mask_schedule import (
     apply_threshold,
@@ -34,7 +34,7 @@ from ..asyndm.preview import timestep_strip
 from ..asyndm.schedule_file import load_schedule, save_schedule
 from ..asyndm.schedule_spec import CURVES, DEFAULT_K, DEFAULT_THRESHOLD, AsynSchedule
 from ..asyndm.schedule_table import MAX_POINTS, ScheduleTable, table_from_curve
-from .sampling import CATEGORY, SUPPORTED_TEXT, ScheduleType
+from .sampling import CATEGORY, ScheduleType
 
 SCHEDULER_FOLDER = "asyndm_schedulers"  # same name as nodes.extension registers
 PACK_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -257,8 +257,8 @@ class AsynDMCrossAttentionMask(io.ComfyNode):
                              tooltip="Steps of the pre-pass; the attention is averaged over all of them."),
                 io.Float.Input("cfg", default=8.0, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip="Classifier-free guidance scale of the pre-pass."),
-                io.Combo.Input("sampler_name", options=list(SUPPORTED_SAMPLERS), default="euler",
-                               tooltip=f"Update rule of the pre-pass: {SUPPORTED_TEXT}."),
+                io.Combo.Input("sampler_name", options=sampler_names(), default="euler",
+                               tooltip="ComfyUI's sampler for the pre-pass (a synchronous run: every sampler works)."),
                 io.Combo.Input("scheduler", options=list(comfy.samplers.KSampler.SCHEDULERS), default="normal",
                                tooltip="Noise schedule of the pre-pass."),
                 io.String.Input("key_words", default="",

@@ -1,10 +1,13 @@
 """AsynSampler: a comfy.samplers.Sampler that denoises every latent pixel on its own schedule.
 
-It drives ComfyUI's own CFG guider once per step with a carrier sigma per image (the user's
-scheduler, i.e. the background track), while the per-pixel sigma map reaches the model through
-the APPLY_MODEL wrapper and the time-embedding hooks. The update itself is done element by
-element on the sigma maps (asyndm.steps). Every wrapper, patch and hook is added for the run on
-cloned options or inside try/finally, so nothing outlives it.
+Pixels with the same priority history follow the same sequence of AsynDM states, a *track*
+(track_model.py). ComfyUI's own sampler function (any of KSampler's list, or a SAMPLER from
+KSamplerSelect or a sampler node, options kept) runs once per track on that track's sigmas, the
+runs in lock step (lockstep.py): every model call is ONE call of ComfyUI's CFG guider for the whole
+latent, with a carrier sigma per image (the user's scheduler, i.e. the background track), while
+the per-pixel sigma map reaches the model through the APPLY_MODEL wrapper and the family's time
+hooks. Each pixel's update is therefore its sampler's own update on its own sigmas. Every wrapper,
+patch and hook is added for the run on cloned options or inside try/finally, so nothing outlives it.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import comfy.k_diffusion.sampling as kdiff
 import comfy.model_management
 import comfy.model_sampling
 import comfy.patcher_extension
@@ -23,38 +25,42 @@ import torch
 import torch.nn.functional as F
 
 from ..masks import initial_item_masks, item_masks
-from ..pixel_tracks import PixelTracks, pair_tracks
 from ..schedule_spec import AsynSchedule
 from ..schedule_table import table_step
 from ..schedules import step as schedule_step
 from ..sigma_map import SigmaInterpolator, TimestepTable, background_track, track_on_table
-from ..steps import ancestral_step, ddpm_step, dpmpp_2m_step
 from ..timesteps import round_clamp
 from .errors import SUPPORTED_FAMILIES, UnsupportedModelError
 from .families import time_adapter
-from .model_wrapper import WRAPPER_KEY, AreaRecorder, PerPixelApplyModel, StepMaps, model_timesteps
+from .lockstep import REFUSED, refusal, run_lockstep
+from .model_wrapper import WRAPPER_KEY, AreaRecorder, PerPixelApplyModel, StepMaps
 from .per_pixel import per_pixel
 from .tokens import KEY as TOKENS_KEY
+from .track_model import PixelModel, TrackSet, tracks_from_history
 
-__all__ = ["AsynSampler", "SUPPORTED_SAMPLERS", "StepRecord", "check_inputs", "check_sampler_name"]
+__all__ = ["AsynSampler", "ETA_SAMPLERS", "REFUSED_SAMPLERS", "StepRecord", "check_inputs", "check_sampler_name",
+           "sampler_names"]
 
-# sampler name -> (update rule, default eta). eta = 0 is Euler, eta = 1 is DDPM (ancestral).
-SUPPORTED_SAMPLERS: dict[str, tuple[str, float]] = {
-    "euler": ("ancestral", 0.0),
-    "ddim": ("ancestral", 0.0),  # ComfyUI's "ddim" is Euler; set eta > 0 for DDIM(eta)
-    "euler_ancestral": ("ancestral", 1.0),
-    "ddpm": ("ddpm", 1.0),  # DDPM as ComfyUI computes it (equal to ancestral with eta 1)
-    "dpmpp_2m": ("dpmpp_2m", 0.0),
-}
+# The names whose eta the nodes set: eta 0 is Euler, eta > 0 ancestral (DDIM(eta); eta 1 is DDPM-like).
+ETA_SAMPLERS = ("euler", "ddim", "euler_ancestral")
+# KSampler's names that asynchronous sampling refuses, and why (listed in the node descriptions and README).
+REFUSED_SAMPLERS = (
+    ("dpm_fast", REFUSED["sample_dpm_fast"]),
+    ("dpm_adaptive", REFUSED["sample_dpm_adaptive"]),
+    ("sa_solver_pece", "only where key pixels wait at the start (most schedulers; ddim_uniform runs it): it makes "
+                       "no corrector call on a run's first step, so the waiting pixels' run would make fewer calls"),
+)
+
+
+def sampler_names() -> list[str]:
+    """ComfyUI's own sampler list, read when asked (a newer ComfyUI's samplers appear without a release)."""
+    return list(comfy.samplers.KSampler.SAMPLERS)
 
 
 def check_sampler_name(name: str) -> None:
-    """Refuse samplers whose update cannot be taken element by element on a sigma map."""
-    if name not in SUPPORTED_SAMPLERS:
-        raise ValueError(
-            f"sampler {name!r} is not supported by asynchronous sampling; "
-            f"choose one of: {', '.join(SUPPORTED_SAMPLERS)}"
-        )
+    """Refuse a name that is not one of ComfyUI's samplers."""
+    if name not in comfy.samplers.KSampler.SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}: use one of ComfyUI's samplers ({', '.join(sampler_names())})")
 
 
 def check_inputs(model_wrap: Any, noise: torch.Tensor, latent_image: torch.Tensor,
@@ -120,15 +126,22 @@ def patch_constant(k_map: torch.Tensor, patch_size: int) -> torch.Tensor:
 
 class OneFrame:
     """The CFG guider's model for one-frame latents of a video format (B, C, 1, H, W): the sampler
-    works on (B, C, H, W) and the model is called with the frame axis put back."""
+    works on (B, C, H, W) and the model is called with the frame axis put back. The post-CFG
+    functions a sampler adds (CFG++ keeps the unconditional prediction) see the sampler's shapes."""
 
-    def __init__(self, model_wrap: Any) -> None:
+    def __init__(self, model_wrap: Any, guider_post_cfg: list[Callable]) -> None:
         self.model_wrap = model_wrap
+        self.guider_post_cfg = guider_post_cfg
 
     def __getattr__(self, name: str) -> Any:  # inner_model, conds, cfg: the guider's own
         return getattr(self.model_wrap, name)
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        options = kwargs.get("model_options") or {}
+        post = options.get("sampler_post_cfg_function") or []
+        if any(all(fn is not g for g in self.guider_post_cfg) for fn in post):
+            kwargs["model_options"] = {**options, "sampler_post_cfg_function": [
+                fn if any(fn is g for g in self.guider_post_cfg) else _image_args(fn) for fn in post]}
         return self.model_wrap(x.unsqueeze(2), sigma, **kwargs).squeeze(2)
 
     @staticmethod
@@ -138,23 +151,46 @@ class OneFrame:
         return lambda step, x0, x, total: callback(step, x0.unsqueeze(2), x.unsqueeze(2), total)
 
 
+def _image_args(fn: Callable[[dict], Any]) -> Callable[[dict], Any]:
+    """A post-CFG function of the sampler, called with one-frame tensors as images (and back)."""
+
+    def run(args: dict) -> Any:
+        out = fn({k: v.squeeze(2) if torch.is_tensor(v) and v.ndim == 5 and v.shape[2] == 1 else v
+                  for k, v in args.items()})
+        return out.unsqueeze(2) if torch.is_tensor(out) and out.ndim == 4 else out
+
+    return run
+
+
 class AsynSampler(comfy.samplers.Sampler):
     """Asynchronous sampling as a ComfyUI SAMPLER (usable by SamplerCustom / SamplerCustomAdvanced)."""
 
     def __init__(self, sampler_name: str, schedule: AsynSchedule | None, *, eta: float | None = None,
-                 reference: bool = False, s_noise: float = 1.0) -> None:
-        check_sampler_name(sampler_name)
-        self.sampler_name = sampler_name
-        self.rule, default_eta = SUPPORTED_SAMPLERS[sampler_name]
-        self.eta = default_eta if eta is None else float(eta)
-        if not math.isfinite(self.eta) or self.eta < 0:
+                 reference: bool = False, s_noise: float = 1.0, base: comfy.samplers.KSAMPLER | None = None) -> None:
+        """sampler_name: one of ComfyUI's samplers; base: a SAMPLER to make asynchronous instead (options kept)."""
+        if base is None:
+            check_sampler_name(sampler_name)
+        elif not isinstance(base, comfy.samplers.KSAMPLER):
+            raise ValueError(
+                f"the sampler input is a {type(base).__name__}, not one of ComfyUI's k-diffusion samplers: connect "
+                "KSamplerSelect or a sampler node (SamplerEulerAncestral, SamplerDPMPP_2M_SDE, ...)"
+            )
+        self.sampler_name = sampler_name if base is None else getattr(base.sampler_function, "__name__", "sampler")
+        self.base = base
+        if eta is not None and (not math.isfinite(float(eta)) or eta < 0):
             raise ValueError(f"eta must be a finite number >= 0 (got {eta!r}): 0 is deterministic, 1 is DDPM-like noise")
         if not math.isfinite(float(s_noise)) or s_noise < 0:
             raise ValueError(f"s_noise must be a finite number >= 0 (got {s_noise!r}); the usual value is 1.0")
-        if self.rule == "dpmpp_2m" and self.eta != 0.0:
-            raise ValueError("eta applies to euler, ddim and euler_ancestral, not to dpmpp_2m: set eta to 0")
-        if self.rule == "ddpm" and self.eta != 1.0:
-            raise ValueError("ddpm always adds the full noise (eta 1): for another eta use ddim or euler_ancestral")
+        if eta is not None and base is not None and eta != 0:
+            raise ValueError("eta applies to the sampler_name list; with a SAMPLER connected set its noise on the "
+                             "sampler node (for example SamplerEulerAncestral's eta) and leave eta at 0")
+        if eta is not None and base is None and sampler_name not in ETA_SAMPLERS:
+            if sampler_name == "ddpm" and eta != 1.0:
+                raise ValueError("ddpm always adds the full noise (eta 1): for another eta use ddim or euler_ancestral")
+            if sampler_name != "ddpm" and eta != 0.0:
+                raise ValueError(f"eta applies to {', '.join(ETA_SAMPLERS)}, not to {sampler_name}: set eta to 0")
+            eta = None
+        self.eta = eta
         self.schedule = schedule or AsynSchedule()
         self.reference = reference
         self.s_noise = s_noise
@@ -162,6 +198,7 @@ class AsynSampler(comfy.samplers.Sampler):
         self.offset = 1
         self.record: StepRecord | None = None
         self.patch_size = 1
+        self.model_calls = 0
 
     # ----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -179,6 +216,7 @@ class AsynSampler(comfy.samplers.Sampler):
             )
         if latent_image is None:
             latent_image = torch.zeros_like(noise)
+        self.disable_pbar = disable_pbar
         check_inputs(model_wrap, noise, latent_image, denoise_mask)
         time_hooks = time_adapter(diffusion_model)  # an unsupported family is refused by name, key words or not
         self._check_family(time_hooks, ms)
@@ -188,7 +226,7 @@ class AsynSampler(comfy.samplers.Sampler):
             return self.stock_sampler().sample(model_wrap, sigmas, extra_args, callback, noise, latent_image,
                                                denoise_mask, disable_pbar)
         if one_frame:  # sample the image (B, C, H, W); the model is called with the frame axis put back
-            frame = OneFrame(model_wrap)
+            frame = OneFrame(model_wrap, list(extra_args["model_options"].get("sampler_post_cfg_function", [])))
             out = self.sample(frame, sigmas, extra_args, frame.callback(callback), noise[:, :, 0], latent_image[:, :, 0],
                               None if denoise_mask is None else denoise_mask[:, :, 0], disable_pbar)
             return out.unsqueeze(2)
@@ -228,26 +266,25 @@ class AsynSampler(comfy.samplers.Sampler):
                 maps.clear()
 
     def _check_family(self, adapter: Any, ms: Any) -> None:
-        """What this family cannot do yet, refused by name before any step runs."""
-        family = adapter.family
-        if family == "UNet":
-            return
-        if self.reference:
+        """What this family cannot do, refused by name before any step runs."""
+        if adapter.family != "UNet" and self.reference:
             raise ValueError(f"reference mode reproduces the paper's DDIM sampler on SD's discrete-time UNets; "
-                             f"turn it off for {family}")
-        if isinstance(ms, comfy.model_sampling.CONST) and not (self.rule in ("ancestral", "dpmpp_2m") and self.eta == 0):
-            raise ValueError(f"{family} is a flow model: asynchronous sampling on it supports euler, ddim (eta 0) "
-                             f"and dpmpp_2m; {self.sampler_name} with eta {self.eta:g} is not supported there yet")
+                             f"turn it off for {adapter.family}")
 
     def stock_sampler(self) -> comfy.samplers.KSAMPLER:
         """ComfyUI's own sampler for this name and eta: what KSampler runs when no pixel is a key pixel."""
-        if self.rule == "ancestral" and self.eta > 0:
-            inpaint = {"random": True} if self.sampler_name == "ddim" else {}
-            return comfy.samplers.ksampler("euler_ancestral", {"eta": self.eta, "s_noise": self.s_noise},
+        if self.base is not None:
+            return self.base
+        name, eta = self.sampler_name, self.eta
+        if eta is None and name == "euler_ancestral" and self.s_noise != 1.0:
+            eta = 1.0  # ComfyUI's default eta, with this s_noise
+        if eta is None or name not in ETA_SAMPLERS:
+            return comfy.samplers.sampler_object(name)
+        if eta > 0:  # DDIM(eta) / euler_ancestral with this eta ("ddim" keeps its random inpaint noise)
+            inpaint = {"random": True} if name == "ddim" else {}
+            return comfy.samplers.ksampler("euler_ancestral", {"eta": eta, "s_noise": self.s_noise},
                                            inpaint_options=inpaint)
-        if self.rule == "ancestral":  # eta 0: Euler ("ddim" is ComfyUI's Euler with random inpaint noise)
-            return comfy.samplers.sampler_object("ddim" if self.sampler_name == "ddim" else "euler")
-        return comfy.samplers.sampler_object(self.sampler_name)
+        return comfy.samplers.sampler_object("ddim" if name == "ddim" else "euler")
 
     def _synchronous_record(self, noise: torch.Tensor, num_steps: int) -> StepRecord:
         """The previews of a run where every pixel stays on the background track."""
@@ -301,11 +338,6 @@ class AsynSampler(comfy.samplers.Sampler):
         first = float(background_track(num_steps, num_train_timesteps=self.num_train_timesteps, offset=self.offset)[0])
         step = self.num_train_timesteps / num_steps
         return float(ms.timestep(sigmas[:1].float())[0]) >= first - step
-
-    def _advance(self, states: PixelTracks, k: PixelTracks, remaining: int, num_steps: int) -> PixelTracks:
-        """Every pixel's next state, computed once per distinct (state, k) pair."""
-        s_values, k_values, index = pair_tracks(states, k)
-        return PixelTracks(self._next_state(s_values, k_values, remaining, num_steps), index)
 
     def _next_state(self, s: torch.Tensor, k_map: torch.Tensor, remaining: int, num_steps: int) -> torch.Tensor:
         t, target = self.num_train_timesteps, float(self.offset)
@@ -388,19 +420,52 @@ class AsynSampler(comfy.samplers.Sampler):
         return self._priorities_from_attention(total, (h, w), observer.grid)
 
     # ----------------------------------------------------------------------------------------
+    def _state_rows(self, history: torch.Tensor) -> torch.Tensor:
+        """(U, N) priority histories -> (U, N + 1) AsynDM states: s_0 .. s_{N-1} by the schedule's
+        recurrence (state i reached with priority history[:, i]), then 0."""
+        n = int(history.shape[1])
+        s = torch.full((history.shape[0],), float(self.num_train_timesteps + self.offset), device=history.device)
+        states = []
+        for i in range(n):
+            s = self._next_state(s, history[:, i], n - i, n)
+            states.append(s)
+        states.append(torch.zeros_like(s))
+        return torch.stack(states, dim=1)
+
+    def _to_sigma(self, model_wrap: Any, sigmas: torch.Tensor) -> tuple[Callable[[torch.Tensor], torch.Tensor], bool]:
+        """(state -> sigma for this run, KSampler's max_denoise for these sigmas)."""
+        ms = model_wrap.inner_model.model_sampling
+        max_denoise = self.max_denoise(model_wrap, sigmas)
+        sigma_top = float(ms.sigma_max) if self._starts_at_the_top(ms, sigmas, max_denoise) else float(sigmas[0])
+        if math.isclose(sigma_top, float(sigmas[0]), rel_tol=1e-05):
+            # The scheduler's first sigma is the model's largest (KSampler's max_denoise rule): the same noise
+            # level, so key pixels wait there exactly (a sigma_max one float step above it would make their
+            # samplers take a zero-length first step, which multistep ones divide by).
+            sigma_top = float(sigmas[0])
+        return self._sigma_function(sigmas, ms, sigma_top), max_denoise
+
+    def fixed_tracks(self, model_wrap: Any, sigmas: torch.Tensor, k_map: torch.Tensor) -> TrackSet:
+        """The tracks this sampler runs for a fixed priority map (B, H, W) on these sigmas."""
+        to_sigma, _ = self._to_sigma(model_wrap, sigmas)
+        return self._tracks([k_map] * len(sigmas), sigmas, to_sigma)
+
+    def _tracks(self, history: list[torch.Tensor], sigmas: torch.Tensor,
+                to_sigma: Callable[[torch.Tensor], torch.Tensor]) -> TrackSet:
+        return tracks_from_history(torch.stack(history[:len(sigmas) - 1]), sigmas, self._state_rows, to_sigma)
+
     def _run(self, model_wrap: Any, sigmas: torch.Tensor, extra_args: dict, callback: Callable | None,
              noise: torch.Tensor, latent_image: torch.Tensor, denoise_mask: torch.Tensor | None, maps: StepMaps,
              observer: Any, fixed_k: torch.Tensor | None, *, record: bool,
              collect_attention: bool = False) -> Any:
+        """One run of the sampler on every track, in lock step. fixed_k: the priority map (None: key words'
+        dynamic masks). collect_attention: return the key words' attention summed over the model calls."""
         inner = model_wrap.inner_model
         ms = inner.model_sampling
         num_steps = len(sigmas) - 1
         b, _, h, w = noise.shape
         device = noise.device
-        max_denoise = self.max_denoise(model_wrap, sigmas)
-        sigma_top = float(ms.sigma_max) if self._starts_at_the_top(ms, sigmas, max_denoise) else float(sigmas[0])
-        seed = extra_args.get("seed")
-        model_options = extra_args["model_options"]
+        to_sigma, max_denoise = self._to_sigma(model_wrap, sigmas)
+        base = self.stock_sampler()
 
         if fixed_k is not None:
             k_map = fixed_k
@@ -408,93 +473,118 @@ class AsynSampler(comfy.samplers.Sampler):
             init = initial_item_masks(b, self.token_positions, (h, w)).to(device)
             k = torch.tensor(self.schedule.k, dtype=torch.float32, device=device).view(1, -1, 1, 1)
             k_map = (init * k).amax(dim=1)
-        dynamic = fixed_k is None
-        to_sigma = self._sigma_function(sigmas, ms, sigma_top)
+        # history[i]: the priority map with which every pixel reaches its state i (i = 0 .. N; N is the preview's)
+        history = [k_map] * (num_steps + 1)
+        tracks = self._tracks(history, sigmas, to_sigma)
+        why = refusal(base.sampler_function, tracks)
+        if why is not None:
+            raise ValueError(f"asynchronous sampling cannot use {self.sampler_name}: {why}; choose another sampler")
 
-        # States live as distinct values + index (PixelTracks): the schedule math runs per track.
-        k_tracks = PixelTracks.from_map(k_map)
-        start = torch.full_like(k_tracks.values, float(self.num_train_timesteps + self.offset))
-        states = self._advance(PixelTracks(start, k_tracks.index), k_tracks, num_steps, num_steps)
-        sigma_values = to_sigma(states.values)
-        sigma_cur = sigma_values[states.index].view(b, 1, h, w)
-        # Every pixel starts at its own sigma. The reference starts from the paper's x_T: unit noise
-        # in the model's input scaling at every pixel (ComfyUI's max_denoise scaling).
+        # Every pixel starts at its own sigma. The reference starts from the paper's x_T: unit noise in the
+        # model's input scaling at every pixel (ComfyUI's max_denoise scaling).
         unit_start = max_denoise or self.reference
-        x = per_pixel(lambda sg, n, lat: ms.noise_scaling(sg, n, lat, unit_start), sigma_cur, noise, latent_image)
+
+        def start(tr: TrackSet) -> torch.Tensor:
+            if tr.count == 1:
+                return ms.noise_scaling(sigmas[0], noise, latent_image, unit_start)
+            return per_pixel(lambda sg, n, lat: ms.noise_scaling(sg, n, lat, unit_start), tr.sigma_map(0), noise,
+                             latent_image)
 
         inpaint_noise = noise
-        if denoise_mask is not None and self.sampler_name == "ddim":  # as ComfyUI's ddim: fresh noise for known pixels
+        if denoise_mask is not None and base.inpaint_options.get("random", False):  # as KSAMPLER ("ddim")
+            seed = extra_args.get("seed")
             generator = torch.manual_seed((seed if seed is not None else 41) + 1)
             inpaint_noise = torch.randn(noise.shape, generator=generator, device="cpu").to(noise.dtype).to(device)
-        noise_sampler = kdiff.default_noise_sampler(x, seed=seed)
-        s_in = x.new_ones([b])
-        old_denoised: torch.Tensor | None = None
-        sigma_prev: torch.Tensor | None = None
-        attn_total: torch.Tensor | None = None
-
-        for i in range(num_steps):
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            remaining = num_steps - i - 1
-            if remaining > 0:
-                states_next = self._advance(states, k_tracks, remaining, num_steps)
-            else:
-                states_next = PixelTracks(torch.zeros_like(states.values), states.index)
-            sigma_next_values = to_sigma(states_next.values)
-            sigma_next = sigma_next_values[states_next.index].view(b, 1, h, w)
-            if states.values.numel() == 1:  # one track: the model is called exactly as KSampler calls it
-                maps.set_uniform(sigma_cur, sigma_values)
-            else:
-                maps.set(sigma_cur, *model_timesteps(sigma_values, states.index, ms))
-            carrier = sigmas[i] * s_in
-
-            x_in = x
-            mask = denoise_mask
-            if mask is not None:
-                if "denoise_mask_function" in model_options:
-                    mask = model_options["denoise_mask_function"](carrier, mask, extra_options={"model": model_wrap, "sigmas": sigmas})
-                known = per_pixel(lambda sg, n, lat: inner.scale_latent_inpaint(sigma=sg, noise=n, latent_image=lat),
-                                  sigma_cur, inpaint_noise, latent_image)
-                x_in = x * mask + known * (1.0 - mask)
+        observed = _ObservedModel(PixelModel(model_wrap, maps, latent_image, inpaint_noise, denoise_mask, sigmas),
+                                  observer, collect_attention)
+        retrack = None
+        if fixed_k is None and not collect_attention:
+            retrack = _DynamicMasks(self, history, observed, sigmas, to_sigma, (h, w))
+        try:
+            x, final_sigma = run_lockstep(base, model_wrap, tracks, extra_args, callback, start, self.disable_pbar,
+                                          observed, retrack)
+        finally:
             if observer is not None:
-                observer.enabled = dynamic or collect_attention
-                observer.reset()
-            denoised = model_wrap(x_in, carrier, model_options=model_options, seed=seed)
-            if mask is not None:
-                denoised = denoised * mask + latent_image * (1.0 - mask)
-            if callback is not None:
-                callback(i, denoised, x, num_steps)
-            if record and self.record is not None:
-                self.record.states.append(states.full().cpu())
-                self.record.priorities.append(k_tracks.full().cpu())
-
-            if self.rule == "dpmpp_2m":
-                x = dpmpp_2m_step(x, denoised, old_denoised, sigma_cur, sigma_next, sigma_prev)
-            elif self.rule == "ddpm":
-                step_noise = noise_sampler(sigmas[i], sigmas[i + 1]) if float(sigmas[i + 1]) > 0 else None
-                x = ddpm_step(x, denoised, sigma_cur, sigma_next, noise=step_noise)
-            else:
-                if self.eta > 0 and float(sigmas[i + 1]) > 0:
-                    step_noise = noise_sampler(sigmas[i], sigmas[i + 1])
-                else:
-                    step_noise = torch.zeros_like(x)
-                x = ancestral_step(x, denoised, sigma_cur, sigma_next, eta=self.eta, noise=step_noise, s_noise=self.s_noise)
-            old_denoised, sigma_prev = denoised, sigma_cur
-
-            if observer is not None and observer.enabled:
-                attn = observer.mean()
-                if collect_attention:
-                    if attn is not None:
-                        attn_total = attn if attn_total is None else attn_total + attn
-                elif attn is not None:
-                    k_tracks = PixelTracks.from_map(self._priorities_from_attention(attn, (h, w), observer.grid))
                 observer.enabled = False
-            states, sigma_values, sigma_cur = states_next, sigma_next_values, sigma_next
-
-        if observer is not None:
-            observer.enabled = False
-        maps.clear()
+            maps.clear()
+        self.model_calls = observed.calls
         if collect_attention:
-            return attn_total
+            return observed.total
+        if retrack is not None:
+            tracks = retrack.tracks or tracks
+        if record and self.record is not None:
+            self.record.states = [tracks.state_map(i).cpu() for i in range(num_steps)]
+            self.record.priorities = [history[i + 1].cpu() for i in range(num_steps)]
         if self.reference:  # the paper ends at t = 0 and returns x_0 in its own (variance-preserving) scaling
             return ms.calculate_input(sigmas[-1:].expand(b), x)
-        return ms.inverse_noise_scaling(sigmas[-1], x)
+        return ms.inverse_noise_scaling(final_sigma, x)
+
+
+class _ObservedModel:
+    """The lock-step run's model: PixelModel, with the key words' attention read at every call (the
+    observer on for the call only) and ComfyUI's interrupt checked before it."""
+
+    def __init__(self, model: PixelModel, observer: Any, collect: bool) -> None:
+        self.model = model
+        self.observer = observer
+        self.collect = collect
+        self.last: torch.Tensor | None = None  # the attention of the latest call
+        self.total: torch.Tensor | None = None  # summed over the calls (collect)
+
+    @property
+    def calls(self) -> int:
+        return self.model.calls
+
+    def __call__(self, x: torch.Tensor, sigma_map: torch.Tensor | None, carrier: torch.Tensor,
+                 model_options: dict | None = None, seed: int | None = None) -> torch.Tensor:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        if self.observer is None:
+            return self.model(x, sigma_map, carrier, model_options, seed=seed)
+        self.observer.enabled = True
+        self.observer.reset()
+        try:
+            out = self.model(x, sigma_map, carrier, model_options, seed=seed)
+        finally:
+            self.observer.enabled = False
+        self.last = self.observer.mean()
+        if self.collect and self.last is not None:
+            self.total = self.last if self.total is None else self.total + self.last
+        return out
+
+
+class _DynamicMasks:
+    """The paper's dynamic masks as a lock-step re-partition: the attention of the model call that
+    begins step i decides the priorities with which every pixel reaches its states from i + 2 on (the
+    states up to i + 1 are in use by then); the future is predicted with those priorities until the
+    next reading. Returns new tracks when some pixel's history changed (lockstep.py checks that no
+    sigma already used moved)."""
+
+    def __init__(self, sampler: AsynSampler, history: list[torch.Tensor], observed: _ObservedModel,
+                 sigmas: torch.Tensor, to_sigma: Callable[[torch.Tensor], torch.Tensor], size: tuple[int, int]) -> None:
+        self.sampler = sampler
+        self.history = history
+        self.observed = observed
+        self.sigmas = sigmas
+        self.to_sigma = to_sigma
+        self.size = size
+        self.seen = 0
+        self.tracks: TrackSet | None = None
+
+    def __call__(self, begun: int, tracks: TrackSet) -> TrackSet | None:
+        if begun <= self.seen:
+            return None
+        self.seen = begun
+        attn = self.observed.last
+        observer = self.observed.observer
+        if attn is None or observer is None:
+            return None
+        k_map = self.sampler._priorities_from_attention(attn, self.size, observer.grid)
+        n = len(self.history) - 1
+        first = begun + 1  # state (begun - 1) + 2
+        changed = any(not torch.equal(self.history[j], k_map) for j in range(first, n))
+        for j in range(first, n + 1):
+            self.history[j] = k_map
+        if not changed:
+            return None
+        self.tracks = self.sampler._tracks(self.history, self.sigmas, self.to_sigma)
+        return self.tracks

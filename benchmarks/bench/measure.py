@@ -145,7 +145,7 @@ NOISE_SCALING_LABEL = "per-pixel noise_scaling"
 GROUPING_LABEL = "schedule: track grouping"
 NEXT_STATE_LABEL = "schedule: next state"
 STATE_SIGMA_LABEL = "schedule: state to sigma"
-STEP_MATH_LABEL = "sampler step math (per-pixel Euler)"
+STEP_MATH_LABEL = "lock step: the samplers' own steps per track + hand-offs"
 OBSERVER_LABEL = "attention observer (per-step mask capture)"
 ITEM_MASKS_LABEL = "item masks from attention"
 OTHER_LABEL = "rest (ComfyUI sampling, CFG, conds, setup)"
@@ -160,17 +160,17 @@ SAMPLER_PIECES = [
     (WRAPPER_LABEL, "PerPixelApplyModel.__call__ minus its children"),
     (PER_PIXEL_LABEL, "model_wrapper.per_pixel"),
     (NOISE_SCALING_LABEL, "sampler.per_pixel (once per run)"),
-    (GROUPING_LABEL, "PixelTracks.from_map / pair_tracks / full"),
-    (NEXT_STATE_LABEL, "AsynSampler._advance/_next_state on the distinct (state, k) pairs"),
-    (STATE_SIGMA_LABEL, "SigmaInterpolator on the distinct states"),
-    (STEP_MATH_LABEL, "steps.ancestral_step / dpmpp_2m_step"),
+    (GROUPING_LABEL, "track_model.tracks_from_history + lockstep compose"),
+    (NEXT_STATE_LABEL, "AsynSampler._next_state on the distinct priority histories"),
+    (STATE_SIGMA_LABEL, "SigmaInterpolator on the tracks' states"),
+    (STEP_MATH_LABEL, "lockstep _Instance.resume/start (ComfyUI's sampler between model calls)"),
 ]
 
 
 def wrap_sampler_pieces(stack: contextlib.ExitStack, timer: PieceTimer) -> None:
     """Time the pack's sampler-side pieces for one run (restored when stack closes)."""
-    from asyndm import pixel_tracks, sigma_map
-    from asyndm.comfy_adapter import attention, model_wrapper
+    from asyndm import sigma_map
+    from asyndm.comfy_adapter import attention, lockstep, model_wrapper, track_model
     from asyndm.comfy_adapter import sampler as asyn_sampler
     from asyndm.comfy_adapter.families import base
 
@@ -178,27 +178,25 @@ def wrap_sampler_pieces(stack: contextlib.ExitStack, timer: PieceTimer) -> None:
     stack.enter_context(patched(hooks, "set_map", timer.wrap(SET_MAP_LABEL, hooks.__dict__["set_map"])))
     sm = model_wrapper.StepMaps
     stack.enter_context(patched(sm, "set", timer.wrap(STEP_MAPS_LABEL, sm.__dict__["set"])))
-    stack.enter_context(patched(asyn_sampler, "model_timesteps", timer.wrap(STEP_MAPS_LABEL,
-                                                                             asyn_sampler.model_timesteps)))
+    stack.enter_context(patched(track_model, "model_timesteps", timer.wrap(STEP_MAPS_LABEL,
+                                                                           track_model.model_timesteps)))
     pam = model_wrapper.PerPixelApplyModel
     stack.enter_context(patched(pam, "__call__", timer.wrap(WRAPPER_LABEL, pam.__dict__["__call__"])))
     stack.enter_context(patched(model_wrapper, "per_pixel", timer.wrap(PER_PIXEL_LABEL, model_wrapper.per_pixel)))
     stack.enter_context(patched(asyn_sampler, "per_pixel", timer.wrap(NOISE_SCALING_LABEL, asyn_sampler.per_pixel)))
-    stack.enter_context(patched(asyn_sampler, "pair_tracks", timer.wrap(GROUPING_LABEL, asyn_sampler.pair_tracks)))
-    tracks = pixel_tracks.PixelTracks
-    stack.enter_context(patched(tracks, "full", timer.wrap(GROUPING_LABEL, tracks.__dict__["full"])))
-    stack.enter_context(patched(tracks, "from_map", staticmethod(timer.wrap(
-        GROUPING_LABEL, tracks.__dict__["from_map"].__func__))))
+    stack.enter_context(patched(asyn_sampler, "tracks_from_history", timer.wrap(
+        GROUPING_LABEL, asyn_sampler.tracks_from_history)))
+    stack.enter_context(patched(lockstep, "_compose", timer.wrap(GROUPING_LABEL, lockstep._compose)))
     interp = sigma_map.SigmaInterpolator
     stack.enter_context(patched(interp, "__call__", timer.wrap(STATE_SIGMA_LABEL, interp.__dict__["__call__"])))
     ao = attention.AttentionObserver
     stack.enter_context(patched(ao, "__call__", timer.wrap(OBSERVER_LABEL, ao.__dict__["__call__"])))
     asn = asyn_sampler.AsynSampler
-    for attr, label in (("_priorities_from_attention", ITEM_MASKS_LABEL),
-                        ("_advance", NEXT_STATE_LABEL), ("_next_state", NEXT_STATE_LABEL)):
+    for attr, label in (("_priorities_from_attention", ITEM_MASKS_LABEL), ("_next_state", NEXT_STATE_LABEL)):
         stack.enter_context(patched(asn, attr, timer.wrap(label, asn.__dict__[attr])))
-    for attr in ("ancestral_step", "dpmpp_2m_step"):
-        stack.enter_context(patched(asyn_sampler, attr, timer.wrap(STEP_MATH_LABEL, getattr(asyn_sampler, attr))))
+    inst = lockstep._Instance
+    for attr in ("start", "resume"):
+        stack.enter_context(patched(inst, attr, timer.wrap(STEP_MATH_LABEL, inst.__dict__[attr])))
 
 
 def profile_runs(bench: Any, variant: str, device: str, runs: int,

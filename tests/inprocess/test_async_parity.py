@@ -92,7 +92,8 @@ def test_dynamic_masks_follow_the_lag_rule(monkeypatch, adapter, pack_nodes, sd1
     latent = {"samples": torch.zeros(1, 4, 32, 32)}  # capture grid 8x8
     run_node(pack_nodes, model, conds, latent, steps=steps, key_words="rabbit, basketball:0.9", reference=True)
     record = made[-1].record
-    assert len(record.states) == steps and len(seen) == steps
+    # masks are read after every step but the last (whose attention would decide no later state)
+    assert len(record.states) == steps and len(seen) == steps - 1
     # before the first step every pixel follows the last-positioned word (basketball, k = 0.9)
     assert torch.all(record.priorities[0] == 0.9)
     for i in range(1, steps):

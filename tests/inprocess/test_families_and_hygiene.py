@@ -156,11 +156,12 @@ def test_sampler_custom_advanced_with_the_sampler_node(models, pack_nodes):
     assert torch.equal(out, a), rel_err(out, a)
 
 
-def test_unsupported_sampler_is_refused():
-    with pytest.raises(ValueError, match="not supported by asynchronous sampling.*euler"):
-        AsynSampler("lms", None)
-    with pytest.raises(ValueError, match="eta applies"):
+def test_unknown_sampler_and_misplaced_eta_are_refused():
+    with pytest.raises(ValueError, match="unknown sampler 'not_a_sampler': use one of ComfyUI's samplers.*euler"):
+        AsynSampler("not_a_sampler", None)
+    with pytest.raises(ValueError, match="eta applies to euler, ddim, euler_ancestral, not to dpmpp_2m"):
         AsynSampler("dpmpp_2m", None, eta=0.5)
+    AsynSampler("lms", None)  # every one of ComfyUI's names
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -0.5])

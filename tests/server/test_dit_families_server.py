@@ -6,8 +6,8 @@ scripts/setup.sh), loaded by UNETLoader and detected by ComfyUI's own model dete
 input comes from the test-only node TestOnlyDiTConditioning (tests/server/comfy_nodes/
 asyndm_test_conditioning.py) in each family's encoder shapes (see there). Each family is wired as
 its users wire it: its latent node, ModelSamplingAuraFlow where the family's workflows use it, its
-usual cfg and scheduler (the sampler is euler: the pack runs euler, ddim, euler_ancestral, ddpm and
-dpmpp_2m, not res_multistep or uni_pc). Qwen-Image-Edit is the Qwen-Image file given a reference
+usual cfg and scheduler; the sampler is euler (every other sampler is checked on Flux in
+test_dit_transformer_server.py and on every family's in-process model in test_every_sampler.py). Qwen-Image-Edit is the Qwen-Image file given a reference
 latent through ReferenceLatent on the positive conditioning.
 
 Every check queues one prompt that holds both samplers on the same loaded model (as

@@ -99,3 +99,50 @@ def test_families_built_in_the_server(server, family: str) -> None:
     common = dict(model=out(built, 0), positive=positive, negative=negative, latent_image=out(built, 3), seed=81,
                   steps=STEPS, cfg=cfg, sampler_name="euler", scheduler=scheduler, denoise=1.0)
     check(server, p, three_samplers(p, family, common), family)
+
+
+# ------------------------------------------------------------------------------------------------
+# Every sampler: a SAMPLER made asynchronous, and names from KSampler's list
+
+
+@pytest.mark.parametrize("key_mask", [False, True], ids=["no-key-items", "key-mask"])
+def test_a_ksamplerselect_sampler_made_asynchronous_in_sampler_custom_advanced(server, key_mask: bool) -> None:
+    """KSamplerSelect(dpmpp_2m_sde) into the Asynchronous Sampler's `sampler` input, in SamplerCustomAdvanced on
+    Flux dev (the SDE sampler's flow variant): with no key items it is the plain sampler's latent, with a drawn
+    key mask the result differs."""
+    seed = 91 + key_mask
+    p = Prompt()
+    model, positive, _negative, _ = model_and_conds(p, "flux-dev", seed)
+    guider = p.add("BasicGuider", model=model, conditioning=positive)
+    sigmas = p.add("BasicScheduler", model=model, scheduler="simple", steps=STEPS, denoise=1.0)
+    latent = p.add("EmptySD3LatentImage", width=SIZE, height=SIZE, batch_size=1)
+    select = p.add("KSamplerSelect", sampler_name="dpmpp_2m_sde")
+    extra = {"schedule": out(half_mask_schedule(p))} if key_mask else {}
+    wrapped = p.add("AsynDMSampler", sampler_name="euler", **async_inputs(), **extra, sampler=out(select))
+    prefixes = {}
+    for name, sampler in (("plain", select), ("async", wrapped)):
+        noise = p.add("RandomNoise", noise_seed=seed)
+        node = p.add("SamplerCustomAdvanced", noise=out(noise), guider=out(guider), sampler=out(sampler),
+                     sigmas=out(sigmas), latent_image=out(latent))
+        prefixes[name] = f"dit_more/select_{name}_{seed}"
+        p.add("SaveLatent", samples=out(node, 0), filename_prefix=prefixes[name])
+    got = latents(server, run(server, p))
+    plain, asyn = got[prefixes["plain"]], got[prefixes["async"]]
+    assert torch.isfinite(asyn).all() and plain.abs().max() > 0
+    if key_mask:
+        diff = rel_diff(plain, asyn)
+        print(f"\n[dit] dpmpp_2m_sde SAMPLER made asynchronous, key mask: relative difference {diff:.3g}")
+        assert diff > 1e-2, diff
+    else:
+        assert record("flux-dev KSamplerSelect(dpmpp_2m_sde) vs the Asynchronous Sampler around it", plain, asyn) <= TOL
+
+
+@pytest.mark.parametrize("sampler_name", ["dpmpp_2m_sde", "uni_pc", "heun", "res_multistep"])
+def test_samplers_from_ksamplers_list_on_the_asynchronous_ksampler(server, sampler_name: str) -> None:
+    """A user picks any sampler on the Asynchronous KSampler as on KSampler (Flux schnell here)."""
+    p = Prompt()
+    model, positive, negative, _ = model_and_conds(p, "flux-schnell", 101)
+    latent = p.add("EmptySD3LatentImage", width=SIZE, height=SIZE, batch_size=1)
+    common = dict(model=model, positive=positive, negative=negative, latent_image=out(latent), seed=101,
+                  steps=STEPS, cfg=1.0, sampler_name=sampler_name, scheduler="simple", denoise=1.0)
+    check(server, p, three_samplers(p, f"schnell-{sampler_name}", common), f"flux-schnell {sampler_name}")

@@ -259,10 +259,10 @@ def test_latent_batch_two_with_batch_one_conditioning(server) -> None:
     assert not np.array_equal(a, b)  # each image has its own noise
 
 
-def test_unsupported_sampler_scheduler_and_options(server) -> None:
+def test_unknown_sampler_scheduler_and_options(server) -> None:
     # This ComfyUI does not check V3 combo values (newer ones reject them): either answer is fine.
-    expect_error(server, asyn(sampler_name="lms"), "sampler 'lms' is not supported", "euler", "dpmpp_2m",
-                 input_name="sampler_name")
+    expect_error(server, asyn(sampler_name="not_a_sampler"), "unknown sampler 'not_a_sampler'", "euler",
+                 "dpmpp_2m_sde", input_name="sampler_name")
     expect_error(server, asyn(scheduler="bogus"), "unknown scheduler 'bogus'", "karras", input_name="scheduler")
     expect_error(server, asyn(curve="wavy"), "unknown curve 'wavy'", "bin, lin, exp", input_name="curve")
     expect_error(server, asyn(mask_mode="sometimes"), "mask_mode", "'sometimes'", "'dynamic' or 'static'",
@@ -459,14 +459,16 @@ def test_unsupported_model_family_is_named(comfy_inprocess: str) -> None:
             assert family in msg, msg
 
 
-def test_unsupported_sampler_is_refused_in_process(comfy_inprocess: str) -> None:
+def test_unknown_sampler_is_refused_in_process(comfy_inprocess: str) -> None:
     adapter = importlib.import_module(f"{comfy_inprocess}.asyndm.comfy_adapter.sampler")
     sampling = importlib.import_module(f"{comfy_inprocess}.nodes.sampling")
-    with pytest.raises(ValueError, match=r"sampler 'lms' is not supported by asynchronous sampling; choose one of: "
-                                         r"euler, ddim, euler_ancestral, ddpm, dpmpp_2m"):
-        adapter.AsynSampler("lms", None)
-    with pytest.raises(ValueError, match="'lms' is not supported"):
-        sampling.AsynDMSampler.execute("lms", "", 0.7, "bin", 1.0, "dynamic", 0.0, False)
+    with pytest.raises(ValueError, match=r"unknown sampler 'lms2': use one of ComfyUI's samplers \(euler, "):
+        adapter.AsynSampler("lms2", None)
+    with pytest.raises(ValueError, match="unknown sampler 'lms2'"):
+        sampling.AsynDMSampler.execute("lms2", "", 0.7, "bin", 1.0, "dynamic", 0.0, False)
+    with pytest.raises(ValueError, match="the sampler input is a str, not one of ComfyUI's k-diffusion samplers"):
+        sampling.AsynDMSampler.execute("euler", "", 0.7, "bin", 1.0, "dynamic", 0.0, False, None, "euler")
+    adapter.AsynSampler("lms", None)  # every one of ComfyUI's samplers
     with pytest.raises(ValueError, match="mask_mode must be 'dynamic' or 'static'"):
         sampling.AsynDMSampler.execute("euler", "rabbit", 0.7, "bin", 1.0, "Dynamic", 0.0, False)
 
@@ -578,7 +580,6 @@ def test_schedule_names_cannot_leave_the_folders_in_process(comfy_inprocess: str
 # No module-level state in the pack
 
 ALLOWED_MODULE_CONSTANTS = {  # read-only tables (never mutated), checked below
-    ("asyndm/comfy_adapter/sampler.py", "SUPPORTED_SAMPLERS"),
     ("asyndm/schedule_file.py", "FLOAT_DTYPES"),
 }
 
@@ -629,9 +630,15 @@ def test_module_constants_are_not_changed_by_sampling(comfy_inprocess: str, smal
 
     adapter = importlib.import_module(f"{comfy_inprocess}.asyndm.comfy_adapter.sampler")
     schedule_file = importlib.import_module(f"{comfy_inprocess}.asyndm.schedule_file")
-    before = (repr(adapter.SUPPORTED_SAMPLERS), repr(sorted(schedule_file.FLOAT_DTYPES)))
+    lockstep = importlib.import_module(f"{comfy_inprocess}.asyndm.comfy_adapter.lockstep")
+
+    def tables() -> tuple[str, ...]:
+        return (repr(adapter.REFUSED_SAMPLERS), repr(dict(lockstep.REFUSED)), repr(dict(lockstep.BROWNIAN_SAMPLERS)),
+                repr(sorted(schedule_file.FLOAT_DTYPES)))
+
+    before = tables()
     pos, neg = make_conditioning(small_sd15, seed=1), make_conditioning(small_sd15, seed=2)
-    for sampler in ("euler", "ddim", "dpmpp_2m"):
+    for sampler in ("euler", "ddim", "dpmpp_2m", "dpmpp_2m_sde", "heun"):
         _node_sample(comfy_inprocess, small_sd15, pos, neg, {"samples": torch.zeros(1, 4, 8, 8)},
                      sampler_name=sampler, eta=0.0)
-    assert (repr(adapter.SUPPORTED_SAMPLERS), repr(sorted(schedule_file.FLOAT_DTYPES))) == before
+    assert tables() == before

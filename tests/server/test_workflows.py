@@ -547,14 +547,15 @@ def test_workflow_details(object_info: dict[str, Any]) -> None:
 
     # Qwen-Image and Z-Image: ComfyUI's own text-to-image wiring (UNETLoader -> ModelSamplingAuraFlow, CLIPLoader of
     # the family's type), the prompt through CLIP Text Encode (AsynDM) and key words that are words of it.
-    for name, clip_type, shift, size, steps, cfg, negative in (
-            ("asyndm_qwen_image", "qwen_image", 3.1, 1328, 20, 2.5, "CLIPTextEncode"),
-            ("asyndm_z_image", "lumina2", 3.0, 1024, 9, 1.0, "ConditioningZeroOut")):
+    for name, clip_type, shift, size, steps, cfg, negative, sampler_name in (
+            ("asyndm_qwen_image", "qwen_image", 3.1, 1328, 20, 2.5, "CLIPTextEncode", "euler"),
+            ("asyndm_z_image", "lumina2", 3.0, 1024, 9, 1.0, "ConditioningZeroOut", "res_multistep")):
         p = convert(load(name), object_info)
         sampler = next(n for n in p.values() if n["class_type"] == "AsynDMKSampler")
         assert "schedule" not in sampler["inputs"], name
         inputs = sampler["inputs"]
-        assert (inputs["steps"], inputs["cfg"], inputs["sampler_name"], inputs["scheduler"]) == (steps, cfg, "euler", "simple"), name
+        assert (inputs["steps"], inputs["cfg"], inputs["sampler_name"], inputs["scheduler"]) == (
+            steps, cfg, sampler_name, "simple"), name
         sampling = p[inputs["model"][0]]
         assert sampling["class_type"] == "ModelSamplingAuraFlow" and sampling["inputs"]["shift"] == shift, name
         assert p[sampling["inputs"]["model"][0]]["class_type"] == "UNETLoader", name

@@ -1,0 +1,552 @@
+"""Route (c) of issue 17: lock-step instances of ComfyUI's own sampler, one per pixel track.
+
+Every distinct track (a scalar sigma sequence, see track_model.TrackSet) gets one genuine run of
+the chosen ComfyUI sampler function on that track's sigmas, in its own thread. The sampler
+functions never see anything unusual: scalar sigmas, a latent of the usual shape, their own noise
+sampler on the run's seed. What they call as "the model" is a proxy that posts its request and
+blocks. When every instance has posted, the main thread composes one model input (each pixel from
+its own track's instance), calls ComfyUI's guider ONCE with the per-pixel sigma map, and hands the
+same denoised tensor to every instance. The result takes each pixel from its track's instance.
+
+Instances run one at a time, in track order, between two model calls (the main thread resumes
+one and waits until it blocks again), so the run is deterministic: draws from torch's global RNG,
+progress callbacks and the shared Brownian tree are used in a fixed order, and no two instances
+run Python at once. Lock step is checked: at every rendezvous either all instances ask for a model
+call or all have returned; anything else is an error naming the sampler (DPM-Solver fast and
+adaptive, which make their own steps, are refused by name before any call). Exceptions raised in
+an instance, in the model call or in the progress callback (ComfyUI's interrupt) abort every
+instance (their pending proxy call raises) and are re-raised in the caller.
+
+- A track that holds still at its start (key pixels waiting at the model's largest sigma, which
+  most schedulers give) is run on sigmas[m:] from the carrier's step m: until then its pixels are
+  fed to the model as they are, and its instance joins the call that begins step m.
+- Noise: the SDE samplers get one Brownian tree on the union of the tracks' intervals (every pixel
+  reads the same path over its own interval); the others share ComfyUI's seeded default draws per
+  model call (every pixel gets the same draw at the same step, late tracks included).
+- CFG++ samplers keep their own post-CFG function: every instance's is chained into the one call.
+- Dynamic masks: `retrack` may re-partition the pixels at any rendezvous; a pixel whose sequence
+  changed moves to an instance of its new sequence, replayed from the recorded model outputs and
+  checked to ask exactly what the pixel's old instance asked (else LockstepError: the change
+  reached a sigma the sampler had already used).
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+from collections.abc import Callable
+from types import MappingProxyType
+from typing import Any
+
+import comfy.k_diffusion.sampling as kdiff
+import comfy.samplers
+import torch
+
+from .track_model import TrackSet
+
+__all__ = ["LockstepError", "BROWNIAN_SAMPLERS", "REFUSED", "hold_prefix", "refusal", "run_lockstep"]
+
+# What the run calls as the model: (x, sigma map or None, carrier sigma, model_options, seed) -> denoised.
+PixelModel = Callable[..., torch.Tensor]
+# A track set's starting latent (each pixel's noise scaled to its own first sigma).
+StartLatent = Callable[[TrackSet], torch.Tensor]
+
+# Sampler functions that build a BrownianTreeNoiseSampler on (min positive sigma, max sigma) of the
+# sigmas they are given. Each instance would build its own tree on its own track's interval (a
+# different Brownian path per track); instead every instance gets one tree on the union interval.
+BROWNIAN_SAMPLERS = MappingProxyType({
+    "sample_dpmpp_sde": True, "sample_dpmpp_sde_gpu": False,
+    "sample_dpmpp_2m_sde": True, "sample_dpmpp_2m_sde_gpu": False,
+    "sample_dpmpp_2m_sde_heun": True, "sample_dpmpp_2m_sde_heun_gpu": False,
+    "sample_dpmpp_3m_sde": True, "sample_dpmpp_3m_sde_gpu": False,
+})  # function name -> the tree lives on the CPU
+
+
+# Samplers that do not step along the SIGMAS they are given, refused by name (function name -> why).
+_FAST = ("DPM-Solver fast builds its own steps between the first and last sigma, so a track's sigmas "
+         "(and its waiting steps) cannot be followed")
+_ADAPTIVE = ("DPM-Solver adaptive chooses its steps with an error controller on the whole latent, so pixels "
+             "on different tracks would need different numbers of model calls")
+REFUSED = MappingProxyType({"dpm_fast_function": _FAST, "sample_dpm_fast": _FAST,
+                            "dpm_adaptive_function": _ADAPTIVE, "sample_dpm_adaptive": _ADAPTIVE})
+
+
+_PECE = ("SA-Solver PECE makes no corrector call on a run's first step, so a track whose key pixels wait at "
+         "the start (most schedulers; not ddim_uniform) would make a different number of model calls")
+
+
+def refusal(function: Callable, tracks: TrackSet) -> str | None:
+    """Why this sampler function cannot run these tracks in lock step (None: it can)."""
+    name = getattr(function, "__name__", "")
+    if tracks.count < 2:
+        return None
+    why = REFUSED.get(name)
+    if why is None and name == "sample_sa_solver_pece" and any(
+            hold_prefix(tracks.sigmas[j]) for j in range(tracks.count)):
+        why = _PECE
+    return why
+
+
+class LockstepError(RuntimeError):
+    """The instances stopped agreeing on the number of model calls."""
+
+
+class _Abort(BaseException):
+    """Raised inside an instance's pending model call to unwind it (not an Exception: samplers that
+    catch Exception must not swallow it)."""
+
+
+_ABORT = object()
+
+
+class _Instance:
+    """One run of a sampler function on one track, in a thread that blocks at every model call."""
+
+    def __init__(self, track: int, run: Callable[[Any], torch.Tensor], grad: bool, inference: bool) -> None:
+        self.track = track
+        self._run = run
+        self._grad = grad
+        self._inference = inference
+        self._go = threading.Semaphore(0)
+        self._posted = threading.Semaphore(0)
+        self._reply: Any = None
+        self.request: tuple[torch.Tensor, torch.Tensor, dict] | None = None
+        self.result: torch.Tensor | None = None
+        self.error: BaseException | None = None
+        self.done = False
+        self.calls = 0
+        self.call_offset = 0  # the index of the run's model call that answered this instance's first call
+        self.replay: list[torch.Tensor] = []  # recorded answers to its first calls (a re-partition)
+        self.sigmas: torch.Tensor | None = None
+        self.run_sigmas: torch.Tensor | None = None
+        self.on_replay: Callable[[int, dict], None] | None = None
+        self.callbacks: list[dict] = []
+        self._thread = threading.Thread(target=self._main, name=f"asyndm-lockstep-{track}", daemon=True)
+
+    # ----------------------------------------------------------------- inside the instance's thread
+    def _main(self) -> None:
+        self._go.acquire()
+        try:
+            # grad and inference mode are thread-local: take the caller's (ComfyUI samples under
+            # inference_mode; uni_pc writes into its sigmas in place, which needs the same mode)
+            with torch.inference_mode(self._inference), torch.set_grad_enabled(self._grad):
+                self.result = self._run(self)
+        except _Abort:
+            pass
+        except BaseException as exc:  # noqa: B036 - handed to the main thread, which re-raises it
+            self.error = exc
+        finally:
+            self.done = True
+            self.request = None
+            self._posted.release()
+
+    def model(self, x: torch.Tensor, sigma: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """What the sampler function calls as its model: post the request, wait for the answer."""
+        if self.calls < len(self.replay):
+            if self.on_replay is not None:
+                self.on_replay(self.call_offset + self.calls, kwargs)
+            self.calls += 1
+            return self.replay[self.calls - 1].clone()
+        self.request = (x, sigma, kwargs)
+        self._posted.release()
+        self._go.acquire()
+        reply, self._reply = self._reply, None
+        if reply is _ABORT:
+            raise _Abort()
+        self.calls += 1
+        return reply
+
+    # ----------------------------------------------------------------- from the main thread
+    def start(self) -> None:
+        self._thread.start()
+        self._go.release()
+        self._posted.acquire()
+
+    def resume(self, reply: Any) -> None:
+        """Answer the pending model call and wait until the instance blocks again (or returns)."""
+        self._reply = reply
+        self.request = None
+        self._go.release()
+        self._posted.acquire()
+
+    def join(self) -> None:
+        self._thread.join()
+
+
+class _ModelProxy:
+    """The object a sampler function receives as `model`: calls go to its instance; attribute
+    reads (model.inner_model.inner_model.model_sampling, model.inner_model.model_patcher) reach
+    ComfyUI's guider as they do through KSamplerX0Inpaint."""
+
+    def __init__(self, instance: _Instance, model_wrap: Any, sigmas: torch.Tensor) -> None:
+        self._instance = instance
+        self.inner_model = model_wrap
+        self.sigmas = sigmas
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        return self._instance.model(x, sigma, **kwargs)
+
+
+def _own_post_cfg(options: dict, guider_fns: list[Callable]) -> list[Callable]:
+    """The post-CFG functions a sampler added to its copy of the options (CFG++: a closure that
+    keeps uncond_denoised), i.e. all but the guider's own."""
+    return [fn for fn in options.get("sampler_post_cfg_function", []) if all(fn is not g for g in guider_fns)]
+
+
+def _merged_model_options(requests: list[dict], guider_fns: list[Callable],
+                          record: Callable[[dict], None] | None = None) -> dict:
+    """One model_options for the single call. The CFG++ samplers each add their own post-CFG
+    function: the guider's functions run first, then every instance's own functions, each passing
+    the denoised tensor through unchanged, then `record` (which keeps the arguments, for instances
+    that join later). Without such functions: the first request's options as they are."""
+    first = requests[0].get("model_options", {})
+    own: list[Callable] = []
+    for kw in requests:
+        own += [fn for fn in _own_post_cfg(kw.get("model_options", {}), guider_fns) if all(fn is not o for o in own)]
+    if not own:
+        return first
+
+    def passthrough(fn: Callable) -> Callable:
+        def run(args: dict) -> torch.Tensor:
+            fn(args)
+            return args["denoised"]
+        return run
+
+    merged = dict(first)
+    merged["sampler_post_cfg_function"] = list(guider_fns) + [passthrough(fn) for fn in own]
+    if record is not None:
+        merged["sampler_post_cfg_function"].append(passthrough(record))
+    return merged
+
+
+def _compose(tracks: TrackSet, parts: list[torch.Tensor]) -> torch.Tensor:
+    """Each pixel from its own track's tensor."""
+    out = parts[0]
+    for j in range(1, len(parts)):
+        out = torch.where(tracks.mask(j), parts[j], out)
+    return out
+
+
+def _shared_noise_sampler(fn: Callable, tracks: TrackSet, x: torch.Tensor, seed: int | None) -> Any:
+    """One Brownian tree on the union of the tracks' intervals, for the SDE samplers (else None)."""
+    cpu = BROWNIAN_SAMPLERS.get(getattr(fn, "__name__", ""))
+    if cpu is None:
+        return None
+    sig = tracks.sigmas
+    return kdiff.BrownianTreeNoiseSampler(x, sig[sig > 0].min(), sig.max(), seed=seed, cpu=cpu)
+
+
+class _SharedGaussian:
+    """ComfyUI's default noise sampler (seeded full-size Gaussian draws), shared by the instances
+    and indexed by model call: the k-th draw an instance makes after its answer to call r is the
+    same tensor for every instance (drawn once, in the order first asked for). Without late starts
+    this is exactly what each instance's own default sampler on the seed gives; a track that starts
+    at step m still gets step m's draws, and an instance replayed after a re-partition gets the
+    draws it had before."""
+
+    def __init__(self, x: torch.Tensor, seed: int | None) -> None:
+        self._draw = kdiff.default_noise_sampler(x, seed=seed)
+        self._rounds: dict[int, list[torch.Tensor]] = {}
+        self._used: dict[int, tuple[int, int]] = {}  # id(instance) -> (round, draws made in it)
+
+    def for_instance(self, inst: _Instance) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        def sample(sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
+            rnd = inst.call_offset + inst.calls
+            last, k = self._used.get(id(inst), (rnd, 0))
+            if last != rnd:
+                k = 0
+            draws = self._rounds.setdefault(rnd, [])
+            while len(draws) <= k:
+                draws.append(self._draw(sigma, sigma_next))
+            self._used[id(inst)] = (rnd, k + 1)
+            return draws[k]
+
+        return sample
+
+
+def hold_prefix(sigmas: torch.Tensor) -> int:
+    """How many leading steps a track holds still (sigmas[0] == ... == sigmas[m]): its pixels wait
+    at their first sigma, and its sampler run starts at step m on sigmas[m:]."""
+    n = int(sigmas.numel()) - 1
+    m = 0
+    while m < n - 1 and bool(sigmas[m + 1] == sigmas[0]):
+        m += 1
+    return m
+
+
+Retrack = Callable[[int, TrackSet], "TrackSet | None"]
+
+
+class _LockstepRun:
+    """The state of one lock-step run (see the module doc). `retrack(step, tracks)` (optional) is
+    asked at every rendezvous, `step` being the carrier steps begun so far; it may return new
+    tracks (every pixel's whole sequence, past and predicted future). A pixel whose sequence
+    changed moves to an instance of its new sequence: an existing one, or a new instance that is
+    replayed from the recorded model outputs (no model call) up to the pending call and checked to
+    ask exactly what the pixel's old instance asks; the check fails (LockstepError) when the
+    change reaches a sigma the sampler already used."""
+
+    def __init__(self, sampler: comfy.samplers.KSAMPLER, model_wrap: Any, tracks: TrackSet, extra_args: dict,
+                 callback: Callable | None, start: StartLatent, disable_pbar: bool,
+                 pixel_model: PixelModel, retrack: Retrack | None) -> None:
+        self.fn = sampler.sampler_function
+        self.name = getattr(self.fn, "__name__", str(self.fn))
+        self.model_wrap = model_wrap
+        self.ms = model_wrap.inner_model.model_sampling
+        self.extra_args = extra_args
+        self.callback = callback
+        self.start = start
+        self.disable_pbar = disable_pbar
+        self.pixel_model = pixel_model
+        self.retrack = retrack
+        self.options = dict(sampler.extra_options)
+        self.tracks = tracks
+        self.x0 = start(tracks)
+        self.seed = extra_args.get("seed")
+        self.gaussian: _SharedGaussian | None = None
+        if "noise_sampler" in inspect.signature(self.fn).parameters and self.options.get("noise_sampler") is None:
+            shared = _shared_noise_sampler(self.fn, tracks, self.x0, self.seed)
+            if shared is not None:
+                self.options["noise_sampler"] = shared
+            else:
+                self.gaussian = _SharedGaussian(self.x0, self.seed)
+        self.total = tracks.sigmas.shape[1] - 1
+        self.grad, self.inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+        self.guider_post_cfg = list(extra_args.get("model_options", {}).get("sampler_post_cfg_function", []))
+        self.post_cfg_args: dict[int, dict] = {}  # call -> the post-CFG arguments (CFG++ side channel)
+        self.outputs: list[torch.Tensor] = []  # every model call's answer, for replays (when retracking)
+        self.step_call: list[int] = []  # step i of the carrier began with call step_call[i]
+        self.all_instances: list[_Instance] = []
+        self.instances: list[_Instance | None] = []  # one per track of self.tracks (None: not started)
+        self.starts: list[int] = []
+        self.reported = 0
+        self._assign(tracks)
+
+    # ------------------------------------------------------------------------------------ instances
+    def _new_instance(self, j: int, sigmas: torch.Tensor, start: int) -> _Instance:
+        sig = sigmas[start:].clone()
+        args = dict(self.extra_args)  # the CFG++ samplers replace args["model_options"] in the dict they get
+        args["denoise_mask"] = None  # inpainting is done once, on the composed call
+        opts = dict(self.options)
+        first = not self.all_instances
+
+        def run(inst: _Instance) -> torch.Tensor:
+            if self.gaussian is not None:
+                opts["noise_sampler"] = self.gaussian.for_instance(inst)
+            proxy = _ModelProxy(inst, self.model_wrap, sig)
+            return self.fn(proxy, self.x0.clone() if not first else self.x0, sig, extra_args=args,
+                           callback=inst.callbacks.append, disable=self.disable_pbar if first else True, **opts)
+
+        inst = _Instance(j, run, self.grad, self.inference)
+        inst.sigmas = sigmas
+        inst.run_sigmas = sig  # what the sampler function gets (UniPC writes its last sigma in place)
+        inst.on_replay = self._replay_side_channel
+        self.all_instances.append(inst)
+        return inst
+
+    def _assign(self, tracks: TrackSet) -> None:
+        """Instances for `tracks`: keep those whose sequence is unchanged, make the others."""
+        old = [(inst.sigmas, inst) for inst in self.instances if inst is not None]
+        old_tracks, old_instances = self.tracks, list(self.instances)
+        self.tracks = tracks
+        self.x0 = self.start(tracks) if old else self.x0
+        self.starts = [hold_prefix(tracks.sigmas[j]) for j in range(tracks.count)]
+        if self.starts[0]:
+            raise ValueError("the carrier (background) sigmas hold still at the start: a sigma repeats in the SIGMAS")
+        self.hold_sigma = tracks.sigmas[:, 0]
+        begun = len(self.step_call)
+        self.instances = []
+        for j in range(tracks.count):
+            keep = next((inst for sig, inst in old if torch.equal(sig, tracks.sigmas[j])
+                         and all(inst is not other for other in self.instances)), None)
+            if keep is not None:
+                keep.track = j
+                self.instances.append(keep)
+                continue
+            m = self.starts[j]
+            if m >= begun and (old or m > 0):
+                self.instances.append(None)  # starts when the carrier begins step m
+                continue
+            inst = self._new_instance(j, tracks.sigmas[j], m)
+            self.instances.append(inst)
+            if not old:  # the first assignment: starts with the run
+                continue
+            # a new sequence in the middle of the run: replay the calls since its step m began
+            first_call = self.step_call[m]
+            inst.call_offset = first_call
+            inst.replay = self.outputs[first_call:]
+            inst.start()
+            self._check_joined(inst, j, old_tracks, old_instances)
+        kept = {id(inst) for inst in self.instances if inst is not None}
+        for inst in old_instances:
+            if inst is not None and id(inst) not in kept and not inst.done:
+                inst.resume(_ABORT)
+                inst.join()
+
+    def _replay_side_channel(self, call: int, kwargs: dict) -> None:
+        """An instance answered from a recorded call: its own post-CFG functions see that call's arguments."""
+        args = self.post_cfg_args.get(call)
+        if args is None:
+            return
+        for fn in _own_post_cfg(kwargs.get("model_options", {}), self.guider_post_cfg):
+            fn(args)
+
+    def _check_joined(self, inst: _Instance, j: int, old_tracks: TrackSet, old_instances: list) -> None:
+        """The new instance must ask, for its pixels, exactly what their old instances were asking."""
+        if inst.error is not None:
+            raise inst.error
+        req = inst.request
+        mine = self.tracks.mask(j)
+        ok = req is not None and bool((req[1] == req[1].flatten()[0]).all())
+        if ok:
+            assert req is not None
+            for k, old in enumerate(old_instances):
+                both = mine & old_tracks.mask(k)
+                if not bool(both.any()):
+                    continue
+                if old is None:
+                    want_x, want_s = self.x0, old_tracks.sigmas[k, 0]
+                else:
+                    assert old.request is not None
+                    want_x, want_s = old.request[0], old.request[1].flatten()[0]
+                sel = both.expand_as(req[0])
+                if not (torch.equal(req[0][sel], want_x[sel]) and bool(req[1].flatten()[0] == want_s)):
+                    ok = False
+        if not ok:
+            raise LockstepError(f"{self.name}: the new timestep track of some pixels changes a sigma the sampler "
+                                "has already used, so their run cannot be continued on it")
+
+    def _start_waiting(self, new_steps: list[int], out: torch.Tensor, x_in: torch.Tensor) -> None:
+        """Tracks whose hold ends at a step the carrier just began join the call just made."""
+        for j, inst in enumerate(self.instances):
+            if inst is not None or self.starts[j] not in new_steps:
+                continue
+            inst = self._new_instance(j, self.tracks.sigmas[j], self.starts[j])
+            self.instances[j] = inst
+            inst.call_offset = len(self.outputs) - 1
+            inst.start()
+            req = inst.request
+            mask = self.tracks.mask(j)
+            if req is None or not torch.equal(req[0][mask.expand_as(req[0])], x_in[mask.expand_as(x_in)]) \
+                    or not bool((req[1] == self.hold_sigma[j]).all()):
+                raise LockstepError(f"{self.name}: track {j} could not join at step {self.starts[j]} (its first "
+                                    "model call differs from the waiting pixels')")
+            self._replay_side_channel(len(self.outputs) - 1, req[2])
+            inst.resume(out.clone())
+
+    # ------------------------------------------------------------------------------------ progress
+    def _report(self, step: int, last_out: torch.Tensor) -> None:
+        """One progress report per carrier step: tracks not started yet show their waiting pixels."""
+        if self.callback is None:
+            return
+        xs, ds = [], []
+        for j, inst in enumerate(self.instances):
+            local = step - self.starts[j]
+            if inst is not None and 0 <= local < len(inst.callbacks):
+                xs.append(inst.callbacks[local]["x"])
+                ds.append(inst.callbacks[local]["denoised"])
+            else:
+                xs.append(self.x0)
+                ds.append(last_out)
+        self.callback(step, _compose(self.tracks, ds), _compose(self.tracks, xs), self.total)
+
+    # ------------------------------------------------------------------------------------ the run
+    def run(self) -> torch.Tensor:
+        try:
+            for inst in self.instances:
+                if inst is not None:
+                    inst.start()
+            return self._loop()
+        finally:
+            for inst in self.all_instances:
+                if inst._thread.is_alive() and not inst.done:
+                    inst.resume(_ABORT)
+                if inst._thread.ident is not None:
+                    inst.join()
+
+    def _loop(self) -> torch.Tensor:
+        carrier_inst = self.instances[0]
+        assert carrier_inst is not None
+        while True:
+            for inst in self.instances:
+                if inst is not None and inst.error is not None:
+                    raise inst.error
+            live = [inst for inst in self.instances if inst is not None]
+            if all(inst.done for inst in live):
+                if len(live) != len(self.instances):
+                    raise LockstepError(f"{self.name}: a track never started (it holds to the end)")
+                break
+            if len([inst for inst in live if inst.request is not None]) != len(live):
+                calls = {inst.track: inst.calls for inst in live}
+                raise LockstepError(
+                    f"{self.name}: the tracks' runs no longer make the same model calls (calls answered per track: "
+                    f"{calls}; some returned while others asked for another call): this sampler's number of "
+                    "model evaluations depends on the sigma values"
+                )
+            if self.retrack is not None:
+                new = self.retrack(len(self.step_call), self.tracks)
+                if new is not None:
+                    self._assign(new)
+                    live = [inst for inst in self.instances if inst is not None]
+            out, x_in = self._call(live)
+            before = len(carrier_inst.callbacks)
+            for n, inst in enumerate(live):
+                last = n == len(live) - 1 and len(live) == len(self.instances) and self.retrack is None
+                inst.resume(out if last else out.clone())
+            new_steps = [cb["i"] for cb in carrier_inst.callbacks[before:]]
+            self.step_call += [len(self.outputs) - 1] * len(new_steps)
+            self._start_waiting(new_steps, out, x_in)
+            while self.reported < len(carrier_inst.callbacks):
+                self._report(self.reported, out)
+                self.reported += 1
+        results = [inst.result for inst in self.instances]  # type: ignore[union-attr]
+        carrier = self.instances[0]
+        assert carrier is not None and carrier.run_sigmas is not None
+        self.final_sigma = carrier.run_sigmas[-1]
+        return _compose(self.tracks, results)  # type: ignore[arg-type]
+
+    def _call(self, live: list[_Instance]) -> tuple[torch.Tensor, torch.Tensor]:
+        """ONE model call: each pixel from its own track's request; waiting tracks at their first sigma."""
+        carrier_req = self.instances[0].request  # type: ignore[union-attr]
+        assert carrier_req is not None
+        xs, sigmas_now = [], []
+        for j, inst in enumerate(self.instances):
+            if inst is not None:
+                assert inst.request is not None
+                xs.append(inst.request[0])
+                sigmas_now.append(inst.request[1])
+            else:
+                xs.append(self.x0)
+                sigmas_now.append(self.hold_sigma[j].expand_as(carrier_req[1]))
+        x_in = _compose(self.tracks, xs)
+        kwargs = [inst.request[2] for inst in live]  # type: ignore[index]
+        if self.tracks.count == 1:
+            sigma_map = None
+        else:
+            rows = torch.stack(sigmas_now).to(x_in.dtype)  # (U, B)
+            batch = torch.arange(x_in.shape[0], device=rows.device)[:, None, None]
+            sigma_map = rows[self.tracks.index.to(rows.device), batch][:, None]
+        call = len(self.outputs)
+        joins = self.retrack is not None or any(inst is None for inst in self.instances)
+
+        def record(args: dict) -> None:
+            self.post_cfg_args = {call: dict(args)} if self.retrack is None else {**self.post_cfg_args, call: dict(args)}
+
+        options = _merged_model_options(kwargs, self.guider_post_cfg, record if joins else None)
+        out = self.pixel_model(x_in, sigma_map, sigmas_now[0], options, seed=kwargs[0].get("seed"))
+        if self.retrack is not None:
+            self.outputs.append(out.clone())
+        else:
+            self.outputs.append(out[:0])  # only the count is needed without re-partitions
+        return out, x_in
+
+
+def run_lockstep(sampler: comfy.samplers.KSAMPLER, model_wrap: Any, tracks: TrackSet, extra_args: dict,
+                 callback: Callable | None, start: StartLatent, disable_pbar: bool, pixel_model: PixelModel,
+                 retrack: Retrack | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run `sampler` (a KSAMPLER: function + options) once per track, in lock step. Returns the composed
+    latent in the sampler's own scaling and the background's last sigma as its run left it (KSAMPLER
+    un-scales with that: UniPC sets a last sigma of 0 to 0.001 in place)."""
+    run = _LockstepRun(sampler, model_wrap, tracks, extra_args, callback, start, disable_pbar, pixel_model, retrack)
+    samples = run.run()
+    return samples, run.final_sigma
