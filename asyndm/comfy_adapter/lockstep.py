@@ -292,7 +292,6 @@ class _LockstepRun:
         self.fn = sampler.sampler_function
         self.name = getattr(self.fn, "__name__", str(self.fn))
         self.model_wrap = model_wrap
-        self.ms = model_wrap.inner_model.model_sampling
         self.extra_args = extra_args
         self.callback = callback
         self.start = start

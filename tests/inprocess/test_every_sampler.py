@@ -20,7 +20,18 @@ import torch
 
 from asyndm.comfy_adapter.sampler import REFUSED_SAMPLERS, AsynSampler, sampler_names
 from tests import model_factory as mf
-from tests.factory_flux_family import build_chroma_radiance, make_chroma_conditioning
+from tests.factory_auraflow import build_auraflow, make_auraflow_conditioning
+from tests.factory_flux_family import (
+    build_chroma,
+    build_chroma_radiance,
+    build_flux2,
+    build_hunyuan_image,
+    make_chroma_conditioning,
+    make_flux2_conditioning,
+    make_hunyuan_image_conditioning,
+)
+from tests.factory_hidream import build_hidream, make_hidream_conditioning
+from tests.factory_lumina import build_lumina2, build_z_image, make_lumina_conditioning
 from tests.factory_qwen_image import build_qwen_image, make_qwen_conditioning
 from tests.inprocess.sampler_reference import REFERENCE_SAMPLERS, Case, drawn_mask, rel_dev
 from tests.inprocess.sampling import hook_state
@@ -111,6 +122,36 @@ def test_every_sampler_on_flow_transformers(transformers, family):
         assert torch.isfinite(out).all() and rel_dev(out, plain) > 1e-3, (family, name, rel_dev(out, plain))
         ran.append(name)
     assert len(ran) >= len(comfy.samplers.KSampler.SAMPLERS) - 3
+
+
+# The other families: (model builder, conditioning builder, latent shape); their adapters are what differ.
+OTHER_FAMILIES = {
+    "sd2-v": (lambda: mf.build_sd2v(model_channels=32), None, (1, 4, 8, 8)),
+    "sdxl": (lambda: mf.build_sdxl(model_channels=32), None, (1, 4, 8, 8)),
+    "flux2": (build_flux2, make_flux2_conditioning, (1, 128, 4, 4)),
+    "chroma": (lambda: build_chroma(depth=1, depth_single=1), make_chroma_conditioning, (1, 16, 8, 8)),
+    "hunyuan-image": (build_hunyuan_image, make_hunyuan_image_conditioning, (1, 64, 4, 4)),
+    "lumina2": (build_lumina2, make_lumina_conditioning, (1, 16, 8, 8)),
+    "z-image": (build_z_image, make_lumina_conditioning, (1, 16, 8, 8)),
+    "hidream": (lambda: build_hidream(n_double=1, n_single=1), lambda seed: make_hidream_conditioning(layers=2, seed=seed),
+                (1, 16, 8, 8)),
+    "auraflow": (lambda: build_auraflow(n_double=1, n_single=1), make_auraflow_conditioning, (1, 4, 8, 8)),
+}
+
+
+@pytest.mark.parametrize("family", list(OTHER_FAMILIES))
+def test_one_track_is_the_ksampler_on_every_family_for_every_sampler(family):
+    """The lock-step layer is the same on every family: with no key pixel it is KSampler, bit for bit, on every
+    name (the key-item runs of every name are above, on the UNet and four transformer layouts)."""
+    build, condition, shape = OTHER_FAMILIES[family]
+    model = build()
+    if condition is None:
+        pos, neg = mf.make_conditioning(model, seed=1), mf.make_conditioning(model, seed=2)
+    else:
+        pos, neg = condition(seed=1), condition(seed=2)
+    case = Case(model, pos, neg, torch.zeros(shape), steps=3, scheduler="simple" if condition else "karras", cfg=2.0)
+    for name in comfy.samplers.KSampler.SAMPLERS:
+        assert torch.equal(case.asyn(name, one_track=True), case.ksampler(name)), (family, name)
 
 
 # ------------------------------------------------------------------------------------------------
