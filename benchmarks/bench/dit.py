@@ -26,7 +26,7 @@ from typing import Any
 
 from . import measure
 from .fixtures import PRIORITIES, Case, SamplingBench, patched, two_item_masks
-from .measure import PieceTimer, timed
+from .measure import PieceTimer
 
 VARIANTS = ("ksampler", "fixed")
 VARIANT_TITLES = {"ksampler": "KSampler", "fixed": "async, fixed masks"}
@@ -124,28 +124,13 @@ def forward_times(bench: TokenBench, repeats: int, device: str) -> dict[str, lis
     """Seconds per transformer forward of the sampler's rows, the four variants interleaved. Hooks
     are installed and removed outside the timed call, as a sampling run installs them once."""
     import comfy.model_management
-    import torch
 
     comfy.model_management.load_models_gpu([bench.patcher])
     dm = bench.patcher.model.diffusion_model
     x, t, kwargs, t_map, _ = forward_inputs(bench)
     pack, naive = bench.family.hook_classes()
     hook_classes = {"hooks, no map": pack, "per-token hooks": pack, "naive per-token hooks": naive}
-    times: dict[str, list[float]] = {v: [] for v in FORWARD_VARIANTS}
-    with torch.no_grad():
-        for rep in range(repeats + 1):  # the first round is a warm-up
-            for v in FORWARD_VARIANTS if rep % 2 == 0 else FORWARD_VARIANTS[::-1]:
-                with contextlib.ExitStack() as stack:
-                    if v != "stock":
-                        hooks = stack.enter_context(hook_classes[v](dm))
-                        if v != "hooks, no map":
-                            hooks.set_map(t_map)
-                    dt, _ = timed(lambda: dm(x, t, **kwargs), device)
-                    if v not in ("stock", "hooks, no map"):
-                        hooks.set_map(None)
-                if rep > 0:
-                    times[v].append(dt)
-    return times
+    return measure.interleaved_forward_times(dm, x, t, kwargs, t_map, FORWARD_VARIANTS, hook_classes, repeats, device)
 
 
 def forward_pieces(bench: TokenBench, repeats: int, device: str) -> dict[str, dict[str, float]]:

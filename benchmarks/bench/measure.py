@@ -33,6 +33,31 @@ def timed(fn: Callable[[], Any], device: str) -> tuple[float, Any]:
     return time.perf_counter() - t0, out
 
 
+def interleaved_forward_times(dm: Any, x: Any, t: Any, kwargs: dict, t_map: Any, variants: list[str],
+                              hook_classes: dict[str, Any], repeats: int, device: str) -> dict[str, list[float]]:
+    """Seconds per forward of each variant, interleaved (order reversed every other round; round 0 is a
+    warm-up): "stock" without hooks, "hooks, no map" with the hooks installed and no map (pass-through),
+    every other variant with its hooks and t_map. Hooks go in and out outside the timed call, as a
+    sampling run installs them once for all its steps."""
+    import torch
+
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    with torch.no_grad():
+        for rep in range(repeats + 1):
+            for v in variants if rep % 2 == 0 else variants[::-1]:
+                with contextlib.ExitStack() as stack:
+                    if v != "stock":
+                        hooks = stack.enter_context(hook_classes[v](dm))
+                        if v != "hooks, no map":
+                            hooks.set_map(t_map)
+                    dt, _ = timed(lambda: dm(x, t, **kwargs), device)
+                    if v not in ("stock", "hooks, no map"):
+                        hooks.set_map(None)
+                if rep > 0:
+                    times[v].append(dt)
+    return times
+
+
 # ------------------------------------------------------------------------------------------------
 # Memory
 

@@ -73,6 +73,17 @@ def pack_pieces_ms(piece_ms: dict[str, float], baseline: dict[str, float] | None
     return pieces
 
 
+def _forward_cells(times: dict[str, list[float]], variants: list[str]) -> list[str]:
+    """Each variant's forward time, and its ratio to the stock forward of the same repeat."""
+    cells = []
+    for v in variants:
+        cell = _ms_cell(times[v])
+        if v != "stock":
+            cell += " " + fmt_ratio([a / b for a, b in zip(times[v], times["stock"], strict=False)])
+        cells.append(cell)
+    return cells
+
+
 def _ms_cell(xs: Sequence[float]) -> str:
     ms = [1000.0 * x for x in xs]
     return f"{median(ms):.1f} ({min(ms):.1f}-{max(ms):.1f})"
@@ -144,12 +155,7 @@ def markdown(run: dict[str, Any]) -> str:
         lines.append("|---|---|---|" + "---|" * len(uv))
         for r in unet_rows_:
             c, u = r["case"], r["unet"]
-            cells = []
-            for v in uv:
-                cell = _ms_cell(u[v])
-                if v != "stock":
-                    cell += " " + fmt_ratio([a / b for a, b in zip(u[v], u["stock"], strict=False)])
-                cells.append(cell)
+            cells = _forward_cells(u, uv)
             lines.append(f"| {r['model']} | {c['height']}x{c['width']} | {c['batch']} | " + " | ".join(cells) + " |")
     lines.extend(_forward_tables(run, [r for r in results if r.get("forward")]))
     mem_rows = [r for r in results if r.get("memory")]
@@ -262,12 +268,7 @@ def _forward_tables(run: dict[str, Any], rows: list[dict[str, Any]]) -> list[str
     lines.append("|---|---|---|---|" + "---|" * len(fv))
     for r in rows:
         c, u, shape = r["case"], r["forward"], r["forward_shape"]
-        cells = []
-        for v in fv:
-            cell = _ms_cell(u[v])
-            if v != "stock":
-                cell += " " + fmt_ratio([a / b for a, b in zip(u[v], u["stock"], strict=False)])
-            cells.append(cell)
+        cells = _forward_cells(u, fv)
         lines.append(f"| {r['model']} | {c['height']}x{c['width']} | {shape['rows']} | "
                      f"{shape['image_tokens']} + {shape['text_tokens']} | " + " | ".join(cells) + " |")
     lines += ["", "The per-token modulation's pieces, ms per forward (median of instrumented forwards after a warm-up, "

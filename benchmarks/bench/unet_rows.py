@@ -15,7 +15,7 @@ from typing import Any
 
 from . import measure
 from .fixtures import PRIORITIES, Case, SamplingBench, model_factory, patched, two_item_masks
-from .measure import PieceTimer, timed
+from .measure import PieceTimer
 from .naive import naive_hooks_class
 
 FAMILY = "unet"
@@ -206,21 +206,7 @@ def unet_forward_overhead(bench: Bench, repeats: int, device: str) -> dict[str, 
     t_map = torch.full((rows, h, w), 500.0, device=dev)
     t_map[:, : h // 2, : w // 2] = 700.0
     hook_classes = {"hooks, no map": PerPixelTimesteps, "pack hooks": PerPixelTimesteps, "naive hooks": naive_hooks_class()}
-    times: dict[str, list[float]] = {v: [] for v in UNET_VARIANTS}
-    with torch.no_grad():
-        for rep in range(repeats + 1):  # the first round is a warm-up
-            for v in UNET_VARIANTS if rep % 2 == 0 else UNET_VARIANTS[::-1]:
-                with contextlib.ExitStack() as stack:
-                    if v != "stock":
-                        hooks = stack.enter_context(hook_classes[v](dm))
-                        if v != "hooks, no map":
-                            hooks.set_map(t_map)
-                    dt, _ = timed(lambda: dm(x, t, **kwargs), device)
-                    if v not in ("stock", "hooks, no map"):
-                        hooks.set_map(None)
-                if rep > 0:
-                    times[v].append(dt)
-    return times
+    return measure.interleaved_forward_times(dm, x, t, kwargs, t_map, UNET_VARIANTS, hook_classes, repeats, device)
 
 
 def forward_overhead(bench: Bench, repeats: int, device: str) -> dict[str, Any]:
