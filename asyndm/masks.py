@@ -59,12 +59,14 @@ def item_masks(
     threshold: float = 1.0,
     size: Sequence[int],
     grid: Sequence[int] | None = None,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Binary, non-overlapping item masks (B, items, H, W) from averaged attention (B, h*w, items).
 
     A pixel is in item j where attn >= threshold * (mean of item j's attention over pixels); of the
     items it is in, it keeps only the one with the largest k (ties: the first). The (h, w) grid is
-    upsampled to size = (H, W) by nearest neighbour.
+    upsampled to size = (H, W) by nearest neighbour. validate=False skips the check of attn's and k's
+    values (it reads them back to the host): for callers that made them (the sampler, every step).
     """
     attn = require_float_tensor("attn", attn)
     if attn.ndim != 3:
@@ -79,7 +81,7 @@ def item_masks(
     if not (0.0 <= thr < math.inf):
         raise ValueError(f"threshold must be a finite number >= 0, got {threshold!r}")
     kvec = _k_tensor(k, items, attn)
-    if not all_true([torch.isfinite(attn), (kvec >= 0) & (kvec <= 1)]):
+    if validate and not all_true([torch.isfinite(attn), (kvec >= 0) & (kvec <= 1)]):
         if not bool(torch.isfinite(attn).all()):
             raise ValueError("attn holds NaN or infinite values; expected attention probabilities")
         raise ValueError("k holds values outside [0, 1] (or NaN); expected priorities in [0, 1]")
@@ -91,7 +93,7 @@ def item_masks(
     # argmax returns the first of equal maxima, which is the tie rule.
     rank = torch.where(member, kvec.to(attn.dtype).view(1, 1, -1), torch.full_like(attn, -1.0))
     best = rank.argmax(dim=-1)  # (B, hw)
-    winner = F.one_hot(best, items).to(torch.bool) & member
+    winner = (best[..., None] == torch.arange(items, device=best.device)) & member  # one-hot, without its range check
     masks = winner.to(attn.dtype).permute(0, 2, 1).reshape(b, items, gh, gw)
     if (gh, gw) != (height, width):
         masks = F.interpolate(masks, size=(height, width), mode="nearest")

@@ -11,6 +11,7 @@ import latent_preview
 import torch
 from comfy_api.latest import io, ui
 
+from ..asyndm.comfy_adapter.host import host_maths
 from ..asyndm.comfy_adapter.sampler import REFUSED_SAMPLERS, AsynSampler, sampler_names
 from ..asyndm.comfy_adapter.tokens import KEY as TOKENS_KEY
 from ..asyndm.comfy_adapter.tokens import prompt_tokens
@@ -158,8 +159,9 @@ class AsynDMKSampler(io.ComfyNode):
         out = latent_image.copy()
         out["samples"] = samples
         record = sampler.record
-        strip = timestep_strip(record.states, record.priorities,
-                               start_value=float(record.num_train_timesteps + record.offset)) if record else torch.zeros(1, 64, 64, 3)
+        with host_maths():  # the records are CPU tensors: the strip is no device work
+            strip = timestep_strip(record.states, record.priorities, start_value=float(
+                record.num_train_timesteps + record.offset)) if record else torch.zeros(1, 64, 64, 3)
         return io.NodeOutput(out, strip, ui=ui.PreviewImage(strip, cls=cls))
 
 

@@ -48,15 +48,15 @@ def capture_grid(latent_hw: tuple[int, int]) -> tuple[int, int]:
     return h, w
 
 
-def _same_stamp(a: tuple, b: tuple) -> bool:
-    """(weight object, its fingerprint, a copy of the bias or None): the same to_k as when cached."""
-    if a[0] is not b[0] or not torch.equal(a[1], b[1]):
-        return False
-    return (a[2] is None and b[2] is None) or (a[2] is not None and b[2] is not None and torch.equal(a[2], b[2]))
-
-
 class AttentionObserver:
-    """attn2_patch that accumulates per-image, per-item attention maps for one step."""
+    """attn2_patch that accumulates per-image, per-item attention maps for one step.
+
+    The scores are taken from the block's own attention call where it can: the attn2 patch only
+    arms the observer for an observed layer, and the run's ``optimized_attention_override`` (chained
+    before any other pack's) receives the q and k the block itself projected, runs the attention
+    unchanged, then scores the key words' columns from those q and k. A layer whose attn2 another
+    pack replaces (attn2_replace) has no such call: it is recomputed from the block's to_q / to_k.
+    """
 
     def __init__(
         self,
@@ -73,112 +73,129 @@ class AttentionObserver:
         self.columns_by_uuid = columns_by_uuid
         self.num_items = len(next(iter(columns_by_uuid.values()))) if columns_by_uuid else 0
         self.enabled = False
-        # to_k(context) per (layer, cond): the text context is the same at every step, so the keys are
-        # computed once per run. Bounded by layers x conds; checked against the context and weights.
-        self._contexts: dict[Any, torch.Tensor] = {}
-        self._keys: dict[tuple, tuple[tuple, torch.Tensor]] = {}
-        self._probes: dict[tuple, torch.Tensor] = {}
+        self._previous_override: Any = None
+        self._replaced: set = set()  # the attn2 blocks another pack replaces (no attention call to read)
+        self._armed: tuple | None = None  # (n, context, plan) of the attn2 call about to run
+        self._columns: dict[tuple, list[torch.Tensor]] = {}  # (uuid, device) -> one index tensor per item
         self.reset()
 
     def install(self, model_options: dict) -> None:
-        """Add this observer to the run's attn2 patches (model_options is the run's own clone)."""
+        """Add this observer to the run's attn2 patches and attention override (model_options is the
+        run's own clone, so both go with the run)."""
         to = model_options.setdefault("transformer_options", {})
         patches = to.setdefault("patches", {})
         patches["attn2_patch"] = list(patches.get("attn2_patch", [])) + [self]
+        self._replaced = set((to.get("patches_replace") or {}).get("attn2", {}) or {})
+        self._previous_override = to.get("optimized_attention_override")
+        to["optimized_attention_override"] = self._attention
 
     def reset(self) -> None:
         """Start a new accumulation (the sampler reads and resets once per step)."""
         self.total: torch.Tensor | None = None
         self.count = 0
+        self._armed = None
 
     def mean(self) -> torch.Tensor | None:
         """(B, h*w, items) average of what was seen since the last reset, or None."""
+        self._flush()
         if self.total is None or self.count == 0:
             return None
         return self.total / self.count
 
     def __call__(self, n: torch.Tensor, context: torch.Tensor, value: Any, extra_options: dict) -> tuple:
+        self._flush()
         if self.enabled and self.num_items:
-            self._observe(n, context, extra_options)
+            plan = self._plan(n, extra_options)
+            if plan is not None:
+                block = extra_options.get("block")
+                key = (block[0], block[1], extra_options.get("block_index", 0)) if block is not None else None
+                if key in self._replaced or (block is not None and block in self._replaced):
+                    self._score_recomputed(n, context, plan)
+                else:
+                    self._armed = (n, context, plan)
         return n, context, value
 
-    @torch.no_grad()
-    def _observe(self, n: torch.Tensor, context: torch.Tensor, extra_options: dict) -> None:
+    def _attention(self, func: Any, *args: Any, **kwargs: Any) -> Any:
+        """The run's attention override: the attention itself, unchanged; an armed call is also scored."""
+        armed, self._armed = self._armed, None
+        out = self._previous_override(func, *args, **kwargs) if self._previous_override is not None else \
+            func(*args, **kwargs)
+        if armed is not None:
+            n, context, plan = armed
+            q, k = args[0], args[1]
+            heads = plan[2]
+            if torch.is_tensor(q) and torch.is_tensor(k) and q.ndim == 3 and k.ndim == 3 and \
+                    q.shape[:2] == n.shape[:2] and k.shape[:2] == context.shape[:2] and q.shape[-1] % heads == 0:
+                self._score(q, k, plan)
+            else:  # not the call the patch armed for (an unusual attention layout): recompute
+                self._score_recomputed(n, context, plan)
+        return out
+
+    def _flush(self) -> None:
+        """An armed layer whose attention call never came (replaced after install): recompute it."""
+        if self._armed is not None:
+            n, context, plan = self._armed
+            self._armed = None
+            self._score_recomputed(n, context, plan)
+
+    def _plan(self, n: torch.Tensor, extra_options: dict) -> tuple | None:
+        """(module, [(row slice, uuid)] of the conditional chunks, heads) for an observed attn2 call, else None."""
         shape = extra_options.get("activations_shape")
         original = extra_options.get("original_shape")
         if shape is None or tuple(shape[-2:]) != self.grid:
-            return
+            return None
         if original is not None and tuple(original[-2:]) != self.latent_hw:
-            return  # an area-conditioned crop: its pixels are not the whole image
+            return None  # an area-conditioned crop: its pixels are not the whole image
         block = extra_options.get("block")
         if block is None:
-            return
+            return None
         module = self.modules.get((block[0], block[1], extra_options.get("block_index", 0)))
         if module is None:
-            return
+            return None
         cond_or_uncond = extra_options.get("cond_or_uncond", [0])
         uuids = extra_options.get("uuids", [None] * len(cond_or_uncond))
         chunks = len(cond_or_uncond)
         if chunks == 0 or n.shape[0] % chunks:
-            return
+            return None
         rows = n.shape[0] // chunks
         if rows != self.batch:
-            return
-        heads = int(extra_options["n_heads"])
-        dim_head = int(extra_options["dim_head"])
-        for o in range(chunks):
-            columns = self.columns_by_uuid.get(uuids[o]) if cond_or_uncond[o] == 0 else None
-            if columns is None:
-                continue
-            sl = slice(o * rows, (o + 1) * rows)
-            q = module.to_q(n[sl]).float()
-            b, hw, _ = q.shape
-            q = q.view(b, hw, heads, dim_head).transpose(1, 2)
-            k = self._text_keys(module, (block, extra_options.get("block_index", 0)), uuids[o], context[sl],
-                                heads, dim_head)
-            probs = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(dim_head), dim=-1).mean(dim=1)  # (b, hw, L)
-            per_item = torch.stack([probs[..., cols].mean(dim=-1) for cols in columns], dim=-1)  # (b, hw, items)
+            return None
+        conds = [(slice(o * rows, (o + 1) * rows), uuids[o]) for o in range(chunks)
+                 if cond_or_uncond[o] == 0 and self.columns_by_uuid.get(uuids[o]) is not None]
+        if not conds:
+            return None
+        return module, conds, int(extra_options["n_heads"])
+
+    @torch.no_grad()
+    def _score_recomputed(self, n: torch.Tensor, context: torch.Tensor, plan: tuple) -> None:
+        """Score a layer from the block's to_q / to_k (where its attention call cannot be read)."""
+        module, conds, _ = plan
+        for sl, _uuid in conds:
+            q = module.to_q(n[sl])
+            k = module.to_k(context[sl])
+            self._score(q, k, (module, [(slice(None), _uuid)], plan[2]))
+
+    @torch.no_grad()
+    def _score(self, q: torch.Tensor, k: torch.Tensor, plan: tuple) -> None:
+        """Add the key words' attention of the conditional rows of (B', hw, heads * d) q and (B', L, heads * d) k."""
+        _, conds, heads = plan
+        for sl, uuid in conds:
+            qo, ko = q[sl].float(), k[sl].float()
+            b, hw, width = qo.shape
+            dim_head = width // heads
+            qo = qo.view(b, hw, heads, dim_head).transpose(1, 2)
+            ko = ko.view(b, ko.shape[1], heads, dim_head).transpose(1, 2)
+            probs = torch.softmax(qo @ ko.transpose(-1, -2) / math.sqrt(dim_head), dim=-1).mean(dim=1)  # (b, hw, L)
+            per_item = torch.stack([probs.index_select(-1, cols).mean(dim=-1)
+                                    for cols in self._column_index(uuid, probs.device)], dim=-1)  # (b, hw, items)
             self.total = per_item if self.total is None else self.total + per_item
             self.count += 1
 
-    def _text_keys(self, module: torch.nn.Module, layer: tuple, uuid: Any, context: torch.Tensor, heads: int,
-                   dim_head: int) -> torch.Tensor:
-        """(b, heads, L, dim_head) keys of the text context, reused while context and to_k are unchanged.
-
-        A changed context (another cond under the same uuid) or changed to_k weights (a LoRA hook
-        keyframe patching them between steps) recompute; weights computed at cast time
-        (weight_function, lowvram patches) are never cached. Weights are compared by a fingerprint
-        (their product with a fixed probe vector, about 1/L of the cost of to_k itself), since
-        ComfyUI samples under torch.inference_mode, where tensors keep no version counter.
-        """
-        to_k = module.to_k
-        weight = getattr(to_k, "weight", None)
-        bias = getattr(to_k, "bias", None)
-        cacheable = (torch.is_tensor(weight) and weight.ndim == 2 and not getattr(to_k, "weight_function", None)
-                     and not getattr(to_k, "bias_function", None))
-        seen = self._contexts.get(uuid)
-        if seen is None or seen.shape != context.shape or seen.dtype != context.dtype or not torch.equal(seen, context):
-            self._contexts[uuid] = context.detach().clone()
-            self._keys = {key: v for key, v in self._keys.items() if key[1] != uuid}
-        stamp = None
-        if cacheable:
-            assert weight is not None
-            stamp = (weight, self._fingerprint(weight), bias.detach().clone() if torch.is_tensor(bias) else None)
-        cached = self._keys.get((layer, uuid))
-        if cached is not None and stamp is not None and _same_stamp(cached[0], stamp):
-            return cached[1]
-        k = to_k(context).float()
-        k = k.view(k.shape[0], k.shape[1], heads, dim_head).transpose(1, 2)
-        if stamp is not None:
-            self._keys[(layer, uuid)] = (stamp, k)
-        return k
-
-    def _fingerprint(self, weight: torch.Tensor) -> torch.Tensor:
-        """weight @ probe: changes whenever the weights do (a fixed pseudo-random probe per width)."""
-        key = (weight.shape[1], weight.device, weight.dtype)
-        probe = self._probes.get(key)
-        if probe is None:
-            generator = torch.Generator().manual_seed(0x5EED)
-            probe = torch.randn(weight.shape[1], generator=generator).to(weight.device, weight.dtype)
-            self._probes[key] = probe
-        return weight.detach() @ probe
+    def _column_index(self, uuid: Any, device: torch.device) -> list[torch.Tensor]:
+        """The items' token columns as index tensors on `device`, made once (a list index is an H2D copy)."""
+        key = (uuid, device)
+        cols = self._columns.get(key)
+        if cols is None:
+            cols = [torch.tensor(c, dtype=torch.long, device=device) for c in self.columns_by_uuid[uuid]]
+            self._columns[key] = cols
+        return cols

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import inspect
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import MappingProxyType
 from typing import Any
 
@@ -42,6 +42,7 @@ import comfy.k_diffusion.sampling as kdiff
 import comfy.samplers
 import torch
 
+from .thread_state import ThreadState
 from .track_model import TrackSet
 
 __all__ = ["LockstepError", "BROWNIAN_SAMPLERS", "REFUSED", "hold_prefix", "refusal", "run_lockstep"]
@@ -81,8 +82,7 @@ def refusal(function: Callable, tracks: TrackSet) -> str | None:
     if tracks.count < 2:
         return None
     why = REFUSED.get(name)
-    if why is None and name == "sample_sa_solver_pece" and any(
-            hold_prefix(tracks.sigmas[j]) for j in range(tracks.count)):
+    if why is None and name == "sample_sa_solver_pece" and any(hold_prefix(row) for row in tracks.rows):
         why = _PECE
     return why
 
@@ -102,11 +102,10 @@ _ABORT = object()
 class _Instance:
     """One run of a sampler function on one track, in a thread that blocks at every model call."""
 
-    def __init__(self, track: int, run: Callable[[Any], torch.Tensor], grad: bool, inference: bool) -> None:
+    def __init__(self, track: int, run: Callable[[Any], torch.Tensor], state: ThreadState) -> None:
         self.track = track
         self._run = run
-        self._grad = grad
-        self._inference = inference
+        self._state = state
         self._go = threading.Semaphore(0)
         self._posted = threading.Semaphore(0)
         self._reply: Any = None
@@ -117,7 +116,7 @@ class _Instance:
         self.calls = 0
         self.call_offset = 0  # the index of the run's model call that answered this instance's first call
         self.replay: list[torch.Tensor] = []  # recorded answers to its first calls (a re-partition)
-        self.sigmas: torch.Tensor | None = None
+        self.host_row: tuple[float, ...] = ()  # its track's sigmas, as host numbers
         self.run_sigmas: torch.Tensor | None = None
         self.on_replay: Callable[[int, dict], None] | None = None
         self.callbacks: list[dict] = []
@@ -127,9 +126,9 @@ class _Instance:
     def _main(self) -> None:
         self._go.acquire()
         try:
-            # grad and inference mode are thread-local: take the caller's (ComfyUI samples under
-            # inference_mode; uni_pc writes into its sigmas in place, which needs the same mode)
-            with torch.inference_mode(self._inference), torch.set_grad_enabled(self._grad):
+            # torch's modes, autocast and CUDA stream are thread-local: take the caller's (ComfyUI samples
+            # under inference_mode; uni_pc writes into its sigmas in place, which needs the same mode)
+            with self._state.entered():
                 self.result = self._run(self)
         except _Abort:
             pass
@@ -232,8 +231,8 @@ def _shared_noise_sampler(fn: Callable, tracks: TrackSet, x: torch.Tensor, seed:
     cpu = BROWNIAN_SAMPLERS.get(getattr(fn, "__name__", ""))
     if cpu is None:
         return None
-    sig = tracks.sigmas
-    return kdiff.BrownianTreeNoiseSampler(x, sig[sig > 0].min(), sig.max(), seed=seed, cpu=cpu)
+    values = [v for row in tracks.rows for v in row]  # host numbers: no read of the device's sigmas
+    return kdiff.BrownianTreeNoiseSampler(x, min(v for v in values if v > 0), max(values), seed=seed, cpu=cpu)
 
 
 class _SharedGaussian:
@@ -264,12 +263,14 @@ class _SharedGaussian:
         return sample
 
 
-def hold_prefix(sigmas: torch.Tensor) -> int:
+def hold_prefix(sigmas: Sequence[float] | torch.Tensor) -> int:
     """How many leading steps a track holds still (sigmas[0] == ... == sigmas[m]): its pixels wait
-    at their first sigma, and its sampler run starts at step m on sigmas[m:]."""
-    n = int(sigmas.numel()) - 1
+    at their first sigma, and its sampler run starts at step m on sigmas[m:]. Give the host's
+    numbers (TrackSet.rows): a tensor is read back whole."""
+    values = sigmas.tolist() if torch.is_tensor(sigmas) else list(sigmas)
+    n = len(values) - 1
     m = 0
-    while m < n - 1 and bool(sigmas[m + 1] == sigmas[0]):
+    while m < n - 1 and values[m + 1] == values[0]:
         m += 1
     return m
 
@@ -310,7 +311,7 @@ class _LockstepRun:
             else:
                 self.gaussian = _SharedGaussian(self.x0, self.seed)
         self.total = tracks.sigmas.shape[1] - 1
-        self.grad, self.inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+        self.thread_state = ThreadState.capture()
         self.guider_post_cfg = list(extra_args.get("model_options", {}).get("sampler_post_cfg_function", []))
         self.post_cfg_args: dict[int, dict] = {}  # call -> the post-CFG arguments (CFG++ side channel)
         self.outputs: list[torch.Tensor] = []  # every model call's answer, for replays (when retracking)
@@ -319,6 +320,12 @@ class _LockstepRun:
         self.instances: list[_Instance | None] = []  # one per track of self.tracks (None: not started)
         self.starts: list[int] = []
         self.reported = 0
+        # Any deferred lock-step check failed: a device flag, read once after the loop (for every run of
+        # several tracks, so that a run's host reads do not depend on whether a track joined late).
+        self.failed: torch.Tensor | None = None
+        if tracks.count > 1:
+            self.failed = torch.zeros((), dtype=torch.bool, device=tracks.sigmas.device)
+        self.failure_messages: list[tuple[torch.Tensor, str]] = []
         self._assign(tracks)
 
     # ------------------------------------------------------------------------------------ instances
@@ -336,8 +343,8 @@ class _LockstepRun:
             return self.fn(proxy, self.x0.clone() if not first else self.x0, sig, extra_args=args,
                            callback=inst.callbacks.append, disable=self.disable_pbar if first else True, **opts)
 
-        inst = _Instance(j, run, self.grad, self.inference)
-        inst.sigmas = sigmas
+        inst = _Instance(j, run, self.thread_state)
+        inst.host_row = self.tracks.rows[j]
         inst.run_sigmas = sig  # what the sampler function gets (UniPC writes its last sigma in place)
         inst.on_replay = self._replay_side_channel
         self.all_instances.append(inst)
@@ -345,18 +352,18 @@ class _LockstepRun:
 
     def _assign(self, tracks: TrackSet) -> None:
         """Instances for `tracks`: keep those whose sequence is unchanged, make the others."""
-        old = [(inst.sigmas, inst) for inst in self.instances if inst is not None]
+        old = [(inst.host_row, inst) for inst in self.instances if inst is not None]
         old_tracks, old_instances = self.tracks, list(self.instances)
         self.tracks = tracks
         self.x0 = self.start(tracks) if old else self.x0
-        self.starts = [hold_prefix(tracks.sigmas[j]) for j in range(tracks.count)]
+        self.starts = [hold_prefix(row) for row in tracks.rows]
         if self.starts[0]:
             raise ValueError("the carrier (background) sigmas hold still at the start: a sigma repeats in the SIGMAS")
         self.hold_sigma = tracks.sigmas[:, 0]
         begun = len(self.step_call)
         self.instances = []
         for j in range(tracks.count):
-            keep = next((inst for sig, inst in old if torch.equal(sig, tracks.sigmas[j])
+            keep = next((inst for row, inst in old if row == tracks.rows[j]
                          and all(inst is not other for other in self.instances)), None)
             if keep is not None:
                 keep.track = j
@@ -390,30 +397,41 @@ class _LockstepRun:
         for fn in _own_post_cfg(kwargs.get("model_options", {}), self.guider_post_cfg):
             fn(args)
 
+    def _defer_check(self, flags: list[torch.Tensor], message: str) -> None:
+        """A lock-step check whose failure flags stay on the device until the run ends (read once there,
+        so that joining and re-partitioning never stall the launch queue): any True raises LockstepError."""
+        flag = torch.stack(flags).any()
+        self.failed = flag if self.failed is None else self.failed | flag
+        self.failure_messages.append((flag, message))
+
+    def _raise_failed_checks(self) -> None:
+        if self.failed is None or not bool(self.failed):
+            return
+        for flag, message in self.failure_messages:
+            if bool(flag):
+                raise LockstepError(message)
+
     def _check_joined(self, inst: _Instance, j: int, old_tracks: TrackSet, old_instances: list) -> None:
         """The new instance must ask, for its pixels, exactly what their old instances were asking."""
         if inst.error is not None:
             raise inst.error
         req = inst.request
+        message = (f"{self.name}: the new timestep track of some pixels changes a sigma the sampler has already "
+                   "used, so their run cannot be continued on it")
+        if req is None:
+            raise LockstepError(message)
         mine = self.tracks.mask(j)
-        ok = req is not None and bool((req[1] == req[1].flatten()[0]).all())
-        if ok:
-            assert req is not None
-            for k, old in enumerate(old_instances):
-                both = mine & old_tracks.mask(k)
-                if not bool(both.any()):
-                    continue
-                if old is None:
-                    want_x, want_s = self.x0, old_tracks.sigmas[k, 0]
-                else:
-                    assert old.request is not None
-                    want_x, want_s = old.request[0], old.request[1].flatten()[0]
-                sel = both.expand_as(req[0])
-                if not (torch.equal(req[0][sel], want_x[sel]) and bool(req[1].flatten()[0] == want_s)):
-                    ok = False
-        if not ok:
-            raise LockstepError(f"{self.name}: the new timestep track of some pixels changes a sigma the sampler "
-                                "has already used, so their run cannot be continued on it")
+        sigma = req[1].flatten()[0]
+        flags = [(req[1] != sigma).any()]
+        for k, old in enumerate(old_instances):
+            both = mine & old_tracks.mask(k)
+            if old is None:
+                want_x, want_s = self.x0, old_tracks.sigmas[k, 0]
+            else:
+                assert old.request is not None
+                want_x, want_s = old.request[0], old.request[1].flatten()[0]
+            flags.append((both & (req[0] != want_x)).any() | (both.any() & (sigma != want_s)))
+        self._defer_check(flags, message)
 
     def _start_waiting(self, new_steps: list[int], out: torch.Tensor, x_in: torch.Tensor) -> None:
         """Tracks whose hold ends at a step the carrier just began join the call just made."""
@@ -425,11 +443,12 @@ class _LockstepRun:
             inst.call_offset = len(self.outputs) - 1
             inst.start()
             req = inst.request
+            message = (f"{self.name}: track {j} could not join at step {self.starts[j]} (its first model call differs "
+                       "from the waiting pixels')")
+            if req is None:
+                raise LockstepError(message)
             mask = self.tracks.mask(j)
-            if req is None or not torch.equal(req[0][mask.expand_as(req[0])], x_in[mask.expand_as(x_in)]) \
-                    or not bool((req[1] == self.hold_sigma[j]).all()):
-                raise LockstepError(f"{self.name}: track {j} could not join at step {self.starts[j]} (its first "
-                                    "model call differs from the waiting pixels')")
+            self._defer_check([(mask & (req[0] != x_in)).any(), (req[1] != self.hold_sigma[j]).any()], message)
             self._replay_side_channel(len(self.outputs) - 1, req[2])
             inst.resume(out.clone())
 
@@ -455,7 +474,13 @@ class _LockstepRun:
             for inst in self.instances:
                 if inst is not None:
                     inst.start()
-            return self._loop()
+            try:
+                samples = self._loop()
+            except Exception:
+                self._raise_failed_checks()  # the first failed check explains what followed it
+                raise
+            self._raise_failed_checks()
+            return samples
         finally:
             for inst in self.all_instances:
                 if inst._thread.is_alive() and not inst.done:
@@ -519,12 +544,14 @@ class _LockstepRun:
                 sigmas_now.append(self.hold_sigma[j].expand_as(carrier_req[1]))
         x_in = _compose(self.tracks, xs)
         kwargs = [inst.request[2] for inst in live]  # type: ignore[index]
+        table = None
         if self.tracks.count == 1:
             sigma_map = None
         else:
-            rows = torch.stack(sigmas_now).to(x_in.dtype)  # (U, B)
-            batch = torch.arange(x_in.shape[0], device=rows.device)[:, None, None]
-            sigma_map = rows[self.tracks.index.to(rows.device), batch][:, None]
+            values = torch.cat(sigmas_now).to(x_in.dtype)  # (U * B,): track-major, one sigma per track and image
+            index = self.tracks.call_index
+            sigma_map = values[index][:, None]
+            table = (values, index)
         call = len(self.outputs)
         joins = self.retrack is not None or any(inst is None for inst in self.instances)
 
@@ -532,7 +559,7 @@ class _LockstepRun:
             self.post_cfg_args = {call: dict(args)} if self.retrack is None else {**self.post_cfg_args, call: dict(args)}
 
         options = _merged_model_options(kwargs, self.guider_post_cfg, record if joins else None)
-        out = self.pixel_model(x_in, sigma_map, sigmas_now[0], options, seed=kwargs[0].get("seed"))
+        out = self.pixel_model(x_in, sigma_map, sigmas_now[0], options, seed=kwargs[0].get("seed"), table=table)
         if self.retrack is not None:
             self.outputs.append(out.clone())
         else:

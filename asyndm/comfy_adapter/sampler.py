@@ -32,6 +32,7 @@ from ..sigma_map import SigmaInterpolator, TimestepTable, background_track, trac
 from ..timesteps import round_clamp
 from .errors import SUPPORTED_FAMILIES, UnsupportedModelError
 from .families import time_adapter
+from .host import host_maths, to_host
 from .lockstep import REFUSED, refusal, run_lockstep
 from .model_wrapper import WRAPPER_KEY, AreaRecorder, PerPixelApplyModel, StepMaps
 from .per_pixel import per_pixel
@@ -317,6 +318,7 @@ class AsynSampler(comfy.samplers.Sampler):
         scheduler's sigmas are interpolated (sigma_map.py).
         """
         table = getattr(ms, "sigmas", None)
+        table = to_host(table) if torch.is_tensor(table) else table
         if self.reference:
             return TimestepTable(table, final=table[0])
         if torch.is_tensor(table) and table.numel() == self.num_train_timesteps and track_on_table(
@@ -339,11 +341,13 @@ class AsynSampler(comfy.samplers.Sampler):
         step = self.num_train_timesteps / num_steps
         return float(ms.timestep(sigmas[:1].float())[0]) >= first - step
 
-    def _next_state(self, s: torch.Tensor, k_map: torch.Tensor, remaining: int, num_steps: int) -> torch.Tensor:
+    def _next_state(self, s: torch.Tensor, k_map: torch.Tensor, remaining: int, num_steps: int,
+                    any_key: bool | None = None) -> torch.Tensor:
+        """any_key: whether some k of k_map is > 0 (read from k_map when not given)."""
         t, target = self.num_train_timesteps, float(self.offset)
         linear = schedule_step(s, remaining, curve="linear", k=0.0, num_steps=num_steps, num_train_timesteps=t,
                                target=target)
-        if not bool((k_map > 0).any()):
+        if not (bool((k_map > 0).any()) if any_key is None else any_key):
             return linear
         if self.schedule.table is not None:
             curved = table_step(s, remaining, table=self.schedule.table, k=k_map, num_steps=num_steps,
@@ -352,6 +356,13 @@ class AsynSampler(comfy.samplers.Sampler):
             curved = schedule_step(s, remaining, curve=self.schedule.curve, k=k_map, num_steps=num_steps,
                                    num_train_timesteps=t, target=target)
         return torch.where(k_map > 0, curved, linear)
+
+    def _k_vector(self, device: torch.device) -> torch.Tensor:
+        """The items' priorities as a tensor on `device` (made once per device: a copy to a GPU is an op)."""
+        cache = self.__dict__.setdefault("_k_vectors", {})
+        if device not in cache:
+            cache[device] = torch.tensor(self.schedule.k, dtype=torch.float32, device=device)
+        return cache[device]
 
     def _fixed_priorities(self, noise: torch.Tensor) -> torch.Tensor | None:
         """k per pixel from user masks (mask_source 'masks'), resized to the latent; None otherwise."""
@@ -401,9 +412,10 @@ class AsynSampler(comfy.samplers.Sampler):
         self.token_positions = [max(cols) for cols in next(iter(columns_by_uuid.values()))]
         return time_hooks.attention_observer(tuple(noise.shape[-2:]), noise.shape[0], columns_by_uuid)
 
-    def _priorities_from_attention(self, attn: torch.Tensor, size: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:
-        k = torch.tensor(self.schedule.k, dtype=torch.float32, device=attn.device)
-        masks = item_masks(attn.float(), k, threshold=self.schedule.threshold, size=size, grid=grid)
+    def _priorities_from_attention(self, attn: torch.Tensor, size: tuple[int, int], grid: tuple[int, int],
+                                   validate: bool = True) -> torch.Tensor:
+        k = self._k_vector(attn.device)
+        masks = item_masks(attn.float(), k, threshold=self.schedule.threshold, size=size, grid=grid, validate=validate)
         return patch_constant((masks * k.view(1, -1, 1, 1)).amax(dim=1), self.patch_size)
 
     def _static_priorities(self, model_wrap: Any, sigmas: torch.Tensor, extra_args: dict, noise: torch.Tensor,
@@ -425,16 +437,19 @@ class AsynSampler(comfy.samplers.Sampler):
         recurrence (state i reached with priority history[:, i]), then 0."""
         n = int(history.shape[1])
         s = torch.full((history.shape[0],), float(self.num_train_timesteps + self.offset), device=history.device)
+        keyed = (history > 0).any(dim=0).tolist()
         states = []
         for i in range(n):
-            s = self._next_state(s, history[:, i], n - i, n)
+            s = self._next_state(s, history[:, i], n - i, n, any_key=keyed[i])
             states.append(s)
         states.append(torch.zeros_like(s))
         return torch.stack(states, dim=1)
 
     def _to_sigma(self, model_wrap: Any, sigmas: torch.Tensor) -> tuple[Callable[[torch.Tensor], torch.Tensor], bool]:
-        """(state -> sigma for this run, KSampler's max_denoise for these sigmas)."""
+        """(state -> sigma for this run, KSampler's max_denoise for these sigmas). The function works on
+        host (CPU) states: it is built from a CPU copy of the sigmas, read back once here."""
         ms = model_wrap.inner_model.model_sampling
+        sigmas = to_host(sigmas)
         max_denoise = self.max_denoise(model_wrap, sigmas)
         sigma_top = float(ms.sigma_max) if self._starts_at_the_top(ms, sigmas, max_denoise) else float(sigmas[0])
         if math.isclose(sigma_top, float(sigmas[0]), rel_tol=1e-05):
@@ -442,16 +457,20 @@ class AsynSampler(comfy.samplers.Sampler):
             # level, so key pixels wait there exactly (a sigma_max one float step above it would make their
             # samplers take a zero-length first step, which multistep ones divide by).
             sigma_top = float(sigmas[0])
-        return self._sigma_function(sigmas, ms, sigma_top), max_denoise
+        with host_maths():
+            function = self._sigma_function(sigmas, ms, sigma_top)
+        return _HostSigmas(function, sigmas), max_denoise
 
     def fixed_tracks(self, model_wrap: Any, sigmas: torch.Tensor, k_map: torch.Tensor) -> TrackSet:
         """The tracks this sampler runs for a fixed priority map (B, H, W) on these sigmas."""
         to_sigma, _ = self._to_sigma(model_wrap, sigmas)
-        return self._tracks([k_map] * len(sigmas), sigmas, to_sigma)
+        return self._tracks(k_map.expand(len(sigmas), *k_map.shape), sigmas, to_sigma)
 
-    def _tracks(self, history: list[torch.Tensor], sigmas: torch.Tensor,
+    def _tracks(self, history: torch.Tensor, sigmas: torch.Tensor,
                 to_sigma: Callable[[torch.Tensor], torch.Tensor]) -> TrackSet:
-        return tracks_from_history(torch.stack(history[:len(sigmas) - 1]), sigmas, self._state_rows, to_sigma)
+        """history: (N or N + 1, B, H, W) priorities (the last map, for the preview, is not used)."""
+        host = getattr(to_sigma, "host_carrier", None)
+        return tracks_from_history(history[:len(sigmas) - 1], sigmas, self._state_rows, to_sigma, host)
 
     def _run(self, model_wrap: Any, sigmas: torch.Tensor, extra_args: dict, callback: Callable | None,
              noise: torch.Tensor, latent_image: torch.Tensor, denoise_mask: torch.Tensor | None, maps: StepMaps,
@@ -474,7 +493,7 @@ class AsynSampler(comfy.samplers.Sampler):
             k = torch.tensor(self.schedule.k, dtype=torch.float32, device=device).view(1, -1, 1, 1)
             k_map = (init * k).amax(dim=1)
         # history[i]: the priority map with which every pixel reaches its state i (i = 0 .. N; N is the preview's)
-        history = [k_map] * (num_steps + 1)
+        history = k_map.expand(num_steps + 1, *k_map.shape)
         tracks = self._tracks(history, sigmas, to_sigma)
         why = refusal(base.sampler_function, tracks)
         if why is not None:
@@ -499,6 +518,7 @@ class AsynSampler(comfy.samplers.Sampler):
                                   observer, collect_attention)
         retrack = None
         if fixed_k is None and not collect_attention:
+            history = history.clone()  # re-read masks are written into it
             retrack = _DynamicMasks(self, history, observed, sigmas, to_sigma, (h, w))
         try:
             x, final_sigma = run_lockstep(base, model_wrap, tracks, extra_args, callback, start, self.disable_pbar,
@@ -513,11 +533,25 @@ class AsynSampler(comfy.samplers.Sampler):
         if retrack is not None:
             tracks = retrack.tracks or tracks
         if record and self.record is not None:
-            self.record.states = [tracks.state_map(i).cpu() for i in range(num_steps)]
-            self.record.priorities = [history[i + 1].cpu() for i in range(num_steps)]
+            priorities = to_host(history[1:])  # one read, after the loop
+            with host_maths():
+                self.record.states = [tracks.state_map(i) for i in range(num_steps)]
+                self.record.priorities = list(priorities.unbind(0))
         if self.reference:  # the paper ends at t = 0 and returns x_0 in its own (variance-preserving) scaling
             return ms.calculate_input(sigmas[-1:].expand(b), x)
         return ms.inverse_noise_scaling(final_sigma, x)
+
+
+class _HostSigmas:
+    """A run's state -> sigma function, with the CPU copy of the run's sigmas it was built from (so
+    that re-partitions do not read the device's sigmas again)."""
+
+    def __init__(self, function: Callable[[torch.Tensor], torch.Tensor], host_carrier: torch.Tensor) -> None:
+        self.function = function
+        self.host_carrier = host_carrier
+
+    def __call__(self, states: torch.Tensor) -> torch.Tensor:
+        return self.function(states)
 
 
 class _ObservedModel:
@@ -536,14 +570,15 @@ class _ObservedModel:
         return self.model.calls
 
     def __call__(self, x: torch.Tensor, sigma_map: torch.Tensor | None, carrier: torch.Tensor,
-                 model_options: dict | None = None, seed: int | None = None) -> torch.Tensor:
+                 model_options: dict | None = None, seed: int | None = None,
+                 table: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         comfy.model_management.throw_exception_if_processing_interrupted()
         if self.observer is None:
-            return self.model(x, sigma_map, carrier, model_options, seed=seed)
+            return self.model(x, sigma_map, carrier, model_options, seed=seed, table=table)
         self.observer.enabled = True
         self.observer.reset()
         try:
-            out = self.model(x, sigma_map, carrier, model_options, seed=seed)
+            out = self.model(x, sigma_map, carrier, model_options, seed=seed, table=table)
         finally:
             self.observer.enabled = False
         self.last = self.observer.mean()
@@ -559,10 +594,10 @@ class _DynamicMasks:
     next reading. Returns new tracks when some pixel's history changed (lockstep.py checks that no
     sigma already used moved)."""
 
-    def __init__(self, sampler: AsynSampler, history: list[torch.Tensor], observed: _ObservedModel,
+    def __init__(self, sampler: AsynSampler, history: torch.Tensor, observed: _ObservedModel,
                  sigmas: torch.Tensor, to_sigma: Callable[[torch.Tensor], torch.Tensor], size: tuple[int, int]) -> None:
         self.sampler = sampler
-        self.history = history
+        self.history = history  # (N + 1, B, H, W), written in place
         self.observed = observed
         self.sigmas = sigmas
         self.to_sigma = to_sigma
@@ -571,6 +606,7 @@ class _DynamicMasks:
         self.tracks: TrackSet | None = None
 
     def __call__(self, begun: int, tracks: TrackSet) -> TrackSet | None:
+        """The one host read of a step in dynamic mode: the new partition (a copy of the history)."""
         if begun <= self.seen:
             return None
         self.seen = begun
@@ -578,13 +614,13 @@ class _DynamicMasks:
         observer = self.observed.observer
         if attn is None or observer is None:
             return None
-        k_map = self.sampler._priorities_from_attention(attn, self.size, observer.grid)
-        n = len(self.history) - 1
+        k_map = self.sampler._priorities_from_attention(attn, self.size, observer.grid, validate=False)
         first = begun + 1  # state (begun - 1) + 2
-        changed = any(not torch.equal(self.history[j], k_map) for j in range(first, n))
-        for j in range(first, n + 1):
-            self.history[j] = k_map
-        if not changed:
+        if first >= self.history.shape[0]:
             return None
-        self.tracks = self.sampler._tracks(self.history, self.sigmas, self.to_sigma)
-        return self.tracks
+        self.history[first:] = k_map
+        new = self.sampler._tracks(self.history, self.sigmas, self.to_sigma)
+        if new.same_partition(tracks):
+            return None
+        self.tracks = new
+        return new

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
 
+from .host import host_maths, to_host
 from .model_wrapper import StepMaps, model_timesteps
 from .per_pixel import per_pixel
 
@@ -24,51 +26,95 @@ __all__ = ["TrackSet", "PixelModel", "tracks_from_history"]
 
 @dataclass(frozen=True)
 class TrackSet:
-    """sigmas: (U, N + 1), one scalar sequence per track, row 0 the carrier (background);
-    index: (B, H, W) long, each pixel's track; states: (U, N + 1) the AsynDM states behind the sigmas."""
+    """sigmas: (U, N + 1) on the run's device, one scalar sequence per track, row 0 the carrier
+    (background); index: (B, H, W) long, each pixel's track; host_sigmas: the same sigmas on the CPU
+    (every decision about tracks reads these, never the device's); states: (U, N + 1) the AsynDM
+    states behind the sigmas (CPU); host_index: index on the CPU."""
 
     sigmas: torch.Tensor
     index: torch.Tensor
     states: torch.Tensor | None = None
+    host_sigmas: torch.Tensor | None = None
+    host_index: torch.Tensor | None = None
 
     @property
     def count(self) -> int:
         return int(self.sigmas.shape[0])
 
+    @cached_property
+    def host(self) -> torch.Tensor:
+        """(U, N + 1) sigmas on the CPU (a copy made once, when a TrackSet was built without one)."""
+        return self.host_sigmas if self.host_sigmas is not None else to_host(self.sigmas)
+
+    @cached_property
+    def rows(self) -> list[tuple[float, ...]]:
+        """Each track's sigmas as Python numbers (to compare and look up tracks on the host)."""
+        return [tuple(row) for row in self.host.tolist()]
+
+    @cached_property
+    def _masks(self) -> list[torch.Tensor]:
+        return [(self.index == j)[:, None] for j in range(self.count)]
+
     def mask(self, j: int) -> torch.Tensor:
-        """(B, 1, H, W) bool: the pixels of track j."""
-        return (self.index == j)[:, None]
+        """(B, 1, H, W) bool: the pixels of track j (built once per track set)."""
+        return self._masks[j]
+
+    @cached_property
+    def call_index(self) -> torch.Tensor:
+        """(B, H, W) long: each pixel's entry in a model call's (U * B,) table of per-track, per-image
+        sigmas (track-major), so that a call's sigma map is one gather and needs no torch.unique."""
+        batch = torch.arange(self.index.shape[0], device=self.index.device).view(-1, 1, 1)
+        return self.index * self.index.shape[0] + batch
 
     def sigma_map(self, column: int) -> torch.Tensor:
         """(B, 1, H, W): every pixel's sigma at position `column` of its track."""
         return self.sigmas[:, column][self.index][:, None]
 
     def state_map(self, column: int) -> torch.Tensor:
-        """(B, H, W): every pixel's state at position `column` of its track."""
+        """(B, H, W) on the CPU: every pixel's state at position `column` of its track."""
         assert self.states is not None
-        return self.states[:, column][self.index]
+        index = self.host_index if self.host_index is not None else self.index.cpu()
+        return self.states[:, column].cpu()[index]
+
+    def same_partition(self, other: TrackSet) -> bool:
+        """The same tracks holding the same pixels (compared on the host copies)."""
+        if self.rows != other.rows:
+            return False
+        if self.host_index is None or other.host_index is None:
+            return torch.equal(self.index, other.index)
+        with host_maths():
+            return torch.equal(self.host_index, other.host_index)
 
 
 def tracks_from_history(history: torch.Tensor, carrier: torch.Tensor,
                         state_rows: Callable[[torch.Tensor], torch.Tensor],
-                        to_sigma: Callable[[torch.Tensor], torch.Tensor]) -> TrackSet:
+                        to_sigma: Callable[[torch.Tensor], torch.Tensor],
+                        host_carrier: torch.Tensor | None = None) -> TrackSet:
     """Tracks of a priority history: history (N, B, H, W) is the priority k with which each pixel
     reaches its state i. Pixels with the same history share a track; the background (k = 0
     throughout) is track 0, on the carrier sigmas exactly. state_rows (U, N) -> (U, N + 1) runs the
-    AsynDM state recurrence per history; to_sigma places states on the run's sigmas."""
+    AsynDM state recurrence per history; to_sigma places states on the run's sigmas. Both run on
+    the CPU (host maths): the partition is read back once, as one copy of the history to the host.
+    host_carrier: a CPU copy of `carrier` already made (else one more read).
+    """
     n = int(carrier.numel()) - 1
     if history.shape[0] != n:
         raise ValueError(f"need one priority map per step (got {history.shape[0]} for {n} steps)")
-    per_pixel_rows = history.permute(1, 2, 3, 0).reshape(-1, n).float()
-    rows, index = torch.unique(per_pixel_rows, dim=0, return_inverse=True)
-    background = (rows == 0).all(dim=1)
-    if not bool(background[0]):  # no background pixel: track 0 still runs the carrier (it holds no pixel)
-        rows = torch.cat([rows.new_zeros(1, n), rows])
-        index = index + 1
-    states = state_rows(rows)
-    sigmas = to_sigma(states.reshape(-1)).reshape(states.shape).to(carrier.dtype)
-    sigmas[0] = carrier  # the background follows the user's sigmas exactly
-    return TrackSet(sigmas, index.reshape(history.shape[1:]).to(carrier.device), states)
+    device = carrier.device
+    host_history = to_host(history, torch.float32)  # the one read of device values
+    with host_maths():
+        per_pixel_rows = host_history.permute(1, 2, 3, 0).reshape(-1, n)
+        rows, index = torch.unique(per_pixel_rows, dim=0, return_inverse=True)
+        if bool((rows[0] != 0).any()):  # no background pixel: track 0 still runs the carrier (it holds no pixel)
+            rows = torch.cat([rows.new_zeros(1, n), rows])
+            index = index + 1
+        states = state_rows(rows)
+        host_sigmas = to_sigma(states.reshape(-1)).reshape(states.shape).to(carrier.dtype)
+        host_sigmas[0] = to_host(carrier) if host_carrier is None else host_carrier  # the background follows the user's sigmas exactly
+        host_index = index.reshape(history.shape[1:])
+    sigmas = host_sigmas.to(device)
+    sigmas[0] = carrier
+    return TrackSet(sigmas, host_index.to(device), states, host_sigmas, host_index)
 
 
 class PixelModel:
@@ -88,17 +134,24 @@ class PixelModel:
         self.sigmas = sigmas
         self.calls = 0
 
-    def _set_maps(self, sigma_map: torch.Tensor | None) -> None:
+    def _set_maps(self, sigma_map: torch.Tensor | None, table: tuple[torch.Tensor, torch.Tensor] | None) -> None:
         if sigma_map is None:  # every pixel at the carrier: the stock call, untouched
             self.maps.clear()
             return
-        values, index = torch.unique(sigma_map[:, 0], return_inverse=True)
-        self.maps.set(sigma_map, *model_timesteps(values, index, self.ms))
+        if table is None:  # a map without its table: find the distinct sigmas (reads the map back)
+            values, index = torch.unique(sigma_map[:, 0], return_inverse=True)
+            self.maps.set(sigma_map, *model_timesteps(values, index, self.ms))
+            return
+        values, index = table
+        self.maps.set(sigma_map, self.ms.timestep(values).float(), index)
 
     def __call__(self, x: torch.Tensor, sigma_map: torch.Tensor | None, carrier: torch.Tensor,
-                 model_options: dict | None = None, seed: int | None = None) -> torch.Tensor:
+                 model_options: dict | None = None, seed: int | None = None,
+                 table: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """table: (values (V,), index (B, H, W) long) with sigma_map = values[index]: the call's sigmas
+        as a small table (one row per track and image), so no distinct values have to be found."""
         self.calls += 1
-        self._set_maps(sigma_map)
+        self._set_maps(sigma_map, table)
         try:
             mask = self.denoise_mask
             if mask is not None:

@@ -81,8 +81,8 @@ def test_dynamic_masks_follow_the_lag_rule(monkeypatch, adapter, pack_nodes, sd1
     seen: list[torch.Tensor] = []
     original = adapter.AsynSampler._priorities_from_attention
 
-    def spy(self, attn, size, grid):
-        out = original(self, attn, size, grid)
+    def spy(self, attn, size, grid, **kwargs):
+        out = original(self, attn, size, grid, **kwargs)
         seen.append(out.clone())
         return out
 

@@ -1,78 +1,107 @@
-"""The attention observer computes the text keys once per run and recomputes them when they change."""
+"""The UNet attention observer scores the key words from the block's own attention call (the q and k
+the block projected, LoRA included), leaves the attention's output untouched, falls back to the
+block's to_q / to_k where another pack replaces attn2, and never reads a tensor back to the host."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 
 from asyndm.comfy_adapter.attention import AttentionObserver
+from benchmarks.bench.dispatch_count import count_run
 
-
-class CountingLinear(torch.nn.Linear):
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self.calls = 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        return super().forward(x)
+HEADS, DIM, GRID, TOKENS = 2, 4, (2, 2), 5
+KEY = ("input", 7, 0)
+COLUMNS = {"c": [[1, 2], [4]]}
 
 
 def _module() -> torch.nn.Module:
     torch.manual_seed(0)
     m = torch.nn.Module()
-    m.to_k = CountingLinear(16, 8)
+    m.to_q = torch.nn.Linear(6, HEADS * DIM)
+    m.to_k = torch.nn.Linear(16, HEADS * DIM)
     return m
 
 
-def _keys(obs: AttentionObserver, module: torch.nn.Module, context: torch.Tensor, uuid: str = "c") -> torch.Tensor:
-    return obs._text_keys(module, (("input", 7), 0), uuid, context, heads=2, dim_head=4)
+def _options(rows: int) -> dict:
+    """The extra_options ComfyUI gives attn2 patches: uncond then cond chunk, at the capture grid."""
+    return {"activations_shape": (2 * rows, 6, *GRID), "block": ("input", 7), "block_index": 0,
+            "cond_or_uncond": [1, 0], "uuids": ["u", "c"], "n_heads": HEADS, "dim_head": DIM}
 
 
-def test_keys_are_reused_while_context_and_weights_are_unchanged() -> None:
-    module = _module()
-    obs = AttentionObserver({}, (2, 2), (8, 8), 1, {})
-    context = torch.randn(1, 5, 16)
-    first = _keys(obs, module, context)
-    want = module.to_k(context).view(1, 5, 2, 4).transpose(1, 2)
-    module.to_k.calls = 0
-    for _ in range(3):  # later steps: a new tensor with the same text
-        assert torch.equal(_keys(obs, module, context.clone()), first)
-    assert module.to_k.calls == 0
-    assert torch.equal(first, want)
+def _want(module: torch.nn.Module, n: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """float64: softmax(q k^T / sqrt(d)) of the cond rows, averaged over heads and each item's columns."""
+    q = module.to_q(n).double().view(n.shape[0], -1, HEADS, DIM).transpose(1, 2)
+    k = module.to_k(context).double().view(context.shape[0], -1, HEADS, DIM).transpose(1, 2)
+    probs = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(DIM), dim=-1).mean(dim=1)
+    return torch.stack([probs[..., cols].mean(-1) for cols in COLUMNS["c"]], dim=-1)
 
 
-def test_changed_context_or_weights_recompute() -> None:
-    module = _module()
-    obs = AttentionObserver({}, (2, 2), (8, 8), 1, {})
-    context = torch.randn(1, 5, 16)
-    first = _keys(obs, module, context)
-    other = _keys(obs, module, context + 1.0)  # another cond under the same uuid
-    assert not torch.equal(first, other)
-    with torch.no_grad():
+def _block_call(obs: AttentionObserver, module: torch.nn.Module, n: torch.Tensor, context: torch.Tensor,
+                options: dict, replaced: bool, check: bool = True) -> torch.Tensor:
+    """What BasicTransformerBlock does: the attn2 patch, then (unless replaced) the attention call."""
+    obs(n, context, context, options)
+    if replaced:
+        return torch.zeros(())
+
+    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, **_: object) -> torch.Tensor:
+        return q * 2.0
+
+    q, k = module.to_q(n), module.to_k(context)
+    out = options["transformer_options"]["optimized_attention_override"](attention, q, k, k, HEADS,
+                                                                         transformer_options={})
+    assert not check or torch.equal(out, q * 2.0)  # the attention itself is unchanged
+    return out
+
+
+def _observer(replaced: bool) -> tuple[AttentionObserver, dict]:
+    obs = AttentionObserver({KEY: _module()}, GRID, (8, 8), 1, COLUMNS)
+    model_options: dict = {"transformer_options": {"patches_replace": {"attn2": {KEY: object()}} if replaced else {}}}
+    obs.install(model_options)
+    obs.enabled = True
+    return obs, model_options
+
+
+def test_scores_come_from_the_blocks_own_attention_call_or_its_projections() -> None:
+    for replaced in (False, True):
+        obs, model_options = _observer(replaced)
+        module = obs.modules[KEY]
+        n = torch.randn(2, 4, 6)  # (uncond + cond rows, h*w, width)
+        context = torch.randn(2, TOKENS, 16)
+        options = {**_options(1), "transformer_options": model_options["transformer_options"]}
+        with torch.no_grad():
+            _block_call(obs, module, n, context, options, replaced)
+            got = obs.mean()
+            want = _want(module, n[1:], context[1:])
+        assert got is not None and got.shape == (1, 4, 2)
+        assert torch.allclose(got.double(), want, atol=1e-6), replaced
+
+
+def test_in_place_weight_changes_are_seen_at_the_next_call() -> None:
+    obs, model_options = _observer(False)
+    module = obs.modules[KEY]
+    n, context = torch.randn(2, 4, 6), torch.randn(2, TOKENS, 16)
+    options = {**_options(1), "transformer_options": model_options["transformer_options"]}
+    with torch.inference_mode():  # as ComfyUI samples: no version counters to lean on
+        _block_call(obs, module, n, context, options, False)
+        first = obs.mean()
         module.to_k.weight.mul_(2.0)  # a LoRA hook keyframe patching weights in place between steps
-    patched = _keys(obs, module, context + 1.0)
-    assert torch.allclose(patched, 2.0 * other - module.to_k.bias.view(1, 1, 2, 4).transpose(1, 2), atol=1e-6)
-    module.to_k.weight = torch.nn.Parameter(module.to_k.weight.detach() * 0.5)  # weights replaced
-    assert torch.allclose(_keys(obs, module, context + 1.0), other, atol=1e-6)
-    module.to_k.weight_function = [lambda w, *a: w]  # weights computed at cast time: never cached
-    calls = module.to_k.calls
-    _keys(obs, module, context + 1.0)
-    _keys(obs, module, context + 1.0)
-    assert module.to_k.calls == calls + 2
+        obs.reset()
+        _block_call(obs, module, n, context, options, False)
+        second = obs.mean()
+        want = _want(module, n[1:], context[1:])
+    assert first is not None and second is not None and not torch.equal(first, second)
+    assert torch.allclose(second.double(), want, atol=1e-6)
 
 
-def test_inference_mode_weights_are_cached_and_checked() -> None:
-    """ComfyUI samples under torch.inference_mode: its tensors have no version counter to read."""
+def test_scoring_reads_nothing_back() -> None:
+    obs, model_options = _observer(False)
+    module = obs.modules[KEY]
+    n, context = torch.randn(2, 4, 6), torch.randn(2, TOKENS, 16)
+    options = {**_options(1), "transformer_options": model_options["transformer_options"]}
     with torch.inference_mode():
-        module = _module()
-        obs = AttentionObserver({}, (2, 2), (8, 8), 1, {})
-        context = torch.randn(1, 5, 16)
-        first = _keys(obs, module, context)
-        module.to_k.calls = 0
-        assert torch.equal(_keys(obs, module, context.clone()), first)
-        assert module.to_k.calls == 0
-        module.to_k.weight.add_(0.5)  # in place, inside inference mode
-        changed = _keys(obs, module, context)
-        assert module.to_k.calls == 1 and not torch.equal(changed, first)
-        module.to_k.bias.add_(1.0)
-        assert torch.allclose(_keys(obs, module, context), changed + 1.0, atol=1e-6)
+        count, _ = count_run(lambda: [_block_call(obs, module, n, context, options, False, False) for _ in range(3)]
+                             + [obs.mean()])
+    assert count.syncs == 0, dict(count.sync_sites)
+    assert obs.count == 3

@@ -74,6 +74,7 @@ class PerTokenTimestepsChroma(TokenTimeHooks):
         self.patch_size = int(dm.patch_size)
         self.final = getattr(dm, "final_layer", None)  # Chroma Radiance has none (its NeRF head has no timestep)
         self.positions = image_positions(self.depth, self.depth_single)
+        self._positions: dict[torch.device, torch.Tensor] = {}  # self.positions as an index, per device
         super().__init__()
 
     def text_layout(self, tokens: Any) -> list[str] | None:
@@ -130,8 +131,13 @@ class PerTokenTimestepsChroma(TokenTimeHooks):
             self._fired[-1] += 1
 
     def _rows_table(self) -> torch.Tensor:
-        """(B', U, P, D): the approximator's image-side vectors of every row at every distinct timestep,
-        computed once per distinct guidance value."""
+        """(B', U, P, D): the approximator's image-side vectors of every row at every timestep of the map.
+
+        Computed for every row, not once per distinct guidance value: finding the distinct values
+        (torch.unique) would read the rows back to the host at every model call, which stalls a GPU;
+        the rows of a CFG batch usually share the guidance, so this runs the approximator on about
+        twice the rows it needs, a small part of a step next to the blocks.
+        """
         if self._table is not None:
             return self._table
         if self._approx_in is None:
@@ -139,20 +145,17 @@ class PerTokenTimestepsChroma(TokenTimeHooks):
                                "was set")
         assert self._unique is not None
         inputs = self._approx_in
-        rows = inputs[:, 0, TIME_FEATURES:2 * TIME_FEATURES]  # each row's guidance features
-        guidance, row_of = torch.unique(rows, dim=0, return_inverse=True)
-        first = torch.zeros(guidance.shape[0], dtype=torch.long, device=inputs.device)
-        first.scatter_(0, row_of, torch.arange(rows.shape[0], device=inputs.device))  # a row with that guidance
-        positions = torch.tensor(self.positions, device=inputs.device)
-        base = inputs[first][:, positions]  # (G, P, 64)
+        positions = self._positions.get(inputs.device)
+        if positions is None:
+            positions = self._positions[inputs.device] = torch.tensor(self.positions, device=inputs.device)
+        base = inputs[:, positions]  # (B', P, 64)
         u = self._unique.to(inputs.device)
         t_features = timestep_embedding(u, TIME_FEATURES).to(inputs.device, inputs.dtype)  # (U, 16), as the stock
-        g, p = base.shape[:2]
-        grid = base[:, None].expand(g, u.shape[0], p, base.shape[-1]).clone()
+        rows, p = base.shape[:2]
+        grid = base[:, None].expand(rows, u.shape[0], p, base.shape[-1]).clone()
         grid[..., :TIME_FEATURES] = t_features[None, :, None, :]
-        table = self.model.distilled_guidance_layer.forward(grid)  # (G, U, P, D): once per distinct timestep
+        self._table = self.model.distilled_guidance_layer.forward(grid)  # (B', U, P, D)
         self.table_builds += 1
-        self._table = table[row_of]
         return self._table
 
     def _per_token(self, start: int, parts: int) -> list[torch.Tensor]:

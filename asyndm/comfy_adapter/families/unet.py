@@ -3,7 +3,8 @@
 The UNet computes one time embedding per batch row (``UNetModel._forward``) and consumes it only
 in ``ResBlock._forward`` as ``emb_layers(emb)[..., None, None]`` added to (or scaling/shifting)
 the block's features. While a map is set we replace that ``emb_layers`` output with a
-(B', C, h, w) tensor: each pixel gets the projection of its own timestep's embedding, taken at
+(B', C, h, w) tensor (1 row for one image: it broadcasts over the CFG chunks like the stock
+(B', C, 1, 1) does): each pixel gets the projection of its own timestep's embedding, taken at
 the block's resolution. Nothing in ComfyUI is edited or patched: the hooks are registered in
 ``__enter__`` and removed in ``__exit__``, and with no map set they pass everything through.
 
@@ -119,6 +120,10 @@ class PerPixelTimesteps(TimeHooks):
     def __init__(self, diffusion_model: torch.nn.Module) -> None:
         self.unet = unwrap(diffusion_model)
         self.blocks = unet_resblocks(self.unet)
+        # Block index maps, kept while the same index map object comes back (every call of a track set):
+        # the reference keeps that object alive, so identity cannot be reused by another tensor.
+        self._index_owner: torch.Tensor | None = None
+        self._index_cache: dict[tuple, torch.Tensor] = {}
         super().__init__()
 
     def attention_observer(self, latent_hw: tuple[int, int], batch: int,
@@ -225,12 +230,23 @@ class PerPixelTimesteps(TimeHooks):
         self._table = table.to(emb.dtype)
         return self._table
 
-    def _index(self, size: tuple[int, int], device: torch.device) -> torch.Tensor:
-        key = (size, device)
+    def _index(self, size: tuple[int, int], device: torch.device, tables: int) -> torch.Tensor:
+        """(R * h * w,) long: each pixel's row in the block's table, flattened in (R, h, w) order.
+        tables: 1 for one (U, C) table shared by the rows, else U (every row r has its own (U, C)
+        table, flattened row-major: row r's entries start at r * U). Built once per size."""
+        assert self._inverse is not None
+        if self._index_owner is not self._inverse:  # a new map (not a new call with the same map object)
+            self._index_owner = self._inverse
+            self._index_cache = {}
+        key = (size, device, tables, self._rows)
         idx = self._index_cache.get(key)
         if idx is None:
-            assert self._inverse is not None
             idx = block_index_map(self._inverse.to(device), size)
+            if tables > 1:
+                rows = self._rows
+                idx = idx.repeat(rows // idx.shape[0], 1, 1)
+                idx = idx + torch.arange(rows, device=device).view(-1, 1, 1) * tables
+            idx = idx.reshape(-1)
             self._index_cache[key] = idx
         return idx
 
@@ -245,38 +261,39 @@ class PerPixelTimesteps(TimeHooks):
         if out_tab.shape[-2] == 1:
             col = out_tab[..., 0, :, None, None]  # (C, 1, 1) or (B', C, 1, 1)
             return col.expand(rows, -1, -1, -1) if col.ndim == 3 else col
-        idx = self._index(size, out_tab.device)  # (R, h, w)
-        if out_tab.ndim == 3 and idx.shape[0] != rows:  # SDXL label / emb_patch: every row has its own table
-            idx = idx.repeat(rows // idx.shape[0], 1, 1)
-        picked = self._gather(out_tab, idx)
-        if picked.shape[0] == rows:
+        h, w = size
+        channels = out_tab.shape[-1]
+        if out_tab.ndim == 2:  # one table: gather once per image, broadcast to the CFG chunks
+            idx = self._index(size, out_tab.device, 1)
+            by_channel = out_tab.t()  # (C, U), a strided view of the small table
+        else:  # SDXL label / emb_patch: every row has its own table
+            idx = self._index(size, out_tab.device, out_tab.shape[-2])
+            by_channel = out_tab.permute(2, 0, 1).reshape(channels, -1)  # (C, B' * U)
+        picked = self._gather(by_channel, idx, h, w)
+        if picked.shape[0] in (1, rows):  # one image: broadcasts over the CFG chunks in `h + emb`
             return picked
-        if picked.shape[0] == 1:
-            return picked.expand(rows, -1, -1, -1)
         return picked.repeat(rows // picked.shape[0], 1, 1, 1)
 
     @staticmethod
-    def _gather(out_tab: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """out_tab (U, C) or (R, U, C), idx (R, h, w) -> contiguous (R, C, h, w).
+    def _gather(by_channel: torch.Tensor, idx: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """by_channel (C, V), idx (R * h * w,) -> (R, C, h, w), each (h, w) plane contiguous.
 
-        One gather along U writes the result directly in NCHW order. On the CPU it is several times
-        faster than a torch.where per track or advanced indexing (which writes channels-last), and
-        unlike a one-hot matmul it is exact under TF32.
+        One index_select along V writes every channel's pixels in (R, h, w) order: for one image
+        that is NCHW exactly, for more the images' planes interleave by channel, read as (R, C, h,
+        w) through strides. Either way the ResBlock's `h + emb` keeps its NCHW layout. Two ops per
+        block on top of the table's transposed view; exact (a copy, unlike a one-hot matmul under TF32).
         """
-        rows, h, w = idx.shape
-        if out_tab.ndim == 2:
-            by_channel = out_tab.t().contiguous()[None].expand(rows, -1, -1)  # (R, C, U)
-        else:
-            by_channel = out_tab.transpose(1, 2)
-        channels = by_channel.shape[1]
-        picked = torch.gather(by_channel, 2, idx.reshape(rows, 1, h * w).expand(-1, channels, -1))
-        return picked.view(rows, channels, h, w)
+        channels = by_channel.shape[0]
+        picked = by_channel.index_select(1, idx)  # (C, R * h * w)
+        rows = idx.numel() // (h * w)
+        if rows == 1:
+            return picked.view(1, channels, h, w)
+        return picked.as_strided((rows, channels, h, w), (h * w, rows * h * w, w, 1))
 
     # ------------------------------------------------------------------------------- helpers
     def _clear_map(self) -> None:
         super()._clear_map()
         self._base_cache: dict[tuple, torch.Tensor] = {}
-        self._index_cache: dict[tuple, torch.Tensor] = {}
         self._table: torch.Tensor | None = None
         self._label: torch.Tensor | None = None
         self._emb_patches: list = []
