@@ -362,6 +362,7 @@ class _LockstepRun:
         self.hold_sigma = tracks.sigmas[:, 0]
         begun = len(self.step_call)
         self.instances = []
+        pending: tuple[torch.Tensor, torch.Tensor] | None = None  # what the old instances ask next, per pixel
         for j in range(tracks.count):
             keep = next((inst for row, inst in old if row == tracks.rows[j]
                          and all(inst is not other for other in self.instances)), None)
@@ -382,7 +383,9 @@ class _LockstepRun:
             inst.call_offset = first_call
             inst.replay = self.outputs[first_call:]
             inst.start()
-            self._check_joined(inst, j, old_tracks, old_instances)
+            if pending is None:
+                pending = self._pending(old_tracks, old_instances)
+            self._check_joined(inst, j, *pending)
         kept = {id(inst) for inst in self.instances if inst is not None}
         for inst in old_instances:
             if inst is not None and id(inst) not in kept and not inst.done:
@@ -411,7 +414,21 @@ class _LockstepRun:
             if bool(flag):
                 raise LockstepError(message)
 
-    def _check_joined(self, inst: _Instance, j: int, old_tracks: TrackSet, old_instances: list) -> None:
+    def _pending(self, old_tracks: TrackSet, old_instances: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, sigma map): what every pixel's old instance asks in its pending model call (waiting tracks:
+        the start latent at their first sigma), composed once per re-partition."""
+        xs, sigmas = [], []
+        batch = self.x0.shape[0]
+        for k, old in enumerate(old_instances):
+            if old is None or old.request is None:
+                xs.append(self.x0)
+                sigmas.append(old_tracks.sigmas[k, 0].expand(batch))
+            else:
+                xs.append(old.request[0])
+                sigmas.append(old.request[1].reshape(-1).expand(batch))
+        return _compose(old_tracks, xs), torch.cat(sigmas)[old_tracks.call_index][:, None]
+
+    def _check_joined(self, inst: _Instance, j: int, pending_x: torch.Tensor, pending_sigma: torch.Tensor) -> None:
         """The new instance must ask, for its pixels, exactly what their old instances were asking."""
         if inst.error is not None:
             raise inst.error
@@ -422,16 +439,8 @@ class _LockstepRun:
             raise LockstepError(message)
         mine = self.tracks.mask(j)
         sigma = req[1].flatten()[0]
-        flags = [(req[1] != sigma).any()]
-        for k, old in enumerate(old_instances):
-            both = mine & old_tracks.mask(k)
-            if old is None:
-                want_x, want_s = self.x0, old_tracks.sigmas[k, 0]
-            else:
-                assert old.request is not None
-                want_x, want_s = old.request[0], old.request[1].flatten()[0]
-            flags.append((both & (req[0] != want_x)).any() | (both.any() & (sigma != want_s)))
-        self._defer_check(flags, message)
+        self._defer_check([(req[1] != sigma).any(), (mine & (req[0] != pending_x)).any(),
+                           (mine & (pending_sigma != sigma.to(pending_sigma.dtype))).any()], message)
 
     def _start_waiting(self, new_steps: list[int], out: torch.Tensor, x_in: torch.Tensor) -> None:
         """Tracks whose hold ends at a step the carrier just began join the call just made."""

@@ -20,7 +20,9 @@ on Flux (its guidance embedding, no uncond rows) and 4.5 on SD3, unless --cfg / 
 otherwise.
 
 Printed and written (--out, markdown; --json): wall time per image (median, min-max over the
-repeats after the warm-up), the ratio of each variant to the KSampler run of the same repeat
+repeats after the warm-up), aten ops and host syncs per step of each variant (a TorchDispatchMode
+over a half-length and a full-length run: their slope; the pack's own syncs apart from ComfyUI's,
+see bench/dispatch_count.py), the ratio of each variant to the KSampler run of the same repeat
 (median, min-max of those paired ratios), peak memory (CPU: peak RSS of a fresh subprocess per
 variant, and its increase over the loaded model; GPU: torch.cuda.max_memory_allocated), and a
 profile of where the asynchronous run spends its time beyond the model (perf_counter around the
@@ -91,7 +93,7 @@ from typing import Any
 
 from . import dit_models, family_rows, report
 from .fixtures import DIT_MODELS, MODELS, REPO_ROOT, Case, build_model, family_of, setup_comfyui
-from .measure import MEMORY_TAG, measure_memory_here, measure_memory_subprocess, timed
+from .measure import MEMORY_TAG, dispatch_per_step, measure_memory_here, measure_memory_subprocess, timed
 from .report import case_ratios, environment, loadavg, markdown, median
 
 ALL_VARIANTS = ("ksampler", "dynamic", "fixed", "naive", "nokeys", "half")
@@ -185,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
                    help="one instrumented run per variant (after the timed runs)")
     p.add_argument("--profile-runs", type=int, default=1)
+    p.add_argument("--dispatch", action=argparse.BooleanOptionalAction, default=True,
+                   help="count aten ops and host syncs per step of every variant (two extra untimed runs each)")
     p.add_argument("--forward-repeats", "--unet-repeats", dest="unet_repeats", type=int, default=0,
                    help="also time the model's forward alone with and without the hooks, this many times (0 = off)")
     p.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "last_run.md"), help="markdown file ('' = none)")
@@ -308,6 +312,13 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]
                 result["profile"] = {v: rows.profile_variant(bench, v, args.device, args.profile_runs) for v in variants}
                 say(f"[{model_name} {case.label}] profile: " + json.dumps(
                     {v: {k: round(x, 1) for k, x in p.items()} for v, p in result["profile"].items()}))
+            if args.dispatch:
+                result["dispatch"] = dispatch_per_step(
+                    lambda c, model_name=model_name, patcher=patcher: make_bench(model_name, patcher, c, spec), case,
+                    variants)
+                say(f"[{model_name} {case.label}] per step: " + ", ".join(
+                    f"{v} {d['ops']:.0f} ops ({d['extra_ops']:+.0f}), {d['syncs']:.2f} syncs ({d['pack_syncs']:.2f} "
+                    "the pack's)" for v, d in result["dispatch"].items()))
             if args.unet_repeats > 0:
                 result.update(rows.forward_overhead(bench, args.unet_repeats, args.device))
                 forward = result.get("unet") or result.get("forward") or {}

@@ -250,3 +250,28 @@ def profile_runs(bench: Any, variant: str, device: str, runs: int,
     known = sum(v for k, v in out.items() if k in dict(pieces))
     out[OTHER_LABEL] = out["total"] - known
     return out
+
+
+def dispatch_per_step(make_bench: Callable[[Any], Any], case: Any, variants: list[str]) -> dict[str, dict[str, float]]:
+    """Aten ops and host syncs per step of each variant (dispatch_count.py): the slope between a run
+    of half the case's steps and one of all of them, so set-up cancels. 'extra_ops' is beyond the
+    KSampler's ops per step; 'pack_syncs' counts only the pack's own host reads."""
+    from .dispatch_count import count_run, per_step
+    from .fixtures import Case
+
+    long_steps = max(case.steps, 2)
+    short_steps = max(1, long_steps // 2)
+    out: dict[str, dict[str, float]] = {}
+    for v in variants:
+        counts = []
+        for steps in (short_steps, long_steps):
+            bench = make_bench(Case(case.height, case.width, case.batch, steps))
+            count, _ = count_run(lambda bench=bench, v=v: bench.run(v))
+            counts.append(count)
+        slope = per_step(counts[0], counts[1], long_steps - short_steps)
+        out[v] = {"ops": slope["ops"], "syncs": slope["syncs"], "pack_syncs": slope["pack_syncs"],
+                  "host_violations": slope["host_violations"]}
+    base = out.get("ksampler", {}).get("ops")
+    for v in out:
+        out[v]["extra_ops"] = out[v]["ops"] - base if base is not None else float("nan")
+    return out

@@ -143,6 +143,7 @@ def markdown(run: dict[str, Any]) -> str:
         lines.append(f"Key-mask check, max |async fixed masks - KSampler| over the latent (nonzero: the run was "
                      f"asynchronous): {diffs}.")
     lines.extend(_family_summary(run, timed_results))
+    lines.extend(_dispatch_table(run, [r for r in results if r.get("dispatch")]))
     unet_rows_ = [r for r in results if r.get("unet")]
     if unet_rows_:
         lines.append("")
@@ -209,6 +210,27 @@ def markdown(run: dict[str, Any]) -> str:
         lines.append(f"| {family.PACK_SUM_TITLE} | " + " | ".join(cells) + " | - |")
     lines.append("")
     return "\n".join(lines)
+
+
+def _dispatch_table(run: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
+    """Ops and host syncs per step of each variant: what a GPU's launch queue would see."""
+    if not rows:
+        return []
+    dv = [v for v in run["variants"] if v in rows[0]["dispatch"]]
+    lines = ["", "Aten ops and host syncs per step (slope between a half-length and a full-length run; ops beyond "
+             "KSampler's in brackets; syncs: all / the pack's own, ComfyUI's samplers and schedulers read their "
+             "sigmas). Targets: the pack's syncs 0 with fixed masks (1 with dynamic masks: the re-partition), "
+             "<= 80 extra ops with fixed masks, <= 150 with key words (the issue's SD1.5 model).", ""]
+    lines.append("| model | latent | batch | steps | " + " | ".join(VARIANT_TITLES[v] for v in dv) + " |")
+    lines.append("|---|---|---|---|" + "---|" * len(dv))
+    for r in rows:
+        c, d = r["case"], r["dispatch"]
+        cells = []
+        for v in dv:
+            extra = "" if v == "ksampler" else f" ({d[v]['extra_ops']:+.0f})"
+            cells.append(f"{d[v]['ops']:.0f}{extra} ops, {d[v]['syncs']:.2f} / {d[v]['pack_syncs']:.2f} syncs")
+        lines.append(f"| {r['model']} | {c['height']}x{c['width']} | {c['batch']} | {c['steps']} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def overhead_ms_per_step(r: dict[str, Any], variant: str) -> float:
