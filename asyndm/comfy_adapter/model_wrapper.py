@@ -30,13 +30,18 @@ class StepMaps:
         self.inverse: torch.Tensor | None = None  # (B, H, W) long index into unique_t
         self.areas: dict[Any, tuple[int, int, int, int]] = {}  # cond uuid -> (h, w, y, x) crop
         self.uniform: torch.Tensor | None = None  # (1,) the one sigma of every pixel, when there is one
+        self.values: torch.Tensor | None = None  # (U,) the sigma of each unique_t entry, when the caller knows it
 
-    def set(self, sigma: torch.Tensor, unique_t: torch.Tensor, inverse: torch.Tensor) -> None:
-        """Record the sigma map and its model timesteps as unique_t[inverse] (see model_timesteps)."""
+    def set(self, sigma: torch.Tensor, unique_t: torch.Tensor, inverse: torch.Tensor,
+            values: torch.Tensor | None = None) -> None:
+        """Record the sigma map and its model timesteps as unique_t[inverse] (see model_timesteps);
+        values: the sigmas behind unique_t (sigma == values[inverse]), which lets per-sigma
+        coefficients be computed once per entry instead of per pixel."""
         self.sigma = sigma
         self.unique_t = unique_t
         self.inverse = inverse
         self.uniform = None
+        self.values = values
 
     def set_uniform(self, sigma: torch.Tensor, value: torch.Tensor) -> None:
         """Every pixel of every image sits at the one sigma `value` (1,): no per-pixel work is needed."""
@@ -49,6 +54,7 @@ class StepMaps:
         self.unique_t = None
         self.inverse = None
         self.uniform = None
+        self.values = None
 
 
 def model_timesteps(sigma_values: torch.Tensor, index: torch.Tensor,
@@ -102,6 +108,21 @@ class PerPixelApplyModel:
             inv_parts.append(inverse[:, y : y + h, xo : xo + w])
         return torch.cat(sig_parts).to(x.device), torch.cat(inv_parts).to(x.device)
 
+    def _input_rescale(self, ms: Any, image: torch.Tensor, t: torch.Tensor, sigma_rows: torch.Tensor,
+                       inverse_rows: torch.Tensor) -> torch.Tensor:
+        """(B' or 1, 1, H, W): calculate_input's per-pixel scale over the carrier's. With the call's sigma
+        table the scale is computed once per table entry and gathered (the same elementwise maths)."""
+        values = self.maps.values
+        if values is None or tuple(inverse_rows.shape[-2:]) != tuple(image.shape[-2:]):
+            ones = torch.ones_like(image[:, :1])
+            return per_pixel(ms.calculate_input, sigma_rows, ones) / ms.calculate_input(t, ones)
+        c_in = ms.calculate_input(values.to(image.device), image.new_ones(values.shape[0], 1, 1, 1)).view(-1)
+        c_map = c_in[inverse_rows][:, None]  # (R, 1, H, W): one row per image, shared by its CFG chunks
+        c_carrier = ms.calculate_input(t, image.new_ones(t.shape[0], 1, 1, 1))  # (B', 1, 1, 1)
+        if c_map.shape[0] != 1 and c_map.shape[0] != c_carrier.shape[0]:
+            c_map = c_map.repeat(c_carrier.shape[0] // c_map.shape[0], 1, 1, 1)
+        return c_map / c_carrier
+
     def __call__(self, executor: Any, x: torch.Tensor, t: torch.Tensor, c_concat: Any, c_crossattn: Any,
                  control: Any, transformer_options: dict, **kwargs: Any) -> torch.Tensor:
         if self.maps.sigma is None:
@@ -116,11 +137,8 @@ class PerPixelApplyModel:
         one_frame = x.ndim == 5 and x.shape[2] == 1  # a video format's one frame (Qwen-Image): maths on the image
         image = x[:, :, 0] if one_frame else x
         sigma_rows, inverse_rows = self._rows(image, transformer_options)
-        ones = torch.ones_like(image[:, :1])
         # Rescale so that calculate_input(carrier, x_pre) == calculate_input(sigma_map, x) per pixel.
-        c_in_map = per_pixel(ms.calculate_input, sigma_rows, ones)
-        c_in_carrier = ms.calculate_input(t, ones)
-        rescale = c_in_map / c_in_carrier
+        rescale = self._input_rescale(ms, image, t, sigma_rows, inverse_rows)
         x_pre = x * (rescale.unsqueeze(2) if one_frame else rescale)
         unique_t = self.maps.unique_t
         assert unique_t is not None

@@ -143,7 +143,7 @@ class PixelModel:
             self.maps.set(sigma_map, *model_timesteps(values, index, self.ms))
             return
         values, index = table
-        self.maps.set(sigma_map, self.ms.timestep(values).float(), index)
+        self.maps.set(sigma_map, self.ms.timestep(values).float(), index, values)
 
     def __call__(self, x: torch.Tensor, sigma_map: torch.Tensor | None, carrier: torch.Tensor,
                  model_options: dict | None = None, seed: int | None = None,
