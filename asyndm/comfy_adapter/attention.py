@@ -1,10 +1,13 @@
 """Observe the key words' cross-attention without changing the model's output.
 
 Installed as an ``attn2_patch`` (ComfyUI calls it with the block's normalised hidden states and
-the text context just before cross-attention). It recomputes softmax(QK^T / sqrt(d)) from the
-block's own (possibly LoRA-patched) to_q / to_k at the capture grid only, for the conditional rows,
-and accumulates the columns of the key words' tokens. It returns its inputs untouched, so the
-optimized attention path and other packs' attn2 replacements keep working.
+the text context just before cross-attention) that arms the observer for a layer at the capture
+grid, and as the run's ``optimized_attention_override``, which runs the attention unchanged and
+scores softmax(QK^T / sqrt(d)) of the conditional rows from the q and k the block itself
+projected (LoRA-patched weights included), accumulating the columns of the key words' tokens.
+Nothing is read back to the host and nothing is cached. The patch returns its inputs untouched, so
+the optimized attention path and other packs' attention overrides (chained) keep working; a layer
+another pack replaces with attn2_replace is scored from its to_q / to_k instead.
 """
 
 from __future__ import annotations

@@ -11,8 +11,7 @@ wrapper and the family's time hooks.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -36,35 +35,42 @@ class TrackSet:
     states: torch.Tensor | None = None
     host_sigmas: torch.Tensor | None = None
     host_index: torch.Tensor | None = None
+    _derived: dict = field(default_factory=dict, compare=False, repr=False)  # values made once per track set
+
+    def _once(self, key: str, make: Callable[[], Any]) -> Any:
+        if key not in self._derived:
+            self._derived[key] = make()
+        return self._derived[key]
 
     @property
     def count(self) -> int:
         return int(self.sigmas.shape[0])
 
-    @cached_property
+    @property
     def host(self) -> torch.Tensor:
         """(U, N + 1) sigmas on the CPU (a copy made once, when a TrackSet was built without one)."""
-        return self.host_sigmas if self.host_sigmas is not None else to_host(self.sigmas)
+        if self.host_sigmas is not None:
+            return self.host_sigmas
+        return self._once("host", lambda: to_host(self.sigmas))
 
-    @cached_property
+    @property
     def rows(self) -> list[tuple[float, ...]]:
         """Each track's sigmas as Python numbers (to compare and look up tracks on the host)."""
-        return [tuple(row) for row in self.host.tolist()]
-
-    @cached_property
-    def _masks(self) -> list[torch.Tensor]:
-        return [(self.index == j)[:, None] for j in range(self.count)]
+        return self._once("rows", lambda: [tuple(row) for row in self.host.tolist()])
 
     def mask(self, j: int) -> torch.Tensor:
         """(B, 1, H, W) bool: the pixels of track j (built once per track set)."""
-        return self._masks[j]
+        masks = self._once("masks", lambda: [(self.index == k)[:, None] for k in range(self.count)])
+        return masks[j]
 
-    @cached_property
+    @property
     def call_index(self) -> torch.Tensor:
         """(B, H, W) long: each pixel's entry in a model call's (U * B,) table of per-track, per-image
         sigmas (track-major), so that a call's sigma map is one gather and needs no torch.unique."""
-        batch = torch.arange(self.index.shape[0], device=self.index.device).view(-1, 1, 1)
-        return self.index * self.index.shape[0] + batch
+        def make() -> torch.Tensor:
+            batch = torch.arange(self.index.shape[0], device=self.index.device).view(-1, 1, 1)
+            return self.index * self.index.shape[0] + batch
+        return self._once("call_index", make)
 
     def sigma_map(self, column: int) -> torch.Tensor:
         """(B, 1, H, W): every pixel's sigma at position `column` of its track."""
