@@ -385,7 +385,9 @@ class _LockstepRun:
             inst.start()
             if pending is None:
                 pending = self._pending(old_tracks, old_instances)
-            self._check_joined(inst, j, *pending)
+            self._expect_request(inst, j, *pending, message=(
+                f"{self.name}: the new timestep track of some pixels changes a sigma the sampler has already used, "
+                "so their run cannot be continued on it"))
         kept = {id(inst) for inst in self.instances if inst is not None}
         for inst in old_instances:
             if inst is not None and id(inst) not in kept and not inst.done:
@@ -428,19 +430,19 @@ class _LockstepRun:
                 sigmas.append(old.request[1].reshape(-1).expand(batch))
         return _compose(old_tracks, xs), torch.cat(sigmas)[old_tracks.call_index][:, None]
 
-    def _check_joined(self, inst: _Instance, j: int, pending_x: torch.Tensor, pending_sigma: torch.Tensor) -> None:
-        """The new instance must ask, for its pixels, exactly what their old instances were asking."""
+    def _expect_request(self, inst: _Instance, j: int, want_x: torch.Tensor, want_sigma: torch.Tensor,
+                        message: str) -> None:
+        """A new instance's pending call must ask, on track j's pixels, exactly want_x at want_sigma (a
+        per-pixel map, or one value), with one sigma for every row: checked on the device (deferred)."""
         if inst.error is not None:
             raise inst.error
         req = inst.request
-        message = (f"{self.name}: the new timestep track of some pixels changes a sigma the sampler has already "
-                   "used, so their run cannot be continued on it")
         if req is None:
             raise LockstepError(message)
         mine = self.tracks.mask(j)
         sigma = req[1].flatten()[0]
-        self._defer_check([(req[1] != sigma).any(), (mine & (req[0] != pending_x)).any(),
-                           (mine & (pending_sigma != sigma.to(pending_sigma.dtype))).any()], message)
+        self._defer_check([(req[1] != sigma).any(), (mine & (req[0] != want_x)).any(),
+                           (mine & (want_sigma != sigma.to(want_sigma.dtype))).any()], message)
 
     def _start_waiting(self, new_steps: list[int], out: torch.Tensor, x_in: torch.Tensor) -> None:
         """Tracks whose hold ends at a step the carrier just began join the call just made."""
@@ -451,14 +453,11 @@ class _LockstepRun:
             self.instances[j] = inst
             inst.call_offset = len(self.outputs) - 1
             inst.start()
-            req = inst.request
-            message = (f"{self.name}: track {j} could not join at step {self.starts[j]} (its first model call differs "
-                       "from the waiting pixels')")
-            if req is None:
-                raise LockstepError(message)
-            mask = self.tracks.mask(j)
-            self._defer_check([(mask & (req[0] != x_in)).any(), (req[1] != self.hold_sigma[j]).any()], message)
-            self._replay_side_channel(len(self.outputs) - 1, req[2])
+            self._expect_request(inst, j, x_in, self.hold_sigma[j], (
+                f"{self.name}: track {j} could not join at step {self.starts[j]} (its first model call differs from the "
+                "waiting pixels')"))
+            assert inst.request is not None
+            self._replay_side_channel(len(self.outputs) - 1, inst.request[2])
             inst.resume(out.clone())
 
     # ------------------------------------------------------------------------------------ progress
