@@ -200,6 +200,7 @@ class AsynSampler(comfy.samplers.Sampler):
         self.record: StepRecord | None = None
         self.patch_size = 1
         self.model_calls = 0
+        self._k_vectors: dict[torch.device, torch.Tensor] = {}
 
     # ----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -358,11 +359,10 @@ class AsynSampler(comfy.samplers.Sampler):
         return torch.where(k_map > 0, curved, linear)
 
     def _k_vector(self, device: torch.device) -> torch.Tensor:
-        """The items' priorities as a tensor on `device` (made once per device: a copy to a GPU is an op)."""
-        cache = self.__dict__.setdefault("_k_vectors", {})
-        if device not in cache:
-            cache[device] = torch.tensor(self.schedule.k, dtype=torch.float32, device=device)
-        return cache[device]
+        """The items' priorities as a float32 tensor on `device` (made once per device: a copy to a GPU is an op)."""
+        if device not in self._k_vectors:
+            self._k_vectors[device] = torch.tensor(self.schedule.k, dtype=torch.float32, device=device)
+        return self._k_vectors[device]
 
     def _fixed_priorities(self, noise: torch.Tensor) -> torch.Tensor | None:
         """k per pixel from user masks (mask_source 'masks'), resized to the latent; None otherwise."""
@@ -380,7 +380,7 @@ class AsynSampler(comfy.samplers.Sampler):
         if tuple(m.shape[-2:]) != (h, w):
             m = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)
         m = m.clamp(0.0, 1.0).expand(b, -1, -1, -1)
-        k = torch.tensor(sched.k, device=noise.device, dtype=torch.float32).view(1, -1, 1, 1)
+        k = self._k_vector(noise.device).view(1, -1, 1, 1)
         return patch_constant((m * k).amax(dim=1), self.patch_size)
 
     def _observer(self, model_wrap: Any, time_hooks: Any, noise: torch.Tensor) -> Any:
@@ -445,7 +445,7 @@ class AsynSampler(comfy.samplers.Sampler):
         states.append(torch.zeros_like(s))
         return torch.stack(states, dim=1)
 
-    def _to_sigma(self, model_wrap: Any, sigmas: torch.Tensor) -> tuple[Callable[[torch.Tensor], torch.Tensor], bool]:
+    def _to_sigma(self, model_wrap: Any, sigmas: torch.Tensor) -> tuple[_HostSigmas, bool]:
         """(state -> sigma for this run, KSampler's max_denoise for these sigmas). The function works on
         host (CPU) states: it is built from a CPU copy of the sigmas, read back once here."""
         ms = model_wrap.inner_model.model_sampling
@@ -466,11 +466,10 @@ class AsynSampler(comfy.samplers.Sampler):
         to_sigma, _ = self._to_sigma(model_wrap, sigmas)
         return self._tracks(k_map.expand(len(sigmas), *k_map.shape), sigmas, to_sigma)
 
-    def _tracks(self, history: torch.Tensor, sigmas: torch.Tensor,
-                to_sigma: Callable[[torch.Tensor], torch.Tensor]) -> TrackSet:
+    def _tracks(self, history: torch.Tensor, sigmas: torch.Tensor, to_sigma: _HostSigmas) -> TrackSet:
         """history: (N or N + 1, B, H, W) priorities (the last map, for the preview, is not used)."""
-        host = getattr(to_sigma, "host_carrier", None)
-        return tracks_from_history(history[:len(sigmas) - 1], sigmas, self._state_rows, to_sigma, host)
+        return tracks_from_history(history[:len(sigmas) - 1], sigmas, self._state_rows, to_sigma,
+                                   to_sigma.host_carrier)
 
     def _run(self, model_wrap: Any, sigmas: torch.Tensor, extra_args: dict, callback: Callable | None,
              noise: torch.Tensor, latent_image: torch.Tensor, denoise_mask: torch.Tensor | None, maps: StepMaps,
@@ -490,8 +489,7 @@ class AsynSampler(comfy.samplers.Sampler):
             k_map = fixed_k
         else:  # dynamic attention masks: before the first step every pixel follows the last-positioned item
             init = initial_item_masks(b, self.token_positions, (h, w)).to(device)
-            k = torch.tensor(self.schedule.k, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-            k_map = (init * k).amax(dim=1)
+            k_map = (init * self._k_vector(device).view(1, -1, 1, 1)).amax(dim=1)
         # history[i]: the priority map with which every pixel reaches its state i (i = 0 .. N; N is the preview's)
         history = k_map.expand(num_steps + 1, *k_map.shape)
         tracks = self._tracks(history, sigmas, to_sigma)
@@ -595,7 +593,7 @@ class _DynamicMasks:
     sigma already used moved)."""
 
     def __init__(self, sampler: AsynSampler, history: torch.Tensor, observed: _ObservedModel,
-                 sigmas: torch.Tensor, to_sigma: Callable[[torch.Tensor], torch.Tensor], size: tuple[int, int]) -> None:
+                 sigmas: torch.Tensor, to_sigma: _HostSigmas, size: tuple[int, int]) -> None:
         self.sampler = sampler
         self.history = history  # (N + 1, B, H, W), written in place
         self.observed = observed
