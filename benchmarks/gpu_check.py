@@ -334,7 +334,8 @@ def check_syncs(device: str, say: Callable[[str], None]) -> None:
         slope = per_step(counts[0], counts[1], 4)
         say(f"syncs per step, Flux-class (small) bf16, {label}: {(warn[1] - warn[0]) / 4:.2f} with "
             f"torch.cuda.set_sync_debug_mode('warn') (runs of 4 / 8 steps: {warn[0]} / {warn[1]}); "
-            f"op counter: {slope['syncs']:.2f} in all, {slope['pack_syncs']:.2f} the pack's, {slope['ops']:.0f} ops")
+            f"op counter: {slope['syncs']:.2f} in all, {slope['pack_syncs']:.2f} the pack's, {slope['ops']:.0f} ops, "
+            f"{slope['pipelined_reads']:.2f} pipelined reads ({slope['early_waits']} taken early)")
     del model
     gc.collect()
 

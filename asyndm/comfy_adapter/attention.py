@@ -17,7 +17,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["AttentionObserver", "attn2_modules", "capture_grid"]
+from .host import to_device
+
+__all__ = ["AttentionObserver", "attn2_modules", "capture_grid", "column_weights"]
 
 
 def attn2_modules(diffusion_model: torch.nn.Module) -> dict[tuple[str, int, int], torch.nn.Module]:
@@ -79,7 +81,7 @@ class AttentionObserver:
         self._previous_override: Any = None
         self._replaced: set = set()  # the attn2 blocks another pack replaces (no attention call to read)
         self._armed: tuple | None = None  # (n, context, plan) of the attn2 call about to run
-        self._columns: dict[tuple, list[torch.Tensor]] = {}  # (uuid, device) -> one index tensor per item
+        self._columns: dict[tuple, torch.Tensor] = {}  # (uuid, device, context length) -> (L, items) column weights
         self.reset()
 
     def install(self, model_options: dict) -> None:
@@ -189,16 +191,22 @@ class AttentionObserver:
             qo = qo.view(b, hw, heads, dim_head).transpose(1, 2)
             ko = ko.view(b, ko.shape[1], heads, dim_head).transpose(1, 2)
             probs = torch.softmax(qo @ ko.transpose(-1, -2) / math.sqrt(dim_head), dim=-1).mean(dim=1)  # (b, hw, L)
-            per_item = torch.stack([probs.index_select(-1, cols).mean(dim=-1)
-                                    for cols in self._column_index(uuid, probs.device)], dim=-1)  # (b, hw, items)
+            per_item = probs @ self._column_weights(uuid, probs.device, probs.shape[-1])  # (b, hw, items)
             self.total = per_item if self.total is None else self.total + per_item
             self.count += 1
 
-    def _column_index(self, uuid: Any, device: torch.device) -> list[torch.Tensor]:
-        """The items' token columns as index tensors on `device`, made once (a list index is an H2D copy)."""
-        key = (uuid, device)
-        cols = self._columns.get(key)
-        if cols is None:
-            cols = [torch.tensor(c, dtype=torch.long, device=device) for c in self.columns_by_uuid[uuid]]
-            self._columns[key] = cols
-        return cols
+    def _column_weights(self, uuid: Any, device: torch.device, length: int) -> torch.Tensor:
+        key = (uuid, device, length)
+        if key not in self._columns:
+            self._columns[key] = column_weights(self.columns_by_uuid[uuid], length, device)
+        return self._columns[key]
+
+
+def column_weights(items: list[list[int]], length: int, device: torch.device) -> torch.Tensor:
+    """(L, items) float32: 1 / (item's token count) at each item's token columns, so that one matmul
+    averages every item's columns (no index list per call: indexing a device tensor with a Python
+    list uploads the list each time). Observers make it once per prompt, device and context length."""
+    table = torch.zeros(length, len(items), dtype=torch.float32)
+    for i, cols in enumerate(items):
+        table[cols, i] = 1.0 / len(cols)
+    return to_device(table, device)

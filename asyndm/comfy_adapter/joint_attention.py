@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from .attention import column_weights
+
 __all__ = ["JointAttentionObserver"]
 
 HEAD_CHUNK = 4  # heads per softmax, to bound the (rows, heads, image, text) scratch memory
@@ -42,6 +44,7 @@ class JointAttentionObserver:
         self.num_items = len(next(iter(columns_by_uuid.values()))) if columns_by_uuid else 0
         self.enabled = False
         self.previous: Any = None
+        self._weights: dict[tuple, torch.Tensor] = {}  # (uuid, device, text length) -> column_weights
         self.reset()
 
     def install(self, model_options: dict) -> None:
@@ -112,6 +115,9 @@ class JointAttentionObserver:
             probs /= q.shape[1]
             if max(max(cols) for cols in columns) >= text:
                 continue  # not this prompt's context (the sampler checked its length against the tokens)
-            per_item = torch.stack([probs[..., cols].mean(dim=-1) for cols in columns], dim=-1)
+            key = (uuids[o], probs.device, text)
+            if key not in self._weights:
+                self._weights[key] = column_weights(columns, text, probs.device)
+            per_item = probs @ self._weights[key]  # (rows, image, items): each item's columns averaged
             self.total = per_item if self.total is None else self.total + per_item
             self.count += 1

@@ -24,10 +24,11 @@ instance (their pending proxy call raises) and are re-raised in the caller.
   reads the same path over its own interval); the others share ComfyUI's seeded default draws per
   model call (every pixel gets the same draw at the same step, late tracks included).
 - CFG++ samplers keep their own post-CFG function: every instance's is chained into the one call.
-- Dynamic masks: `retrack` may re-partition the pixels at any rendezvous; a pixel whose sequence
-  changed moves to an instance of its new sequence, replayed from the recorded model outputs and
-  checked to ask exactly what the pixel's old instance asked (else LockstepError: the change
-  reached a sigma the sampler had already used).
+- Dynamic masks: `retrack` may re-partition the pixels at any rendezvous, once that rendezvous'
+  model call is queued (the change reaches only later sigmas); a pixel whose sequence changed moves
+  to an instance of its new sequence, replayed from the recorded model outputs and checked to ask
+  exactly what the pixel's old instance asked (else LockstepError: the change reached a sigma the
+  sampler had already used), and answered with that call's output.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import inspect
 import threading
 from collections.abc import Callable, Sequence
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Protocol
 
 import comfy.k_diffusion.sampling as kdiff
 import comfy.samplers
@@ -85,6 +86,9 @@ def refusal(function: Callable, tracks: TrackSet) -> str | None:
     if why is None and name == "sample_sa_solver_pece" and any(hold_prefix(row) for row in tracks.rows):
         why = _PECE
     return why
+
+
+CARRIER_HOLDS = "the carrier (background) sigmas hold still at the start: a sigma repeats in the SIGMAS"
 
 
 class LockstepError(RuntimeError):
@@ -275,16 +279,23 @@ def hold_prefix(sigmas: Sequence[float] | torch.Tensor) -> int:
     return m
 
 
-Retrack = Callable[[int, TrackSet], "TrackSet | None"]
+class Retrack(Protocol):
+    """Re-partitions the pixels during a run (dynamic masks): `begin(step)` at a rendezvous, `step` being
+    the carrier steps begun so far, starts reading what decides the new tracks (None: nothing to read);
+    `finish(reading, tracks)`, called once the rendezvous' model call is queued, returns the new tracks
+    (every pixel's whole sequence, past and predicted future) or None when nothing changed."""
+
+    def begin(self, step: int) -> Any: ...
+
+    def finish(self, reading: Any, tracks: TrackSet) -> TrackSet | None: ...
 
 
 class _LockstepRun:
-    """The state of one lock-step run (see the module doc). `retrack(step, tracks)` (optional) is
-    asked at every rendezvous, `step` being the carrier steps begun so far; it may return new
-    tracks (every pixel's whole sequence, past and predicted future). A pixel whose sequence
-    changed moves to an instance of its new sequence: an existing one, or a new instance that is
-    replayed from the recorded model outputs (no model call) up to the pending call and checked to
-    ask exactly what the pixel's old instance asks; the check fails (LockstepError) when the
+    """The state of one lock-step run (see the module doc). `retrack` (optional, see Retrack) is asked
+    at every rendezvous; it may return new tracks once the rendezvous' call is queued. A pixel whose
+    sequence changed moves to an instance of its new sequence: an existing one, or a new instance that
+    is replayed from the recorded model outputs (no model call) up to the call just made and checked
+    to ask exactly what the pixel's old instance asked in it; the check fails (LockstepError) when the
     change reaches a sigma the sampler already used."""
 
     def __init__(self, sampler: comfy.samplers.KSAMPLER, model_wrap: Any, tracks: TrackSet, extra_args: dict,
@@ -358,7 +369,7 @@ class _LockstepRun:
         self.x0 = self.start(tracks) if old else self.x0
         self.starts = [hold_prefix(row) for row in tracks.rows]
         if self.starts[0]:
-            raise ValueError("the carrier (background) sigmas hold still at the start: a sigma repeats in the SIGMAS")
+            raise ValueError(CARRIER_HOLDS)
         self.hold_sigma = tracks.sigmas[:, 0]
         begun = len(self.step_call)
         self.instances = []
@@ -378,16 +389,19 @@ class _LockstepRun:
             self.instances.append(inst)
             if not old:  # the first assignment: starts with the run
                 continue
-            # a new sequence in the middle of the run: replay the calls since its step m began
+            # a new sequence in the middle of the run (after the rendezvous' call was made, outputs[-1]): replay
+            # the calls since its step m began up to that one, which it then asks as the old instances do
             first_call = self.step_call[m]
             inst.call_offset = first_call
-            inst.replay = self.outputs[first_call:]
+            inst.replay = self.outputs[first_call:-1]
             inst.start()
             if pending is None:
                 pending = self._pending(old_tracks, old_instances)
             self._expect_request(inst, j, *pending, message=(
                 f"{self.name}: the new timestep track of some pixels changes a sigma the sampler has already used, "
                 "so their run cannot be continued on it"))
+            assert inst.request is not None
+            self._replay_side_channel(len(self.outputs) - 1, inst.request[2])  # the call it joins, made already
         kept = {id(inst) for inst in self.instances if inst is not None}
         for inst in old_instances:
             if inst is not None and id(inst) not in kept and not inst.done:
@@ -515,12 +529,16 @@ class _LockstepRun:
                     f"{calls}; some returned while others asked for another call): this sampler's number of "
                     "model evaluations depends on the sigma values"
                 )
-            if self.retrack is not None:
-                new = self.retrack(len(self.step_call), self.tracks)
+            # A re-partition changes sigmas from the step after this call's on: the call is queued on the
+            # current tracks first, so that the read which decides the new ones lands while it runs.
+            reading = self.retrack.begin(len(self.step_call)) if self.retrack is not None else None
+            out, x_in = self._call(live)
+            if reading is not None:
+                assert self.retrack is not None
+                new = self.retrack.finish(reading, self.tracks)
                 if new is not None:
                     self._assign(new)
                     live = [inst for inst in self.instances if inst is not None]
-            out, x_in = self._call(live)
             before = len(carrier_inst.callbacks)
             for n, inst in enumerate(live):
                 last = n == len(live) - 1 and len(live) == len(self.instances) and self.retrack is None

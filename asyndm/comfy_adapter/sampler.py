@@ -32,12 +32,12 @@ from ..sigma_map import SigmaInterpolator, TimestepTable, background_track, trac
 from ..timesteps import round_clamp
 from .errors import SUPPORTED_FAMILIES, UnsupportedModelError
 from .families import time_adapter
-from .host import host_maths, to_host
+from .host import HostCopy, host_maths, to_device, to_host
 from .lockstep import REFUSED, refusal, run_lockstep
 from .model_wrapper import WRAPPER_KEY, AreaRecorder, PerPixelApplyModel, StepMaps
 from .per_pixel import per_pixel
 from .tokens import KEY as TOKENS_KEY
-from .track_model import PixelModel, TrackSet, tracks_from_history
+from .track_model import PixelModel, TrackSet, tracks_from_history, tracks_from_host_history
 
 __all__ = ["AsynSampler", "ETA_SAMPLERS", "REFUSED_SAMPLERS", "StepRecord", "check_inputs", "check_sampler_name",
            "sampler_names"]
@@ -361,7 +361,7 @@ class AsynSampler(comfy.samplers.Sampler):
     def _k_vector(self, device: torch.device) -> torch.Tensor:
         """The items' priorities as a float32 tensor on `device` (made once per device: a copy to a GPU is an op)."""
         if device not in self._k_vectors:
-            self._k_vectors[device] = torch.tensor(self.schedule.k, dtype=torch.float32, device=device)
+            self._k_vectors[device] = to_device(torch.tensor(self.schedule.k, dtype=torch.float32), device)
         return self._k_vectors[device]
 
     def _fixed_priorities(self, noise: torch.Tensor) -> torch.Tensor | None:
@@ -467,9 +467,15 @@ class AsynSampler(comfy.samplers.Sampler):
         return self._tracks(k_map.expand(len(sigmas), *k_map.shape), sigmas, to_sigma)
 
     def _tracks(self, history: torch.Tensor, sigmas: torch.Tensor, to_sigma: _HostSigmas) -> TrackSet:
-        """history: (N or N + 1, B, H, W) priorities (the last map, for the preview, is not used)."""
+        """history: (N or N + 1, B, H, W) priorities on the device (the last map, for the preview, is not
+        used): read back once."""
         return tracks_from_history(history[:len(sigmas) - 1], sigmas, self._state_rows, to_sigma,
                                    to_sigma.host_carrier)
+
+    def _host_tracks(self, history: torch.Tensor, sigmas: torch.Tensor, to_sigma: _HostSigmas) -> TrackSet:
+        """_tracks of a history already on the host (no read)."""
+        return tracks_from_host_history(history[:len(sigmas) - 1], sigmas, self._state_rows, to_sigma,
+                                        to_sigma.host_carrier)
 
     def _run(self, model_wrap: Any, sigmas: torch.Tensor, extra_args: dict, callback: Callable | None,
              noise: torch.Tensor, latent_image: torch.Tensor, denoise_mask: torch.Tensor | None, maps: StepMaps,
@@ -486,13 +492,15 @@ class AsynSampler(comfy.samplers.Sampler):
         base = self.stock_sampler()
 
         if fixed_k is not None:
-            k_map = fixed_k
+            host_k = to_host(fixed_k, torch.float32)  # the priority map's one read, before the loop
         else:  # dynamic attention masks: before the first step every pixel follows the last-positioned item
-            init = initial_item_masks(b, self.token_positions, (h, w)).to(device)
-            k_map = (init * self._k_vector(device).view(1, -1, 1, 1)).amax(dim=1)
-        # history[i]: the priority map with which every pixel reaches its state i (i = 0 .. N; N is the preview's)
-        history = k_map.expand(num_steps + 1, *k_map.shape)
-        tracks = self._tracks(history, sigmas, to_sigma)
+            with host_maths():
+                init = initial_item_masks(b, self.token_positions, (h, w))
+                host_k = (init * self._k_vector(init.device).view(1, -1, 1, 1)).amax(dim=1)
+        # history[i]: the priority map with which every pixel reaches its state i (i = 0 .. N; N is the
+        # preview's), kept on the host: the tracks are computed from it there
+        history = host_k.expand(num_steps + 1, *host_k.shape)
+        tracks = self._host_tracks(history, sigmas, to_sigma)
         why = refusal(base.sampler_function, tracks)
         if why is not None:
             raise ValueError(f"asynchronous sampling cannot use {self.sampler_name}: {why}; choose another sampler")
@@ -516,7 +524,8 @@ class AsynSampler(comfy.samplers.Sampler):
                                   observer, collect_attention)
         retrack = None
         if fixed_k is None and not collect_attention:
-            history = history.clone()  # re-read masks are written into it
+            with host_maths():
+                history = history.clone()  # re-read masks are written into it
             retrack = _DynamicMasks(self, history, observed, sigmas, to_sigma, (h, w))
         try:
             x, final_sigma = run_lockstep(base, model_wrap, tracks, extra_args, callback, start, self.disable_pbar,
@@ -531,10 +540,9 @@ class AsynSampler(comfy.samplers.Sampler):
         if retrack is not None:
             tracks = retrack.tracks or tracks
         if record and self.record is not None:
-            priorities = to_host(history[1:])  # one read, after the loop
             with host_maths():
                 self.record.states = [tracks.state_map(i) for i in range(num_steps)]
-                self.record.priorities = list(priorities.unbind(0))
+                self.record.priorities = list(history[1:].unbind(0))
         if self.reference:  # the paper ends at t = 0 and returns x_0 in its own (variance-preserving) scaling
             return ms.calculate_input(sigmas[-1:].expand(b), x)
         return ms.inverse_noise_scaling(final_sigma, x)
@@ -589,13 +597,16 @@ class _DynamicMasks:
     """The paper's dynamic masks as a lock-step re-partition: the attention of the model call that
     begins step i decides the priorities with which every pixel reaches its states from i + 2 on (the
     states up to i + 1 are in use by then); the future is predicted with those priorities until the
-    next reading. Returns new tracks when some pixel's history changed (lockstep.py checks that no
-    sigma already used moved)."""
+    next reading. The call that begins step i + 1 still uses states up to i + 1 only, so it is queued
+    first (`begin` starts the read of the new priorities, `finish` takes it once that call is
+    queued): the one host read of a step is pipelined and never drains a GPU's launch queue.
+    `finish` returns new tracks when some pixel's history changed (lockstep.py checks that no sigma
+    already used moved)."""
 
     def __init__(self, sampler: AsynSampler, history: torch.Tensor, observed: _ObservedModel,
                  sigmas: torch.Tensor, to_sigma: _HostSigmas, size: tuple[int, int]) -> None:
         self.sampler = sampler
-        self.history = history  # (N + 1, B, H, W), written in place
+        self.history = history  # (N + 1, B, H, W) on the host, written in place
         self.observed = observed
         self.sigmas = sigmas
         self.to_sigma = to_sigma
@@ -603,8 +614,9 @@ class _DynamicMasks:
         self.seen = 0
         self.tracks: TrackSet | None = None
 
-    def __call__(self, begun: int, tracks: TrackSet) -> TrackSet | None:
-        """The one host read of a step in dynamic mode: the new partition (a copy of the history)."""
+    def begin(self, begun: int) -> tuple[int, HostCopy] | None:
+        """At a rendezvous (`begun` carrier steps begun): the priorities from the latest attention, on
+        the device, and their copy to the host started; None when there is nothing to re-read."""
         if begun <= self.seen:
             return None
         self.seen = begun
@@ -612,12 +624,19 @@ class _DynamicMasks:
         observer = self.observed.observer
         if attn is None or observer is None:
             return None
-        k_map = self.sampler._priorities_from_attention(attn, self.size, observer.grid, validate=False)
         first = begun + 1  # state (begun - 1) + 2
         if first >= self.history.shape[0]:
             return None
-        self.history[first:] = k_map
-        new = self.sampler._tracks(self.history, self.sigmas, self.to_sigma)
+        k_map = self.sampler._priorities_from_attention(attn, self.size, observer.grid, validate=False)
+        return first, HostCopy(k_map)
+
+    def finish(self, reading: tuple[int, HostCopy], tracks: TrackSet) -> TrackSet | None:
+        """After the next model call was queued: the new partition, or None when it is unchanged."""
+        first, copy = reading
+        k_map = copy.wait()
+        with host_maths():
+            self.history[first:] = k_map
+        new = self.sampler._host_tracks(self.history, self.sigmas, self.to_sigma)
         if new.same_partition(tracks):
             return None
         self.tracks = new

@@ -16,11 +16,11 @@ from typing import Any
 
 import torch
 
-from .host import host_maths, to_host
+from .host import host_maths, model_call_queued, to_device, to_host
 from .model_wrapper import StepMaps, model_timesteps
 from .per_pixel import per_pixel
 
-__all__ = ["TrackSet", "PixelModel", "tracks_from_history"]
+__all__ = ["TrackSet", "PixelModel", "tracks_from_history", "tracks_from_host_history"]
 
 
 @dataclass(frozen=True)
@@ -96,31 +96,41 @@ def tracks_from_history(history: torch.Tensor, carrier: torch.Tensor,
                         state_rows: Callable[[torch.Tensor], torch.Tensor],
                         to_sigma: Callable[[torch.Tensor], torch.Tensor],
                         host_carrier: torch.Tensor | None = None) -> TrackSet:
-    """Tracks of a priority history: history (N, B, H, W) is the priority k with which each pixel
-    reaches its state i. Pixels with the same history share a track; the background (k = 0
+    """Tracks of a priority history on the device: one copy of it to the host, then
+    tracks_from_host_history."""
+    return tracks_from_host_history(to_host(history, torch.float32), carrier, state_rows, to_sigma, host_carrier)
+
+
+def tracks_from_host_history(host_history: torch.Tensor, carrier: torch.Tensor,
+                             state_rows: Callable[[torch.Tensor], torch.Tensor],
+                             to_sigma: Callable[[torch.Tensor], torch.Tensor],
+                             host_carrier: torch.Tensor | None = None) -> TrackSet:
+    """Tracks of a priority history: host_history (N, B, H, W), on the CPU, is the priority k with which
+    each pixel reaches its state i. Pixels with the same history share a track; the background (k = 0
     throughout) is track 0, on the carrier sigmas exactly. state_rows (U, N) -> (U, N + 1) runs the
-    AsynDM state recurrence per history; to_sigma places states on the run's sigmas. Both run on
-    the CPU (host maths): the partition is read back once, as one copy of the history to the host.
-    host_carrier: a CPU copy of `carrier` already made (else one more read).
+    AsynDM state recurrence per history; to_sigma places states on the run's sigmas. Both run on the
+    CPU (host maths); the tables are uploaded without a stream sync (host.to_device).
+    host_carrier: a CPU copy of `carrier` already made (else one read of it).
     """
     n = int(carrier.numel()) - 1
-    if history.shape[0] != n:
-        raise ValueError(f"need one priority map per step (got {history.shape[0]} for {n} steps)")
+    if host_history.shape[0] != n:
+        raise ValueError(f"need one priority map per step (got {host_history.shape[0]} for {n} steps)")
     device = carrier.device
-    host_history = to_host(history, torch.float32)  # the one read of device values
+    if host_carrier is None:
+        host_carrier = to_host(carrier)
     with host_maths():
-        per_pixel_rows = host_history.permute(1, 2, 3, 0).reshape(-1, n)
+        per_pixel_rows = host_history.float().permute(1, 2, 3, 0).reshape(-1, n)
         rows, index = torch.unique(per_pixel_rows, dim=0, return_inverse=True)
         if bool((rows[0] != 0).any()):  # no background pixel: track 0 still runs the carrier (it holds no pixel)
             rows = torch.cat([rows.new_zeros(1, n), rows])
             index = index + 1
         states = state_rows(rows)
         host_sigmas = to_sigma(states.reshape(-1)).reshape(states.shape).to(carrier.dtype)
-        host_sigmas[0] = to_host(carrier) if host_carrier is None else host_carrier  # the background follows the user's sigmas exactly
-        host_index = index.reshape(history.shape[1:])
-    sigmas = host_sigmas.to(device)
+        host_sigmas[0] = host_carrier  # the background follows the user's sigmas exactly
+        host_index = index.reshape(host_history.shape[1:])
+    sigmas = to_device(host_sigmas, device)
     sigmas[0] = carrier
-    return TrackSet(sigmas, host_index.to(device), states, host_sigmas, host_index)
+    return TrackSet(sigmas, to_device(host_index, device), states, host_sigmas, host_index)
 
 
 class PixelModel:
@@ -173,6 +183,7 @@ class PixelModel:
                 latent_mask = 1.0 - mask
                 x = x * mask + known * latent_mask
             out = self.model_wrap(x, carrier, model_options=model_options or {}, seed=seed)
+            model_call_queued()
             if mask is not None:
                 out = out * mask + self.latent_image * latent_mask
             return out

@@ -11,7 +11,10 @@ size). A copy from a CUDA tensor to the CPU is one too; on a CPU-only run it can
 The pack computes its track tables on CPU copies (asyndm/comfy_adapter/host.py): ops inside a
 ``host_maths()`` block are counted as host ops, not device ops, and must touch no accelerator
 tensor (counted as ``host_violations``); each ``to_host`` copy counts as one host sync of the pack
-(on a CPU-only run such a copy dispatches nothing, so it is counted where it is made).
+(on a CPU-only run such a copy dispatches nothing, so it is counted where it is made). A pipelined
+read (``HostCopy``: dynamic masks' one read per step, taken only after the next model call was
+queued, so it never drains the queue) is counted apart, as ``pipelined_reads``; one taken before a
+model call was queued after it is an ``early_waits`` (it would stall like a sync).
 
 Each sync is attributed to the innermost frame of ComfyUI or of this pack on the Python stack
 (site "pack" or "comfy", with file:line), so that a test can tell the pack's own host reads from
@@ -86,6 +89,8 @@ class RunCount:
     syncs: int = 0
     host_ops: int = 0
     host_violations: int = 0
+    pipelined_reads: int = 0
+    early_waits: int = 0
     sync_sites: Counter = field(default_factory=Counter)
     op_names: Counter = field(default_factory=Counter)
 
@@ -104,7 +109,7 @@ class DispatchCounter(TorchDispatchMode):
         self.count = RunCount()
         self._lock = threading.Lock()
         self._host_modules: list[Any] = []
-        self._reads_before = 0
+        self._reads_before = (0, 0, 0)
         self._owner: int | None = None
 
     def __enter__(self) -> DispatchCounter:
@@ -113,21 +118,26 @@ class DispatchCounter(TorchDispatchMode):
             self._owner = threading.get_ident()
             # The pack may be imported under two names (the repository's folder, and asyndm itself).
             self._host_modules = [m for name, m in list(sys.modules.items())
-                                  if name.endswith("asyndm.comfy_adapter.host") and hasattr(m, "host_reads")]
+                                  if name.endswith("asyndm.comfy_adapter.host") and hasattr(m, "pipelined_reads")]
             self._reads_before = self._host_reads()
         return super().__enter__()
 
     def __exit__(self, *exc: Any) -> None:
         if threading.get_ident() == self._owner:
-            reads = self._host_reads() - self._reads_before
+            reads, pipelined, early = (now - before for now, before in zip(self._host_reads(), self._reads_before, strict=True))
             self.count.syncs += reads
             if reads:
                 self.count.sync_sites["pack to_host"] += reads
+            self.count.pipelined_reads += pipelined
+            self.count.early_waits += early
             self._owner = None
         super().__exit__(*exc)
 
-    def _host_reads(self) -> int:
-        return sum(m.host_reads() for m in self._host_modules)
+    def _host_reads(self) -> tuple[int, int, int]:
+        """(to_host copies, pipelined reads, early waits) of this thread so far."""
+        return (sum(m.host_reads() for m in self._host_modules),
+                sum(m.pipelined_reads() for m in self._host_modules),
+                sum(m.early_waits() for m in self._host_modules))
 
     def _in_host_maths(self) -> bool:
         return any(m.in_host_maths() for m in self._host_modules)
@@ -173,5 +183,7 @@ def per_step(short: RunCount, long: RunCount, extra_steps: int) -> dict[str, Any
         "host_violations": long.host_violations + short.host_violations,
         "syncs": (long.syncs - short.syncs) / extra_steps,
         "pack_syncs": (long.pack_syncs() - short.pack_syncs()) / extra_steps,
+        "pipelined_reads": (long.pipelined_reads - short.pipelined_reads) / extra_steps,
+        "early_waits": long.early_waits + short.early_waits,
         "sync_sites": {site: n / extra_steps for site, n in sites.items() if n},
     }

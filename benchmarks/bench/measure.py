@@ -255,7 +255,8 @@ def profile_runs(bench: Any, variant: str, device: str, runs: int,
 def dispatch_per_step(make_bench: Callable[[Any], Any], case: Any, variants: list[str]) -> dict[str, dict[str, float]]:
     """Aten ops and host syncs per step of each variant (dispatch_count.py): the slope between a run
     of half the case's steps and one of all of them, so set-up cancels. 'extra_ops' is beyond the
-    KSampler's ops per step; 'pack_syncs' counts only the pack's own host reads."""
+    KSampler's ops per step; 'pack_syncs' counts only the pack's own host reads; 'pipelined_reads' the
+    dynamic masks' reads that wait only after the next model call was queued (not syncs)."""
     from .dispatch_count import count_run, per_step
     from .fixtures import Case
 
@@ -270,6 +271,7 @@ def dispatch_per_step(make_bench: Callable[[Any], Any], case: Any, variants: lis
             counts.append(count)
         slope = per_step(counts[0], counts[1], long_steps - short_steps)
         out[v] = {"ops": slope["ops"], "syncs": slope["syncs"], "pack_syncs": slope["pack_syncs"],
+                  "pipelined_reads": slope["pipelined_reads"], "early_waits": slope["early_waits"],
                   "host_violations": slope["host_violations"]}
     base = out.get("ksampler", {}).get("ops")
     for v in out:

@@ -219,8 +219,9 @@ def _dispatch_table(run: dict[str, Any], rows: list[dict[str, Any]]) -> list[str
     dv = [v for v in run["variants"] if v in rows[0]["dispatch"]]
     lines = ["", "Aten ops and host syncs per step (slope between a half-length and a full-length run; ops beyond "
              "KSampler's in brackets; syncs: all / the pack's own, ComfyUI's samplers and schedulers read their "
-             "sigmas). Targets: the pack's syncs 0 with fixed masks (1 with dynamic masks: the re-partition), "
-             "<= 80 extra ops with fixed masks, <= 150 with key words (the issue's SD1.5 model).", ""]
+             "sigmas; 'pipelined': the dynamic masks' one read per step, taken after the next model call was "
+             "queued, so not a sync). Targets: the pack's syncs 0, <= 80 extra ops with fixed masks, <= 150 with "
+             "key words (the issue's SD1.5 model).", ""]
     lines.append("| model | latent | batch | steps | " + " | ".join(VARIANT_TITLES[v] for v in dv) + " |")
     lines.append("|---|---|---|---|" + "---|" * len(dv))
     for r in rows:
@@ -228,7 +229,9 @@ def _dispatch_table(run: dict[str, Any], rows: list[dict[str, Any]]) -> list[str
         cells = []
         for v in dv:
             extra = "" if v == "ksampler" else f" ({d[v]['extra_ops']:+.0f})"
-            cells.append(f"{d[v]['ops']:.0f}{extra} ops, {d[v]['syncs']:.2f} / {d[v]['pack_syncs']:.2f} syncs")
+            piped = d[v].get("pipelined_reads", 0.0)
+            cells.append(f"{d[v]['ops']:.0f}{extra} ops, {d[v]['syncs']:.2f} / {d[v]['pack_syncs']:.2f} syncs"
+                         + (f", {piped:.2f} pipelined" if piped else ""))
         lines.append(f"| {r['model']} | {c['height']}x{c['width']} | {c['batch']} | {c['steps']} | " + " | ".join(cells) + " |")
     return lines
 

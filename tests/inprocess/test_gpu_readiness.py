@@ -8,8 +8,9 @@ their own sigmas). Per-step figures are the slope between a short and a long run
 so set-up cancels; "extra" is beyond ComfyUI's KSampler on the same model, seed and sigmas.
 
 What must hold: the pack makes no host sync inside the step loop with fixed masks (drawn, or the
-static mask after its pre-pass), on every family and every sampler; with dynamic masks exactly one
-per step (the read of the re-partitioned tracks, see README "GPU readiness"); the host maths runs
+static mask after its pre-pass), on every family and every sampler; with dynamic masks neither (their
+one read per step, of the re-partitioned tracks, is pipelined: taken only after the next model call
+was queued, see README "GPU readiness"); the host maths runs
 on CPU tensors only; and the extra ops per step stay within the bounds below (the issue's targets
 where they are met, else the measured figure plus a margin, named as such).
 """
@@ -106,9 +107,15 @@ def test_fixed_masks_make_no_host_sync_in_the_loop(node_runs, mode):
     assert got["long"].pack_syncs() <= SETUP_READS, describe(got["long"])
 
 
-def test_dynamic_masks_read_the_host_once_per_step(node_runs):
+def test_dynamic_masks_read_the_host_once_per_step_pipelined(node_runs):
+    """The re-partition's one read per step is started before the step's model call is queued and taken
+    after it (host.HostCopy): no sync of the pack per step, and no read taken before its call."""
     got = node_runs["dynamic"]
-    assert got["pack_syncs"] <= 1.0, got["sync_sites"]
+    assert got["short"].pack_syncs() == got["long"].pack_syncs(), (
+        f"dynamic: the pack's host syncs grow with the steps: {describe(got['short'])} vs {describe(got['long'])}")
+    assert got["long"].pack_syncs() <= SETUP_READS, describe(got["long"])
+    assert 0.5 <= got["pipelined_reads"] <= 1.0, got["pipelined_reads"]  # the masks are re-read at (almost) every step
+    assert got["early_waits"] == 0
 
 
 @pytest.mark.parametrize("mode", ["drawn", "static", "dynamic"])
@@ -181,7 +188,7 @@ def every_tiny():
 # Key words on a transformer (Flux: the joint-attention observer)
 
 
-def test_flux_key_words_read_the_host_once_per_step():
+def test_flux_key_words_read_the_host_once_per_step_pipelined():
     tokens = prompt_tokens(TokenizerOnly(comfy.text_encoders.flux.FluxTokenizer(), ("l", "t5xxl")),
                            "a photo of a rabbit wearing sunglasses, next to a teddy bear")
     model = build_flux(True)
@@ -192,5 +199,6 @@ def test_flux_key_words_read_the_host_once_per_step():
     kw = dict(seed=3, cfg=1.0, scheduler="simple")
     base = slope(lambda steps: stock(model, pos, pos, latent, steps=steps, **kw), 4, 8)
     got = slope(lambda steps: asyn(model, pos, pos, latent, steps=steps, schedule=schedule, **kw), 4, 8)
-    assert got["pack_syncs"] <= 1.0, got["sync_sites"]
+    assert got["short"].pack_syncs() == got["long"].pack_syncs(), (describe(got["short"]), describe(got["long"]))
+    assert 0.5 <= got["pipelined_reads"] <= 1.0 and got["early_waits"] == 0, got
     assert got["ops"] > base["ops"]

@@ -35,11 +35,17 @@ def run(first: TrackSet, later: TrackSet | None = None, at: int = 2) -> torch.Te
     def start(tr: TrackSet) -> torch.Tensor:
         return noise * tr.sigma_map(0)
 
-    def retrack(begun: int, current: TrackSet) -> TrackSet | None:
-        return later if later is not None and begun == at and current is first else None
+    class Retrack:
+        """Re-partitions once, at the rendezvous that begins step `at` (after its call is queued)."""
+
+        def begin(self, begun: int) -> int | None:
+            return begun if begun == at else None
+
+        def finish(self, reading: int, current: TrackSet) -> TrackSet | None:
+            return later if current is first else None
 
     out, _ = run_lockstep(comfy.samplers.ksampler("euler"), object(), first, {"model_options": {}, "seed": 0}, None,
-                          start, True, model, retrack if later is not None else None)
+                          start, True, model, Retrack() if later is not None else None)
     return out
 
 

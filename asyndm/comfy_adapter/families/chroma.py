@@ -28,6 +28,7 @@ import torch
 from comfy.ldm.flux.layers import ModulationOut, timestep_embedding
 
 from ..errors import SUPPORTED_FAMILIES, UnsupportedModelError
+from ..host import to_device
 from .base import TokenTimeHooks, gather_tokens, token_index
 
 __all__ = ["PerTokenTimestepsChroma", "adapter_for", "image_positions"]
@@ -147,7 +148,7 @@ class PerTokenTimestepsChroma(TokenTimeHooks):
         inputs = self._approx_in
         positions = self._positions.get(inputs.device)
         if positions is None:
-            positions = self._positions[inputs.device] = torch.tensor(self.positions, device=inputs.device)
+            positions = self._positions[inputs.device] = to_device(torch.tensor(self.positions), inputs.device)
         base = inputs[:, positions]  # (B', P, 64)
         u = self._unique.to(inputs.device)
         t_features = timestep_embedding(u, TIME_FEATURES).to(inputs.device, inputs.dtype)  # (U, 16), as the stock
