@@ -99,10 +99,12 @@ class AttentionObserver:
         self.total: torch.Tensor | None = None
         self.count = 0
         self._armed = None
+        self._pending: list[tuple[torch.Tensor, torch.Tensor, int, Any]] = []  # (q rows, k rows, heads, uuid)
 
     def mean(self) -> torch.Tensor | None:
         """(B, h*w, items) average of what was seen since the last reset, or None."""
         self._flush()
+        self._score_pending()
         if self.total is None or self.count == 0:
             return None
         return self.total / self.count
@@ -182,18 +184,34 @@ class AttentionObserver:
 
     @torch.no_grad()
     def _score(self, q: torch.Tensor, k: torch.Tensor, plan: tuple) -> None:
-        """Add the key words' attention of the conditional rows of (B', hw, heads * d) q and (B', L, heads * d) k."""
+        """Keep the conditional rows of (B', hw, heads * d) q and (B', L, heads * d) k for scoring at
+        `mean`: the observed layers (all at the capture grid) are scored together, in one batch."""
         _, conds, heads = plan
         for sl, uuid in conds:
-            qo, ko = q[sl].float(), k[sl].float()
-            b, hw, width = qo.shape
+            self._pending.append((q[sl], k[sl], heads, uuid))
+
+    @torch.no_grad()
+    def _score_pending(self) -> None:
+        """Add the key words' attention of every kept layer: softmax(q k^T / sqrt(d)) averaged over heads,
+        each item's token columns averaged by one matmul. Layers of one shape are stacked, so the ops
+        do not grow with the number of observed layers."""
+        groups: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for q, k, heads, uuid in self._pending:
+            groups.setdefault((tuple(q.shape), tuple(k.shape), heads, uuid, q.dtype, k.dtype), []).append((q, k))
+        self._pending = []
+        for (q_shape, _, heads, uuid, _, _), pairs in groups.items():
+            layers = len(pairs)
+            qs = (torch.cat([q for q, _ in pairs]) if layers > 1 else pairs[0][0]).float()
+            ks = (torch.cat([k for _, k in pairs]) if layers > 1 else pairs[0][1]).float()
+            rows, hw, width = qs.shape
             dim_head = width // heads
-            qo = qo.view(b, hw, heads, dim_head).transpose(1, 2)
-            ko = ko.view(b, ko.shape[1], heads, dim_head).transpose(1, 2)
-            probs = torch.softmax(qo @ ko.transpose(-1, -2) / math.sqrt(dim_head), dim=-1).mean(dim=1)  # (b, hw, L)
-            per_item = probs @ self._column_weights(uuid, probs.device, probs.shape[-1])  # (b, hw, items)
-            self.total = per_item if self.total is None else self.total + per_item
-            self.count += 1
+            qs = qs.view(rows, hw, heads, dim_head).transpose(1, 2)
+            ks = ks.view(rows, ks.shape[1], heads, dim_head).transpose(1, 2)
+            probs = torch.softmax(qs @ ks.transpose(-1, -2) / math.sqrt(dim_head), dim=-1).mean(dim=1)  # (rows, hw, L)
+            per_item = probs @ self._column_weights(uuid, probs.device, probs.shape[-1])  # (rows, hw, items)
+            summed = per_item.view(layers, q_shape[0], hw, -1).sum(dim=0) if layers > 1 else per_item
+            self.total = summed if self.total is None else self.total + summed
+            self.count += layers
 
     def _column_weights(self, uuid: Any, device: torch.device, length: int) -> torch.Tensor:
         key = (uuid, device, length)

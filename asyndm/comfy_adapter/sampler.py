@@ -34,6 +34,7 @@ from .errors import SUPPORTED_FAMILIES, UnsupportedModelError
 from .families import time_adapter
 from .host import HostCopy, host_maths, to_device, to_host
 from .lockstep import REFUSED, refusal, run_lockstep
+from .map_steps import agrees_with_comfy, map_kind, run_on_maps
 from .model_wrapper import WRAPPER_KEY, AreaRecorder, PerPixelApplyModel, StepMaps
 from .per_pixel import per_pixel
 from .tokens import KEY as TOKENS_KEY
@@ -201,6 +202,7 @@ class AsynSampler(comfy.samplers.Sampler):
         self.patch_size = 1
         self.model_calls = 0
         self._k_vectors: dict[torch.device, torch.Tensor] = {}
+        self._map_checks: dict[tuple, bool] = {}  # (sampler function, options) -> map_steps agrees with it
 
     # ----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -357,6 +359,18 @@ class AsynSampler(comfy.samplers.Sampler):
             curved = schedule_step(s, remaining, curve=self.schedule.curve, k=k_map, num_steps=num_steps,
                                    num_train_timesteps=t, target=target)
         return torch.where(k_map > 0, curved, linear)
+
+    def _map_kind(self, base: comfy.samplers.KSAMPLER, ms: Any, noise: torch.Tensor, tracks: TrackSet) -> str | None:
+        """Which sampler runs on per-pixel sigma maps (map_steps.py) instead of the lock step, or None: ComfyUI's
+        own euler / euler_ancestral, on a latent of the sigmas' dtype (the maps then do the instances'
+        arithmetic exactly), whose maths the run-time check finds unchanged (checked once per sampler)."""
+        kind = map_kind(base, ms)
+        if kind is None or noise.dtype != tracks.sigmas.dtype:
+            return None
+        key = (base.sampler_function, tuple(sorted((k, repr(v)) for k, v in base.extra_options.items())))
+        if key not in self._map_checks:
+            self._map_checks[key] = agrees_with_comfy(kind, base)
+        return kind if self._map_checks[key] else None
 
     def _k_vector(self, device: torch.device) -> torch.Tensor:
         """The items' priorities as a float32 tensor on `device` (made once per device: a copy to a GPU is an op)."""
@@ -527,9 +541,14 @@ class AsynSampler(comfy.samplers.Sampler):
             with host_maths():
                 history = history.clone()  # re-read masks are written into it
             retrack = _DynamicMasks(self, history, observed, sigmas, to_sigma, (h, w))
+        kind = self._map_kind(base, ms, noise, tracks)
         try:
-            x, final_sigma = run_lockstep(base, model_wrap, tracks, extra_args, callback, start, self.disable_pbar,
-                                          observed, retrack)
+            if kind is not None:  # euler / euler_ancestral: one element-wise update, no instance per track
+                x, final_sigma = run_on_maps(kind, base, tracks, extra_args, callback, start, self.disable_pbar,
+                                             observed, retrack)
+            else:
+                x, final_sigma = run_lockstep(base, model_wrap, tracks, extra_args, callback, start,
+                                              self.disable_pbar, observed, retrack)
         finally:
             if observer is not None:
                 observer.enabled = False

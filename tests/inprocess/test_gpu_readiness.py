@@ -35,19 +35,22 @@ from tests.model_factory import TokenizerOnly, build_flux, make_flux_conditionin
 # transformer block each, context 768); 128 px, euler / normal, cfg 5, key words "rabbit, basketball".
 NODE_SHORT, NODE_LONG = 6, 12
 # Extra ops per step beyond KSampler's on that model. The issue asks <= 80 with a fixed or drawn mask
-# and <= 150 with dynamic masks (attention observer included); where that is not met the bound is the
-# measured figure plus about 5 %, a guard against regressions, and README "GPU readiness" says so.
+# and <= 150 with dynamic masks (attention observer included). euler, ddim and euler_ancestral run on
+# per-pixel sigma maps (map_steps.py); the other samplers run one instance per track (the lock step),
+# whose ops grow with the number of tracks: that bound is the measured figure plus about 10 %, named.
 NODE_BOUNDS = {
-    "drawn": 90,  # NOT the issue's 80: measured 86 (the key track's own sampler instance is up to ~13 of them)
-    "static": 265,  # the second pass (~86) plus the pre-pass's attention observer (~165); measured 247-251
-    "dynamic": 470,  # NOT the issue's 150: measured 444 (observer, one sampler instance per track, re-partitions)
+    "drawn": 80,  # measured 69
+    "static": 130,  # NOT a target of the issue's: the pre-pass's observer (~49) and the asynchronous pass (~69)
+    "dynamic": 150,  # measured 130 (euler) and 114 (euler_ancestral, beyond its KSampler's)
+    "dynamic-ancestral": 150,
+    "dynamic-lockstep": 830,  # NOT the issue's 150: dpmpp_2m in the lock step, measured 748 (about 10 tracks)
 }
 SETUP_READS = 20  # the pack's host reads outside the loop (input checks, sigma tables): measured 10 and 17
 # The small family models of test_every_sampler, a drawn key item (two tracks): measured + ~15 %.
 FAMILY_SHORT, FAMILY_LONG = 4, 8
 FAMILY_BOUNDS = {
-    "flux": 170, "sd3": 115, "qwen-image": 135, "chroma-radiance": 145, "sd2-v": 125, "sdxl": 130, "flux2": 135,
-    "chroma": 160, "hunyuan-image": 135, "lumina2": 145, "z-image": 145, "hidream": 140, "auraflow": 125,
+    "flux": 148, "sd3": 95, "qwen-image": 113, "chroma-radiance": 122, "sd2-v": 103, "sdxl": 108, "flux2": 113,
+    "chroma": 140, "hunyuan-image": 112, "lumina2": 126, "z-image": 122, "hidream": 116, "auraflow": 103,
 }
 
 
@@ -78,19 +81,29 @@ def node_runs(pack_nodes, sd15_checkpoint, conds):
     masks[..., 4:12, 4:12] = 1.0
     drawn = AsynSchedule(curve="bin", k=(0.7,), mask_source="masks", masks=masks)
 
-    def node(words: str, mode: str, schedule=None):
+    def node(words: str, mode: str, schedule=None, sampler="euler"):
         return lambda steps: pack_nodes.AsynDMKSampler.execute(
-            model, pos, neg, latent, 1, steps, 5.0, "euler", "normal", 1.0, words, 0.7, "bin", 1.0, mode, 0.0, False,
+            model, pos, neg, latent, 1, steps, 5.0, sampler, "normal", 1.0, words, 0.7, "bin", 1.0, mode, 0.0, False,
             schedule).args[0]["samples"]
 
+    def ksampler(sampler: str):
+        return lambda steps: comfy_nodes.common_ksampler(model, 1, steps, 5.0, sampler, "normal", pos, neg,
+                                                         latent)[0]["samples"]
+
     jobs = {
-        "ksampler": lambda steps: comfy_nodes.common_ksampler(model, 1, steps, 5.0, "euler", "normal", pos, neg,
-                                                              latent)[0]["samples"],
+        "ksampler": ksampler("euler"),
+        "ksampler-ancestral": ksampler("euler_ancestral"),
+        "ksampler-lockstep": ksampler("dpmpp_2m"),
         "drawn": node("", "dynamic", drawn),
         "static": node("rabbit, basketball", "static"),
         "dynamic": node("rabbit, basketball", "dynamic"),
+        "dynamic-ancestral": node("rabbit, basketball", "dynamic", sampler="euler_ancestral"),
+        "dynamic-lockstep": node("rabbit, basketball", "dynamic", sampler="dpmpp_2m"),
     }
     return {name: slope(job, NODE_SHORT, NODE_LONG) for name, job in jobs.items()}
+
+
+BASELINE = {"dynamic-ancestral": "ksampler-ancestral", "dynamic-lockstep": "ksampler-lockstep"}
 
 
 def test_ksampler_baseline_is_counted(node_runs):
@@ -107,10 +120,12 @@ def test_fixed_masks_make_no_host_sync_in_the_loop(node_runs, mode):
     assert got["long"].pack_syncs() <= SETUP_READS, describe(got["long"])
 
 
-def test_dynamic_masks_read_the_host_once_per_step_pipelined(node_runs):
+@pytest.mark.parametrize("mode", ["dynamic", "dynamic-ancestral", "dynamic-lockstep"])
+def test_dynamic_masks_read_the_host_once_per_step_pipelined(node_runs, mode):
     """The re-partition's one read per step is started before the step's model call is queued and taken
-    after it (host.HostCopy): no sync of the pack per step, and no read taken before its call."""
-    got = node_runs["dynamic"]
+    after it (host.HostCopy): no sync of the pack per step, and no read taken before its call; on sigma
+    maps and in the lock step."""
+    got = node_runs[mode]
     assert got["short"].pack_syncs() == got["long"].pack_syncs(), (
         f"dynamic: the pack's host syncs grow with the steps: {describe(got['short'])} vs {describe(got['long'])}")
     assert got["long"].pack_syncs() <= SETUP_READS, describe(got["long"])
@@ -118,9 +133,9 @@ def test_dynamic_masks_read_the_host_once_per_step_pipelined(node_runs):
     assert got["early_waits"] == 0
 
 
-@pytest.mark.parametrize("mode", ["drawn", "static", "dynamic"])
+@pytest.mark.parametrize("mode", list(NODE_BOUNDS))
 def test_extra_ops_per_step_within_bounds(node_runs, mode):
-    extra = node_runs[mode]["ops"] - node_runs["ksampler"]["ops"] * (2 if mode == "static" else 1)
+    extra = node_runs[mode]["ops"] - node_runs[BASELINE.get(mode, "ksampler")]["ops"] * (2 if mode == "static" else 1)
     assert 0 < extra <= NODE_BOUNDS[mode], f"{mode}: {extra:.1f} extra ops per step (bound {NODE_BOUNDS[mode]})"
 
 

@@ -1,0 +1,216 @@
+"""Euler and Euler-ancestral (ComfyUI's euler, ddim, euler_ancestral) on per-pixel sigma maps.
+
+The lock step (lockstep.py) runs one instance of the sampler function per pixel track, which is what
+makes every ComfyUI sampler work, at a cost that grows with the number of tracks (each instance's
+own ops, composing the instances' tensors, and with dynamic masks replaying new instances). These
+two samplers are one-step and element-wise: an instance's update of a pixel reads only that pixel's
+x and denoised and its track's two sigmas. So one element-wise update with the tracks' sigmas
+gathered per pixel gives every pixel exactly what its instance gives: the same IEEE operations on
+the same values, in the same order, the same shared noise draws. The ops per step are then constant
+in the number of tracks, and a re-partition (dynamic masks) costs no replay.
+
+``map_kind`` says whether a sampler can run here: the function must be ComfyUI's own (by identity,
+so a pack that replaces it keeps the lock step), with options this file restates, and its maths must
+still be what this file restates: ``agrees_with_comfy`` runs the function itself against these steps
+on a small CPU problem (waiting pixels, a mid-run hold, the last step to 0) and the lock step is used
+when they differ (a ComfyUI release that changes the sampler).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import comfy.k_diffusion.sampling as kdiff
+import comfy.model_sampling
+import torch
+
+from .host import host_maths, to_device
+from .lockstep import CARRIER_HOLDS, Retrack, StartLatent, hold_prefix
+from .track_model import TrackSet
+
+__all__ = ["agrees_with_comfy", "map_kind", "run_on_maps"]
+
+_EULER_OPTIONS = frozenset({"s_churn", "s_tmin", "s_tmax", "s_noise"})
+_ANCESTRAL_OPTIONS = frozenset({"eta", "s_noise", "noise_sampler"})
+
+
+def map_kind(sampler: Any, model_sampling: Any) -> str | None:
+    """'euler' or 'euler_ancestral' when this KSAMPLER can run on sigma maps, else None (lock step)."""
+    fn = getattr(sampler, "sampler_function", None)
+    options = dict(getattr(sampler, "extra_options", {}) or {})
+    if fn is kdiff.sample_euler:
+        if set(options) - _EULER_OPTIONS or float(options.get("s_churn", 0.0)) > 0:
+            return None
+        return "euler"
+    if fn is kdiff.sample_euler_ancestral:
+        if set(options) - _ANCESTRAL_OPTIONS or options.get("noise_sampler") is not None:
+            return None
+        if isinstance(model_sampling, comfy.model_sampling.CONST):
+            return None  # ComfyUI runs its rectified-flow variant there
+        return "euler_ancestral"
+    return None
+
+
+def ancestral_tables(rows: torch.Tensor, eta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sigma_down, sigma_up), each (U, N), of every track's steps: ComfyUI's get_ancestral_step, element
+    by element (the same operations as on its scalar sigmas)."""
+    frm, to = rows[:, :-1], rows[:, 1:]
+    if not eta:
+        return to.clone(), torch.zeros_like(to)
+    up = torch.minimum(to, eta * (to ** 2 * (frm ** 2 - to ** 2) / frm ** 2) ** 0.5)
+    down = (to ** 2 - up ** 2) ** 0.5
+    return down, up
+
+
+class _Tables:
+    """What the steps of one track set need, decided on the host and uploaded once: per track and step
+    the next sigma (euler) or sigma_down / sigma_up (ancestral), which tracks still wait, and in which
+    steps some running track draws noise or lands on 0."""
+
+    def __init__(self, tracks: TrackSet, kind: str, eta: float) -> None:
+        device = tracks.sigmas.device
+        with host_maths():
+            rows = tracks.host
+            n = int(rows.shape[1]) - 1
+            starts = torch.tensor([hold_prefix(row) for row in tracks.rows])
+            if int(starts[0]):
+                raise ValueError(CARRIER_HOLDS)
+            steps = torch.arange(n)
+            waiting = starts[:, None] > steps[None, :]  # (U, N): the track's instance has not started
+            self.any_waiting = waiting.any(dim=0).tolist()
+            if kind == "euler_ancestral":
+                down, up = ancestral_tables(rows, eta)
+                running = ~waiting
+                lands = down == 0
+                self.draws = ((~lands) & running).any(dim=0).tolist()  # an instance calls its noise sampler
+                self.all_land = (lands | waiting).all(dim=0).tolist()
+                self.some_land = (lands & running).any(dim=0).tolist()
+                tables = [down, up]
+            else:
+                self.draws = [False] * n
+                self.all_land = self.some_land = [False] * n
+                tables = [rows[:, 1:]]
+        self.tables = [to_device(t.contiguous(), device) for t in tables]
+        self.waiting = to_device(waiting, device) if any(self.any_waiting) else None
+        self.index = tracks.index
+
+    def column(self, table: torch.Tensor, i: int) -> torch.Tensor:
+        """(B, 1, H, W): each pixel's entry of step i."""
+        return table[:, i][self.index][:, None]
+
+
+def euler_update(kind: str, i: int, tables: _Tables, x: torch.Tensor, denoised: torch.Tensor, sigma: torch.Tensor,
+                 noise: Callable[[], torch.Tensor] | None, s_noise: float) -> torch.Tensor:
+    """Step i of every pixel from x at `sigma` (B, 1, H, W), as each track's instance would take it."""
+    if kind == "euler":
+        d = (x - denoised) / sigma  # kdiff.to_d
+        new = x + d * (tables.column(tables.tables[0], i) - sigma)
+    elif tables.all_land[i]:
+        new = denoised
+    else:
+        down, up = tables.column(tables.tables[0], i), tables.column(tables.tables[1], i)
+        d = (x - denoised) / sigma
+        assert noise is not None
+        new = x + d * (down - sigma) + noise() * s_noise * up
+        if tables.some_land[i]:
+            new = torch.where(down == 0, denoised, new)
+    if tables.any_waiting[i]:
+        assert tables.waiting is not None
+        new = torch.where(tables.column(tables.waiting, i), x, new)
+    return new
+
+
+def run_on_maps(kind: str, sampler: Any, tracks: TrackSet, extra_args: dict, callback: Callable | None,
+                start: StartLatent, disable_pbar: bool, pixel_model: Callable[..., torch.Tensor],
+                retrack: Retrack | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The lock step's result for euler / euler_ancestral (see the module doc): one model call per step
+    exactly as the lock step makes it, one element-wise update. Returns (latent, the carrier's last sigma)."""
+    options = dict(sampler.extra_options)
+    eta = float(options.get("eta", 1.0))
+    s_noise = float(options.get("s_noise", 1.0))
+    x = start(tracks)
+    seed = extra_args.get("seed")
+    draw = kdiff.default_noise_sampler(x, seed=seed) if kind == "euler_ancestral" else None
+    model_options = extra_args.get("model_options", {})
+    batch = x.shape[0]
+    s_in = x.new_ones([batch])
+    tables = _Tables(tracks, kind, eta)
+    n = int(tracks.sigmas.shape[1]) - 1
+    for i in kdiff.trange(n, disable=disable_pbar):
+        reading = retrack.begin(i) if retrack is not None else None
+        column = tracks.sigmas[:, i]
+        carrier = column[0] * s_in
+        if tracks.count == 1:
+            sigma_map, table = None, None
+        else:
+            values = column[:, None].expand(-1, batch).reshape(-1).to(x.dtype)  # the lock step's call table
+            sigma_map = values[tracks.call_index][:, None]
+            table = (values, tracks.call_index)
+        denoised = pixel_model(x, sigma_map, carrier, model_options, seed=seed, table=table)
+        if reading is not None:
+            assert retrack is not None
+            new = retrack.finish(reading, tracks)
+            if new is not None:  # sigmas from step i + 2 on changed; step i's call and sigma stand
+                tracks, tables = new, _Tables(new, kind, eta)
+        sigma = tracks.sigma_map(i) if sigma_map is None or tracks.count == 1 else sigma_map
+        if callback is not None:
+            callback(i, denoised, x, n)
+        noise = partial(draw, column[0], tracks.sigmas[0, i + 1]) if draw is not None and tables.draws[i] else None
+        x = euler_update(kind, i, tables, x, denoised, sigma, noise, s_noise)
+    return x, tracks.sigmas[0, -1].clone()
+
+
+def agrees_with_comfy(kind: str, sampler: Any) -> bool:
+    """Do these steps give what ComfyUI's function gives, bit for bit, on a small problem (three tracks:
+    the carrier, one that waits two steps, one that holds mid-run; the last step to 0)? Run on the CPU
+    in float32 with a denoiser that depends on sigma, the function once per track as the lock step runs
+    it, and the same noise draws."""
+    rows = torch.tensor([[8.0, 5.0, 2.5, 1.0, 0.3, 0.0],
+                         [8.0, 8.0, 8.0, 3.0, 0.5, 0.0],
+                         [8.0, 6.0, 6.0, 2.0, 0.2, 0.0]])
+    index = torch.tensor([[[0, 1, 2], [2, 1, 0]]])
+    tracks = TrackSet(rows, index, None, rows, index)
+    generator = torch.Generator().manual_seed(7)
+    x0 = torch.randn(1, 2, 2, 3, generator=generator)
+    draws = [torch.randn(1, 2, 2, 3, generator=generator) for _ in range(rows.shape[1])]
+    options = dict(sampler.extra_options)
+
+    def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return x * 0.75 / (1.0 + sigma) + 0.1
+
+    class Proxy:  # what the function reads of its model: model_sampling, and calls
+        class inner_model:  # noqa: N801 - the attribute path k-diffusion reads
+            class inner_model:  # noqa: N801
+                model_sampling = None
+
+        def __init__(self, start: int) -> None:
+            self.start = start
+            self.calls = 0
+
+        def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **_: Any) -> torch.Tensor:
+            self.calls += 1
+            return denoise(x, sigma.view(-1, 1, 1, 1))
+
+    results = []
+    for j in range(rows.shape[0]):
+        m = hold_prefix(tracks.rows[j])
+        proxy = Proxy(m)
+        opts = dict(options)
+        if kind == "euler_ancestral":
+            opts["noise_sampler"] = lambda s, sn, p=proxy: draws[p.start + p.calls - 1]
+        with torch.no_grad():
+            results.append(sampler.sampler_function(proxy, x0.clone(), rows[j, m:].clone(), extra_args={},
+                                                    callback=None, disable=True, **opts))
+    want = results[0]
+    for j in range(1, len(results)):
+        want = torch.where((index == j)[:, None], results[j], want)
+
+    tables = _Tables(tracks, kind, float(options.get("eta", 1.0)))
+    x = x0.clone()
+    for i in range(rows.shape[1] - 1):
+        sigma = tracks.sigma_map(i)
+        noise = (lambda i=i: draws[i]) if tables.draws[i] else None
+        x = euler_update(kind, i, tables, x, denoise(x, sigma), sigma, noise, float(options.get("s_noise", 1.0)))
+    return torch.equal(x, want)

@@ -1,0 +1,107 @@
+"""euler, ddim and euler_ancestral on per-pixel sigma maps (map_steps.py) give the lock step's result bit
+for bit: with a drawn key item, with the static mask, and with dynamic masks (where the pixels are
+re-partitioned at every step and the lock step replays new sampler instances), on an eps UNet and on a
+flow transformer; and the run-time check that guards the restated maths fails on maths that differ."""
+
+from __future__ import annotations
+
+import sys
+
+import comfy.k_diffusion.sampling as kdiff
+import comfy.samplers
+import pytest
+import torch
+
+from asyndm.comfy_adapter.map_steps import agrees_with_comfy, map_kind
+from asyndm.schedule_spec import AsynSchedule
+from tests import model_factory as mf
+from tests.inprocess.sampling import asyn, fixed_masks
+
+MAP_SAMPLERS = [("euler", None), ("ddim", 0.0), ("ddim", 1.0), ("euler_ancestral", None)]
+
+
+def _run_node(pack_nodes, model, conds, name, eta, words, mode, schedule=None):
+    latent = {"samples": torch.zeros(1, 4, 16, 16)}
+    return pack_nodes.AsynDMKSampler.execute(model, conds[0], conds[1], latent, 3, 6, 5.0, name, "normal", 1.0, words,
+                                             0.7, "bin", 1.0, mode, eta if eta is not None else 0.0, False,
+                                             schedule).args[0]["samples"]
+
+
+def _sampler_modules() -> list:
+    """The sampler module as the tests import it and as the pack's nodes import it (under the pack's name)."""
+    return [m for name, m in list(sys.modules.items()) if name.endswith("asyndm.comfy_adapter.sampler")]
+
+
+def _lockstep_only(monkeypatch):
+    for module in _sampler_modules():
+        monkeypatch.setattr(module, "map_kind", lambda *args, **kwargs: None)
+
+
+@pytest.mark.parametrize(("name", "eta"), MAP_SAMPLERS)
+@pytest.mark.parametrize("mode", ["dynamic", "static", "drawn"])
+def test_map_steps_are_the_lock_step_bit_for_bit(sd15_checkpoint, conds, pack_nodes, monkeypatch, name, eta, mode):
+    model = sd15_checkpoint[0]
+    masks = torch.zeros(1, 1, 16, 16)
+    masks[..., 3:11, 5:13] = 1.0
+    drawn = AsynSchedule(curve="bin", k=(0.8,), mask_source="masks", masks=masks)
+    words, source, schedule = ("", "dynamic", drawn) if mode == "drawn" else ("rabbit, basketball", mode, None)
+    calls: list[str] = []
+    real = _sampler_modules()[0].run_on_maps
+
+    def spy(*args, **kwargs):
+        calls.append(args[0])
+        return real(*args, **kwargs)
+
+    for module in _sampler_modules():
+        monkeypatch.setattr(module, "run_on_maps", spy)
+    on_maps = _run_node(pack_nodes, model, conds, name, eta, words, source, schedule)
+    assert calls, "the map steps did not run"
+    _lockstep_only(monkeypatch)
+    in_lock_step = _run_node(pack_nodes, model, conds, name, eta, words, source, schedule)
+    assert torch.isfinite(on_maps).all()
+    assert torch.equal(on_maps, in_lock_step), float((on_maps - in_lock_step).abs().max())
+
+
+@pytest.mark.parametrize("name", ["euler", "ddim"])
+def test_map_steps_on_a_flow_transformer(monkeypatch, name):
+    """Flux (sigma = t, rectified flow): euler runs on maps; euler_ancestral keeps ComfyUI's RF variant
+    in the lock step (map_kind refuses it)."""
+    model = mf.build_flux()
+    pos, neg = mf.make_flux_conditioning(seed=1), mf.make_flux_conditioning(seed=2)
+    latent = torch.zeros(1, 16, 8, 8)
+    schedule = fixed_masks(1, 8, 8)
+    kw = dict(schedule=schedule, seed=2, steps=5, cfg=2.0, sampler=name, scheduler="simple")
+    on_maps = asyn(model, pos, neg, latent, **kw)
+    _lockstep_only(monkeypatch)
+    assert torch.equal(on_maps, asyn(model, pos, neg, latent, **kw))
+    ms = model.model.model_sampling
+    assert map_kind(comfy.samplers.ksampler("euler_ancestral"), ms) is None
+
+
+@pytest.mark.parametrize("options", [{}, {"eta": 0.5, "s_noise": 0.7}, {"eta": 0.0}, {"eta": 1.6}])
+def test_the_run_time_check_accepts_comfyuis_ancestral_maths(options):
+    assert agrees_with_comfy("euler_ancestral", comfy.samplers.ksampler("euler_ancestral", options))
+
+
+def test_the_run_time_check_accepts_comfyuis_euler_and_refuses_other_maths():
+    assert agrees_with_comfy("euler", comfy.samplers.ksampler("euler"))
+
+    def half_step_euler(model, x, sigmas, extra_args=None, callback=None, disable=None, **_):
+        s_in = x.new_ones([x.shape[0]])
+        for i in range(len(sigmas) - 1):
+            denoised = model(x, sigmas[i] * s_in)
+            x = x + kdiff.to_d(x, sigmas[i], denoised) * (sigmas[i + 1] - sigmas[i]) * 0.5
+        return x
+
+    assert not agrees_with_comfy("euler", comfy.samplers.KSAMPLER(half_step_euler))
+
+
+def test_only_comfyuis_own_functions_with_known_options_run_on_maps():
+    ms = mf.build_sd15(model_channels=32).model.model_sampling
+    assert map_kind(comfy.samplers.ksampler("euler"), ms) == "euler"
+    assert map_kind(comfy.samplers.sampler_object("ddim"), ms) == "euler"
+    assert map_kind(comfy.samplers.ksampler("euler_ancestral", {"eta": 0.3}), ms) == "euler_ancestral"
+    assert map_kind(comfy.samplers.ksampler("euler", {"s_churn": 0.5}), ms) is None  # churn adds its own noise
+    assert map_kind(comfy.samplers.ksampler("euler_ancestral", {"noise_sampler": lambda a, b: a}), ms) is None
+    assert map_kind(comfy.samplers.ksampler("heun"), ms) is None
+    assert map_kind(comfy.samplers.KSAMPLER(lambda *a, **k: None), ms) is None
