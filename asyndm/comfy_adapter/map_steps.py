@@ -122,6 +122,18 @@ def euler_update(kind: str, i: int, tables: _Tables, x: torch.Tensor, denoised: 
     return new
 
 
+def call_sigmas(tracks: TrackSet, i: int, s_in: torch.Tensor, dtype: torch.dtype
+                ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
+    """(carrier sigma (B,), sigma map, (table, index)) of step i's model call, as the lock step makes them:
+    the carrier as its sampler asks it, one table row per track and image."""
+    column = tracks.sigmas[:, i]
+    carrier = column[0] * s_in
+    if tracks.count == 1:
+        return carrier, None, None
+    values = column[:, None].expand(-1, s_in.shape[0]).reshape(-1).to(dtype)
+    return carrier, values[tracks.call_index][:, None], (values, tracks.call_index)
+
+
 def run_on_maps(kind: str, sampler: Any, tracks: TrackSet, extra_args: dict, callback: Callable | None,
                 start: StartLatent, disable_pbar: bool, pixel_model: Callable[..., torch.Tensor],
                 retrack: Retrack | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,20 +146,12 @@ def run_on_maps(kind: str, sampler: Any, tracks: TrackSet, extra_args: dict, cal
     seed = extra_args.get("seed")
     draw = kdiff.default_noise_sampler(x, seed=seed) if kind == "euler_ancestral" else None
     model_options = extra_args.get("model_options", {})
-    batch = x.shape[0]
-    s_in = x.new_ones([batch])
+    s_in = x.new_ones([x.shape[0]])
     tables = _Tables(tracks, kind, eta)
     n = int(tracks.sigmas.shape[1]) - 1
     for i in kdiff.trange(n, disable=disable_pbar):
         reading = retrack.begin(i) if retrack is not None else None
-        column = tracks.sigmas[:, i]
-        carrier = column[0] * s_in
-        if tracks.count == 1:
-            sigma_map, table = None, None
-        else:
-            values = column[:, None].expand(-1, batch).reshape(-1).to(x.dtype)  # the lock step's call table
-            sigma_map = values[tracks.call_index][:, None]
-            table = (values, tracks.call_index)
+        carrier, sigma_map, table = call_sigmas(tracks, i, s_in, x.dtype)
         denoised = pixel_model(x, sigma_map, carrier, model_options, seed=seed, table=table)
         if reading is not None:
             assert retrack is not None
@@ -157,7 +161,7 @@ def run_on_maps(kind: str, sampler: Any, tracks: TrackSet, extra_args: dict, cal
         sigma = tracks.sigma_map(i) if sigma_map is None or tracks.count == 1 else sigma_map
         if callback is not None:
             callback(i, denoised, x, n)
-        noise = partial(draw, column[0], tracks.sigmas[0, i + 1]) if draw is not None and tables.draws[i] else None
+        noise = partial(draw, carrier[0], tracks.sigmas[0, i + 1]) if draw is not None and tables.draws[i] else None
         x = euler_update(kind, i, tables, x, denoised, sigma, noise, s_noise)
     return x, tracks.sigmas[0, -1].clone()
 

@@ -170,7 +170,7 @@ NOISE_SCALING_LABEL = "per-pixel noise_scaling"
 GROUPING_LABEL = "schedule: track grouping"
 NEXT_STATE_LABEL = "schedule: next state"
 STATE_SIGMA_LABEL = "schedule: state to sigma"
-STEP_MATH_LABEL = "lock step: the samplers' own steps per track + hand-offs"
+STEP_MATH_LABEL = "lock step: the samplers' own steps per track + hand-offs"  # also the map steps (euler family)
 OBSERVER_LABEL = "attention observer (per-step mask capture)"
 ITEM_MASKS_LABEL = "item masks from attention"
 OTHER_LABEL = "rest (ComfyUI sampling, CFG, conds, setup)"
@@ -185,17 +185,18 @@ SAMPLER_PIECES = [
     (WRAPPER_LABEL, "PerPixelApplyModel.__call__ minus its children"),
     (PER_PIXEL_LABEL, "model_wrapper.per_pixel"),
     (NOISE_SCALING_LABEL, "sampler.per_pixel (once per run)"),
-    (GROUPING_LABEL, "track_model.tracks_from_history + lockstep compose"),
+    (GROUPING_LABEL, "track_model.tracks_from_(host_)history + lockstep compose + map_steps tables"),
     (NEXT_STATE_LABEL, "AsynSampler._next_state on the distinct priority histories"),
     (STATE_SIGMA_LABEL, "SigmaInterpolator on the tracks' states"),
-    (STEP_MATH_LABEL, "lockstep _Instance.resume/start (ComfyUI's sampler between model calls)"),
+    (STEP_MATH_LABEL, "lockstep _Instance.resume/start (ComfyUI's sampler between model calls), or "
+                      "map_steps.euler_update (euler / euler_ancestral on sigma maps)"),
 ]
 
 
 def wrap_sampler_pieces(stack: contextlib.ExitStack, timer: PieceTimer) -> None:
     """Time the pack's sampler-side pieces for one run (restored when stack closes)."""
     from asyndm import sigma_map
-    from asyndm.comfy_adapter import attention, lockstep, model_wrapper, track_model
+    from asyndm.comfy_adapter import attention, lockstep, map_steps, model_wrapper, track_model
     from asyndm.comfy_adapter import sampler as asyn_sampler
     from asyndm.comfy_adapter.families import base
 
@@ -211,7 +212,13 @@ def wrap_sampler_pieces(stack: contextlib.ExitStack, timer: PieceTimer) -> None:
     stack.enter_context(patched(asyn_sampler, "per_pixel", timer.wrap(NOISE_SCALING_LABEL, asyn_sampler.per_pixel)))
     stack.enter_context(patched(asyn_sampler, "tracks_from_history", timer.wrap(
         GROUPING_LABEL, asyn_sampler.tracks_from_history)))
+    stack.enter_context(patched(asyn_sampler, "tracks_from_host_history", timer.wrap(
+        GROUPING_LABEL, asyn_sampler.tracks_from_host_history)))
     stack.enter_context(patched(lockstep, "_compose", timer.wrap(GROUPING_LABEL, lockstep._compose)))
+    tables = map_steps._Tables
+    stack.enter_context(patched(tables, "__init__", timer.wrap(GROUPING_LABEL, tables.__dict__["__init__"])))
+    stack.enter_context(patched(map_steps, "euler_update", timer.wrap(STEP_MATH_LABEL, map_steps.euler_update)))
+    stack.enter_context(patched(map_steps, "call_sigmas", timer.wrap(STEP_MAPS_LABEL, map_steps.call_sigmas)))
     interp = sigma_map.SigmaInterpolator
     stack.enter_context(patched(interp, "__call__", timer.wrap(STATE_SIGMA_LABEL, interp.__dict__["__call__"])))
     ao = attention.AttentionObserver

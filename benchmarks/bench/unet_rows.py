@@ -124,10 +124,11 @@ PIECES = [  # (label, what) in report order; the pieces are exclusive of each ot
     (measure.WRAPPER_LABEL, "PerPixelApplyModel.__call__ minus its children"),
     (measure.PER_PIXEL_LABEL, "model_wrapper.per_pixel"),
     (measure.NOISE_SCALING_LABEL, "sampler.per_pixel (once per run)"),
-    (measure.GROUPING_LABEL, "track_model.tracks_from_history + lockstep compose (dynamic masks: on a change)"),
+    (measure.GROUPING_LABEL, "track_model.tracks_from_(host_)history + lockstep compose + map_steps tables "
+                             "(dynamic masks: on a change)"),
     (measure.NEXT_STATE_LABEL, "AsynSampler._next_state on the distinct priority histories"),
     (measure.STATE_SIGMA_LABEL, "SigmaInterpolator on the tracks' states"),
-    (measure.STEP_MATH_LABEL, "lockstep instances (ComfyUI's sampler steps)"),
+    (measure.STEP_MATH_LABEL, "lockstep instances (ComfyUI's sampler steps), or map_steps.euler_update"),
 ]
 PACK_SUM_TITLE = ("**sum of the pack's pieces** (rows between the UNet and the rest, plus emb_layers over the "
                   "KSampler's; % of the KSampler total)")
