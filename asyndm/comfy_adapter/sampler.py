@@ -486,9 +486,11 @@ class AsynSampler(comfy.samplers.Sampler):
         return tracks_from_history(history[:len(sigmas) - 1], sigmas, self._state_rows, to_sigma,
                                    to_sigma.host_carrier)
 
-    def _host_tracks(self, history: torch.Tensor, sigmas: torch.Tensor, to_sigma: _HostSigmas) -> TrackSet:
-        """_tracks of a history already on the host (no read)."""
-        return tracks_from_host_history(history[:len(sigmas) - 1], sigmas, self._state_rows, to_sigma,
+    def _host_tracks(self, history: torch.Tensor, sigmas: torch.Tensor, to_sigma: _HostSigmas,
+                     state_rows: Callable[[torch.Tensor], torch.Tensor] | None = None) -> TrackSet:
+        """_tracks of a history already on the host (no read). state_rows: the recurrence to use (a run's
+        _StateRowCache), else self._state_rows."""
+        return tracks_from_host_history(history[:len(sigmas) - 1], sigmas, state_rows or self._state_rows, to_sigma,
                                         to_sigma.host_carrier)
 
     def _run(self, model_wrap: Any, sigmas: torch.Tensor, extra_args: dict, callback: Callable | None,
@@ -632,6 +634,7 @@ class _DynamicMasks:
         self.size = size
         self.seen = 0
         self.tracks: TrackSet | None = None
+        self.state_rows = _StateRowCache(sampler._state_rows)
 
     def begin(self, begun: int) -> tuple[int, HostCopy] | None:
         """At a rendezvous (`begun` carrier steps begun): the priorities from the latest attention, on
@@ -654,9 +657,29 @@ class _DynamicMasks:
         first, copy = reading
         k_map = copy.wait()
         with host_maths():
+            if torch.equal(self.history[first:], k_map.expand_as(self.history[first:])):
+                return None  # the masks predicted every pixel's priorities as they are: same histories
             self.history[first:] = k_map
-        new = self.sampler._host_tracks(self.history, self.sigmas, self.to_sigma)
+        new = self.sampler._host_tracks(self.history, self.sigmas, self.to_sigma, self.state_rows)
         if new.same_partition(tracks):
             return None
         self.tracks = new
         return new
+
+
+class _StateRowCache:
+    """A run's state recurrence with each priority history's states kept: a re-partition keeps most
+    histories, and each row's states depend on that row alone (the recurrence is element-wise), so
+    only the new ones are computed."""
+
+    def __init__(self, state_rows: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.state_rows = state_rows
+        self.rows: dict[tuple[float, ...], torch.Tensor] = {}
+
+    def __call__(self, history: torch.Tensor) -> torch.Tensor:
+        keys = [tuple(row) for row in history.tolist()]
+        missing = [i for i, key in enumerate(keys) if key not in self.rows]
+        if missing:
+            for i, states in zip(missing, self.state_rows(history[missing]).unbind(0), strict=True):
+                self.rows[keys[i]] = states
+        return torch.stack([self.rows[key] for key in keys])
