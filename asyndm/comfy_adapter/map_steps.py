@@ -170,7 +170,12 @@ def agrees_with_comfy(kind: str, sampler: Any) -> bool:
     """Do these steps give what ComfyUI's function gives, bit for bit, on a small problem (three tracks:
     the carrier, one that waits two steps, one that holds mid-run; the last step to 0)? Run on the CPU
     in float32 with a denoiser that depends on sigma, the function once per track as the lock step runs
-    it, and the same noise draws."""
+    it, and the same noise draws. Host maths: it reads no device value."""
+    with host_maths():
+        return _agrees_with_comfy(kind, sampler)
+
+
+def _agrees_with_comfy(kind: str, sampler: Any) -> bool:
     rows = torch.tensor([[8.0, 5.0, 2.5, 1.0, 0.3, 0.0],
                          [8.0, 8.0, 8.0, 3.0, 0.5, 0.0],
                          [8.0, 6.0, 6.0, 2.0, 0.2, 0.0]])
