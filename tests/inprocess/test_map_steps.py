@@ -105,3 +105,31 @@ def test_only_comfyuis_own_functions_with_known_options_run_on_maps():
     assert map_kind(comfy.samplers.ksampler("euler_ancestral", {"noise_sampler": lambda a, b: a}), ms) is None
     assert map_kind(comfy.samplers.ksampler("heun"), ms) is None
     assert map_kind(comfy.samplers.KSAMPLER(lambda *a, **k: None), ms) is None
+
+
+@pytest.fixture(scope="module")
+def tiny_sd15():
+    model = mf.build_sd15(model_channels=32)
+    return model, mf.make_conditioning(model, seed=1), mf.make_conditioning(model, seed=2)
+
+
+@pytest.mark.parametrize("name", ["euler", "euler_ancestral", "ddim"])
+@pytest.mark.parametrize("scheduler", ["karras", "ddim_uniform"])
+def test_map_steps_with_a_batch_inpainting_and_img2img(tiny_sd15, monkeypatch, name, scheduler):
+    """Two images with their own key masks, a latent noise mask (inpainting) and denoise 0.6: still the
+    lock step's result bit for bit."""
+    model, pos, neg = tiny_sd15
+    latent = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    noise_mask = torch.zeros(2, 1, 8, 8)
+    noise_mask[:, :, 2:7, 1:6] = 1.0
+    masks = torch.zeros(2, 1, 8, 8)
+    masks[0, :, :4] = 1.0
+    masks[1, :, :, 3:] = 1.0
+    schedule = AsynSchedule(curve="bin", k=(0.8,), mask_source="masks", masks=masks)
+    kw = dict(schedule=schedule, seed=4, steps=6, cfg=3.0, sampler=name, scheduler=scheduler, denoise=0.6,
+              noise_mask=noise_mask)
+    on_maps = asyn(model, pos, neg, latent, **kw)
+    _lockstep_only(monkeypatch)
+    in_lock_step = asyn(model, pos, neg, latent, **kw)
+    assert torch.equal(on_maps, in_lock_step)
+    assert not torch.equal(on_maps, asyn(model, pos, neg, latent, **{**kw, "schedule": None}))
