@@ -122,6 +122,12 @@ def euler_update(kind: str, i: int, tables: _Tables, x: torch.Tensor, denoised: 
     return new
 
 
+def _noise_options(sampler: Any) -> tuple[float, float]:
+    """(eta, s_noise) of the sampler's options, with ComfyUI's defaults."""
+    options = sampler.extra_options
+    return float(options.get("eta", 1.0)), float(options.get("s_noise", 1.0))
+
+
 def call_sigmas(tracks: TrackSet, i: int, s_in: torch.Tensor, dtype: torch.dtype
                 ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
     """(carrier sigma (B,), sigma map, (table, index)) of step i's model call, as the lock step makes them:
@@ -139,9 +145,7 @@ def run_on_maps(kind: str, sampler: Any, tracks: TrackSet, extra_args: dict, cal
                 retrack: Retrack | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The lock step's result for euler / euler_ancestral (see the module doc): one model call per step
     exactly as the lock step makes it, one element-wise update. Returns (latent, the carrier's last sigma)."""
-    options = dict(sampler.extra_options)
-    eta = float(options.get("eta", 1.0))
-    s_noise = float(options.get("s_noise", 1.0))
+    eta, s_noise = _noise_options(sampler)
     x = start(tracks)
     seed = extra_args.get("seed")
     draw = kdiff.default_noise_sampler(x, seed=seed) if kind == "euler_ancestral" else None
@@ -158,7 +162,7 @@ def run_on_maps(kind: str, sampler: Any, tracks: TrackSet, extra_args: dict, cal
             new = retrack.finish(reading, tracks)
             if new is not None:  # sigmas from step i + 2 on changed; step i's call and sigma stand
                 tracks, tables = new, _Tables(new, kind, eta)
-        sigma = tracks.sigma_map(i) if sigma_map is None or tracks.count == 1 else sigma_map
+        sigma = tracks.sigma_map(i) if sigma_map is None else sigma_map  # the same values either way
         if callback is not None:
             callback(i, denoised, x, n)
         noise = partial(draw, carrier[0], tracks.sigmas[0, i + 1]) if draw is not None and tables.draws[i] else None
@@ -216,10 +220,11 @@ def _agrees_with_comfy(kind: str, sampler: Any) -> bool:
     for j in range(1, len(results)):
         want = torch.where((index == j)[:, None], results[j], want)
 
-    tables = _Tables(tracks, kind, float(options.get("eta", 1.0)))
+    eta, s_noise = _noise_options(sampler)
+    tables = _Tables(tracks, kind, eta)
     x = x0.clone()
     for i in range(rows.shape[1] - 1):
         sigma = tracks.sigma_map(i)
         noise = (lambda i=i: draws[i]) if tables.draws[i] else None
-        x = euler_update(kind, i, tables, x, denoise(x, sigma), sigma, noise, float(options.get("s_noise", 1.0)))
+        x = euler_update(kind, i, tables, x, denoise(x, sigma), sigma, noise, s_noise)
     return torch.equal(x, want)

@@ -38,7 +38,7 @@ from .map_steps import agrees_with_comfy, map_kind, run_on_maps
 from .model_wrapper import WRAPPER_KEY, AreaRecorder, PerPixelApplyModel, StepMaps
 from .per_pixel import per_pixel
 from .tokens import KEY as TOKENS_KEY
-from .track_model import PixelModel, TrackSet, tracks_from_history, tracks_from_host_history
+from .track_model import PixelModel, TrackSet, tracks_from_host_history
 
 __all__ = ["AsynSampler", "ETA_SAMPLERS", "REFUSED_SAMPLERS", "StepRecord", "check_inputs", "check_sampler_name",
            "sampler_names"]
@@ -478,18 +478,14 @@ class AsynSampler(comfy.samplers.Sampler):
     def fixed_tracks(self, model_wrap: Any, sigmas: torch.Tensor, k_map: torch.Tensor) -> TrackSet:
         """The tracks this sampler runs for a fixed priority map (B, H, W) on these sigmas."""
         to_sigma, _ = self._to_sigma(model_wrap, sigmas)
-        return self._tracks(k_map.expand(len(sigmas), *k_map.shape), sigmas, to_sigma)
+        host_k = to_host(k_map, torch.float32)
+        return self._tracks(host_k.expand(len(sigmas), *host_k.shape), sigmas, to_sigma)
 
-    def _tracks(self, history: torch.Tensor, sigmas: torch.Tensor, to_sigma: _HostSigmas) -> TrackSet:
-        """history: (N or N + 1, B, H, W) priorities on the device (the last map, for the preview, is not
-        used): read back once."""
-        return tracks_from_history(history[:len(sigmas) - 1], sigmas, self._state_rows, to_sigma,
-                                   to_sigma.host_carrier)
-
-    def _host_tracks(self, history: torch.Tensor, sigmas: torch.Tensor, to_sigma: _HostSigmas,
-                     state_rows: Callable[[torch.Tensor], torch.Tensor] | None = None) -> TrackSet:
-        """_tracks of a history already on the host (no read). state_rows: the recurrence to use (a run's
-        _StateRowCache), else self._state_rows."""
+    def _tracks(self, history: torch.Tensor, sigmas: torch.Tensor, to_sigma: _HostSigmas,
+                state_rows: Callable[[torch.Tensor], torch.Tensor] | None = None) -> TrackSet:
+        """Tracks of a history (N or N + 1, B, H, W) of priorities on the host (the last map, for the
+        preview, is not used). state_rows: the recurrence to use (a run's _StateRowCache), else
+        self._state_rows."""
         return tracks_from_host_history(history[:len(sigmas) - 1], sigmas, state_rows or self._state_rows, to_sigma,
                                         to_sigma.host_carrier)
 
@@ -516,7 +512,7 @@ class AsynSampler(comfy.samplers.Sampler):
         # history[i]: the priority map with which every pixel reaches its state i (i = 0 .. N; N is the
         # preview's), kept on the host: the tracks are computed from it there
         history = host_k.expand(num_steps + 1, *host_k.shape)
-        tracks = self._host_tracks(history, sigmas, to_sigma)
+        tracks = self._tracks(history, sigmas, to_sigma)
         why = refusal(base.sampler_function, tracks)
         if why is not None:
             raise ValueError(f"asynchronous sampling cannot use {self.sampler_name}: {why}; choose another sampler")
@@ -660,7 +656,7 @@ class _DynamicMasks:
             if torch.equal(self.history[first:], k_map.expand_as(self.history[first:])):
                 return None  # the masks predicted every pixel's priorities as they are: same histories
             self.history[first:] = k_map
-        new = self.sampler._host_tracks(self.history, self.sigmas, self.to_sigma, self.state_rows)
+        new = self.sampler._tracks(self.history, self.sigmas, self.to_sigma, self.state_rows)
         if new.same_partition(tracks):
             return None
         self.tracks = new

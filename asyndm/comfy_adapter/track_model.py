@@ -20,7 +20,7 @@ from .host import host_maths, model_call_queued, to_device, to_host
 from .model_wrapper import StepMaps, model_timesteps
 from .per_pixel import per_pixel
 
-__all__ = ["TrackSet", "PixelModel", "tracks_from_history", "tracks_from_host_history"]
+__all__ = ["TrackSet", "PixelModel", "tracks_from_host_history"]
 
 
 @dataclass(frozen=True)
@@ -90,15 +90,6 @@ class TrackSet:
             return torch.equal(self.index, other.index)
         with host_maths():
             return torch.equal(self.host_index, other.host_index)
-
-
-def tracks_from_history(history: torch.Tensor, carrier: torch.Tensor,
-                        state_rows: Callable[[torch.Tensor], torch.Tensor],
-                        to_sigma: Callable[[torch.Tensor], torch.Tensor],
-                        host_carrier: torch.Tensor | None = None) -> TrackSet:
-    """Tracks of a priority history on the device: one copy of it to the host, then
-    tracks_from_host_history."""
-    return tracks_from_host_history(to_host(history, torch.float32), carrier, state_rows, to_sigma, host_carrier)
 
 
 def tracks_from_host_history(host_history: torch.Tensor, carrier: torch.Tensor,

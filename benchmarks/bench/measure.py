@@ -185,7 +185,7 @@ SAMPLER_PIECES = [
     (WRAPPER_LABEL, "PerPixelApplyModel.__call__ minus its children"),
     (PER_PIXEL_LABEL, "model_wrapper.per_pixel"),
     (NOISE_SCALING_LABEL, "sampler.per_pixel (once per run)"),
-    (GROUPING_LABEL, "track_model.tracks_from_(host_)history + lockstep compose + map_steps tables"),
+    (GROUPING_LABEL, "track_model.tracks_from_host_history + lockstep compose + map_steps tables"),
     (NEXT_STATE_LABEL, "AsynSampler._next_state on the distinct priority histories"),
     (STATE_SIGMA_LABEL, "SigmaInterpolator on the tracks' states"),
     (STEP_MATH_LABEL, "lockstep _Instance.resume/start (ComfyUI's sampler between model calls), or "
@@ -210,8 +210,6 @@ def wrap_sampler_pieces(stack: contextlib.ExitStack, timer: PieceTimer) -> None:
     stack.enter_context(patched(pam, "__call__", timer.wrap(WRAPPER_LABEL, pam.__dict__["__call__"])))
     stack.enter_context(patched(model_wrapper, "per_pixel", timer.wrap(PER_PIXEL_LABEL, model_wrapper.per_pixel)))
     stack.enter_context(patched(asyn_sampler, "per_pixel", timer.wrap(NOISE_SCALING_LABEL, asyn_sampler.per_pixel)))
-    stack.enter_context(patched(asyn_sampler, "tracks_from_history", timer.wrap(
-        GROUPING_LABEL, asyn_sampler.tracks_from_history)))
     stack.enter_context(patched(asyn_sampler, "tracks_from_host_history", timer.wrap(
         GROUPING_LABEL, asyn_sampler.tracks_from_host_history)))
     stack.enter_context(patched(lockstep, "_compose", timer.wrap(GROUPING_LABEL, lockstep._compose)))
