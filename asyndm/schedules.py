@@ -24,7 +24,7 @@ from .checks import (
     require_float_tensor,
 )
 
-__all__ = ["SCHEDULE_CURVES", "step", "next_state", "timestep_maps"]
+__all__ = ["SCHEDULE_CURVES", "step", "next_state", "history_states", "timestep_maps"]
 
 SCHEDULE_CURVES = ("linear", "bin", "lin", "exp")
 
@@ -238,6 +238,47 @@ def next_state(
         _diagnose(s, remaining, kvec)
         _diagnose_masks(masks)
     return _next_state_unchecked(s, masks.to(s.dtype), kvec, remaining, curve, n=n, t=t, target=tgt)
+
+
+def history_states(
+    start: torch.Tensor,
+    history: torch.Tensor,
+    *,
+    first: int = 0,
+    curve: str,
+    num_steps: int,
+    num_train_timesteps: int = 1000,
+    target: float = 1.0,
+) -> torch.Tensor:
+    """The states of rows that each follow their own priority history, from column `first` on.
+
+    history: (U, num_steps) the priority with which each row takes each step (0: the background's
+    linear step, k > 0: `curve` with that k, as ``step`` takes them); start: (U,) each row's state
+    before step `first`. Returns (U, num_steps + 1 - first): the states after steps first ..
+    num_steps - 1, then 0. Checked once for the whole table rather than once per step: the
+    re-partitions of dynamic masks run this for every new history, every step.
+    """
+    n, t, tgt = _check_common(curve, num_steps, num_train_timesteps, target)
+    s = require_float_tensor("start", start)
+    history = require_float_tensor("history", history)
+    if history.ndim != 2 or history.shape[1] != n or s.shape != history.shape[:1]:
+        raise ValueError(f"need history (rows, {n}) and start (rows,), got {describe_shape(history)} and "
+                         f"{describe_shape(s)}")
+    first = as_count("first", first, minimum=0)
+    k = history.to(s.dtype)
+    if not all_true([torch.isfinite(s), (k >= 0) & (k <= 1)]):
+        _diagnose(s, 1, k)
+    keyed = (k[:, first:] > 0).any(dim=0).tolist()
+    states = []
+    for i, any_key in enumerate(keyed, start=first):
+        linear = _advance(s, n - i, 0.0, "linear", n=n, t=t, target=tgt)
+        if any_key and curve != "linear":
+            s = torch.where(k[:, i] > 0, _advance(s, n - i, k[:, i], curve, n=n, t=t, target=tgt), linear)
+        else:
+            s = linear
+        states.append(s)
+    states.append(torch.zeros_like(s))
+    return torch.stack(states, dim=1)
 
 
 def timestep_maps(

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from ..masks import initial_item_masks, item_masks
 from ..schedule_spec import AsynSchedule
 from ..schedule_table import table_step
+from ..schedules import history_states
 from ..schedules import step as schedule_step
 from ..sigma_map import SigmaInterpolator, TimestepTable, background_track, track_on_table
 from ..timesteps import round_clamp
@@ -38,7 +39,7 @@ from .map_steps import agrees_with_comfy, map_kind, run_on_maps
 from .model_wrapper import WRAPPER_KEY, AreaRecorder, PerPixelApplyModel, StepMaps
 from .per_pixel import per_pixel
 from .tokens import KEY as TOKENS_KEY
-from .track_model import PixelModel, TrackSet, tracks_from_host_history
+from .track_model import PixelModel, TrackSet, retracked, tracks_from_host_history
 
 __all__ = ["AsynSampler", "ETA_SAMPLERS", "REFUSED_SAMPLERS", "StepRecord", "check_inputs", "check_sampler_name",
            "sampler_names"]
@@ -446,14 +447,21 @@ class AsynSampler(comfy.samplers.Sampler):
         return self._priorities_from_attention(total, (h, w), observer.grid)
 
     # ----------------------------------------------------------------------------------------
-    def _state_rows(self, history: torch.Tensor) -> torch.Tensor:
+    def _state_rows(self, history: torch.Tensor, first: int = 0, start: torch.Tensor | None = None) -> torch.Tensor:
         """(U, N) priority histories -> (U, N + 1) AsynDM states: s_0 .. s_{N-1} by the schedule's
-        recurrence (state i reached with priority history[:, i]), then 0."""
+        recurrence (state i reached with priority history[:, i]), then 0. With `first` > 0, start: (U,)
+        the states s_{first-1} already known, and only s_first .. (U, N + 1 - first) are computed."""
         n = int(history.shape[1])
-        s = torch.full((history.shape[0],), float(self.num_train_timesteps + self.offset), device=history.device)
+        if start is None:
+            start = torch.full((history.shape[0],), float(self.num_train_timesteps + self.offset),
+                               device=history.device)
+        if self.schedule.table is None:
+            return history_states(start, history, first=first, curve=self.schedule.curve, num_steps=n,
+                                  num_train_timesteps=self.num_train_timesteps, target=float(self.offset))
+        s = start
         keyed = (history > 0).any(dim=0).tolist()
         states = []
-        for i in range(n):
+        for i in range(first, n):
             s = self._next_state(s, history[:, i], n - i, n, any_key=keyed[i])
             states.append(s)
         states.append(torch.zeros_like(s))
@@ -481,12 +489,10 @@ class AsynSampler(comfy.samplers.Sampler):
         host_k = to_host(k_map, torch.float32)
         return self._tracks(host_k.expand(len(sigmas), *host_k.shape), sigmas, to_sigma)
 
-    def _tracks(self, history: torch.Tensor, sigmas: torch.Tensor, to_sigma: _HostSigmas,
-                state_rows: Callable[[torch.Tensor], torch.Tensor] | None = None) -> TrackSet:
+    def _tracks(self, history: torch.Tensor, sigmas: torch.Tensor, to_sigma: _HostSigmas) -> TrackSet:
         """Tracks of a history (N or N + 1, B, H, W) of priorities on the host (the last map, for the
-        preview, is not used). state_rows: the recurrence to use (a run's _StateRowCache), else
-        self._state_rows."""
-        return tracks_from_host_history(history[:len(sigmas) - 1], sigmas, state_rows or self._state_rows, to_sigma,
+        preview, is not used)."""
+        return tracks_from_host_history(history[:len(sigmas) - 1], sigmas, self._state_rows, to_sigma,
                                         to_sigma.host_carrier)
 
     def _run(self, model_wrap: Any, sigmas: torch.Tensor, extra_args: dict, callback: Callable | None,
@@ -630,7 +636,6 @@ class _DynamicMasks:
         self.size = size
         self.seen = 0
         self.tracks: TrackSet | None = None
-        self.state_rows = _StateRowCache(sampler._state_rows)
 
     def begin(self, begun: int) -> tuple[int, HostCopy] | None:
         """At a rendezvous (`begun` carrier steps begun): the priorities from the latest attention, on
@@ -656,26 +661,14 @@ class _DynamicMasks:
             if torch.equal(self.history[first:], k_map.expand_as(self.history[first:])):
                 return None  # the masks predicted every pixel's priorities as they are: same histories
             self.history[first:] = k_map
-        new = self.sampler._tracks(self.history, self.sigmas, self.to_sigma, self.state_rows)
+        if first >= len(self.sigmas) - 1:
+            return None  # only the preview's last map changed
+        if tracks.history is None:
+            new = self.sampler._tracks(self.history, self.sigmas, self.to_sigma)
+        else:
+            new = retracked(tracks, first, k_map, self.sampler._state_rows, self.to_sigma, self.sigmas,
+                            self.to_sigma.host_carrier)
         if new.same_partition(tracks):
             return None
         self.tracks = new
         return new
-
-
-class _StateRowCache:
-    """A run's state recurrence with each priority history's states kept: a re-partition keeps most
-    histories, and each row's states depend on that row alone (the recurrence is element-wise), so
-    only the new ones are computed."""
-
-    def __init__(self, state_rows: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        self.state_rows = state_rows
-        self.rows: dict[tuple[float, ...], torch.Tensor] = {}
-
-    def __call__(self, history: torch.Tensor) -> torch.Tensor:
-        keys = [tuple(row) for row in history.tolist()]
-        missing = [i for i, key in enumerate(keys) if key not in self.rows]
-        if missing:
-            for i, states in zip(missing, self.state_rows(history[missing]).unbind(0), strict=True):
-                self.rows[keys[i]] = states
-        return torch.stack([self.rows[key] for key in keys])

@@ -14,13 +14,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from .host import host_maths, model_call_queued, to_device, to_host
 from .model_wrapper import StepMaps, model_timesteps
 from .per_pixel import per_pixel
 
-__all__ = ["TrackSet", "PixelModel", "tracks_from_host_history"]
+__all__ = ["TrackSet", "PixelModel", "retracked", "tracks_from_host_history", "unique_rows"]
 
 
 @dataclass(frozen=True)
@@ -28,13 +29,15 @@ class TrackSet:
     """sigmas: (U, N + 1) on the run's device, one scalar sequence per track, row 0 the carrier
     (background); index: (B, H, W) long, each pixel's track; host_sigmas: the same sigmas on the CPU
     (every decision about tracks reads these, never the device's); states: (U, N + 1) the AsynDM
-    states behind the sigmas (CPU); host_index: index on the CPU."""
+    states behind the sigmas (CPU); host_index: index on the CPU; history: (U, N) the priority
+    history each track's states follow (CPU), when the tracks were made from priorities."""
 
     sigmas: torch.Tensor
     index: torch.Tensor
     states: torch.Tensor | None = None
     host_sigmas: torch.Tensor | None = None
     host_index: torch.Tensor | None = None
+    history: torch.Tensor | None = None
     _derived: dict = field(default_factory=dict, compare=False, repr=False)  # values made once per track set
 
     def _once(self, key: str, make: Callable[[], Any]) -> Any:
@@ -106,22 +109,78 @@ def tracks_from_host_history(host_history: torch.Tensor, carrier: torch.Tensor,
     n = int(carrier.numel()) - 1
     if host_history.shape[0] != n:
         raise ValueError(f"need one priority map per step (got {host_history.shape[0]} for {n} steps)")
-    device = carrier.device
     if host_carrier is None:
         host_carrier = to_host(carrier)
     with host_maths():
         per_pixel_rows = host_history.float().permute(1, 2, 3, 0).reshape(-1, n)
-        rows, index = torch.unique(per_pixel_rows, dim=0, return_inverse=True)
-        if bool((rows[0] != 0).any()):  # no background pixel: track 0 still runs the carrier (it holds no pixel)
-            rows = torch.cat([rows.new_zeros(1, n), rows])
-            index = index + 1
+        rows, index = unique_rows(per_pixel_rows)
+        rows, index, _ = _with_background(rows, index)
         states = state_rows(rows)
+    return _track_set(rows, index.reshape(host_history.shape[1:]), states, carrier, host_carrier, to_sigma)
+
+
+def retracked(tracks: TrackSet, first: int, k_map: torch.Tensor,
+              state_rows: Callable[..., torch.Tensor],
+              to_sigma: Callable[[torch.Tensor], torch.Tensor], carrier: torch.Tensor,
+              host_carrier: torch.Tensor) -> TrackSet:
+    """The tracks once every pixel takes the priority k_map (B, H, W, on the CPU) from step `first` on,
+    its history before `first` being its track's: what tracks_from_host_history gives for the new
+    history, the same TrackSet, built from the track table and one integer key per pixel (its track
+    and its new priority) rather than from every pixel's whole history. The states before `first`
+    are the old track's; state_rows(histories, first, states before first) runs the recurrence on
+    (state_rows(histories): from the top)."""
+    assert tracks.history is not None and tracks.states is not None and tracks.host_index is not None
+    with host_maths():
+        levels, level = torch.unique(k_map.float() + 0.0, return_inverse=True)  # + 0.0: one zero
+        key = tracks.host_index * levels.numel() + level
+        pairs, pair = torch.unique(key.reshape(-1), return_inverse=True)  # (old track, new priority) in use
+        old = pairs // levels.numel()
+        rows = tracks.history[old].clone()
+        rows[:, first:] = levels[pairs % levels.numel()][:, None]
+        before = tracks.states[old]
+        states = torch.cat([before[:, :first], state_rows(rows, first, before[:, first - 1])], dim=1)
+        # Old tracks with the same beginning may now share a history: one track each, in torch.unique's order.
+        rows, rank = torch.unique(rows, dim=0, return_inverse=True)
+        states = states[torch.empty(rows.shape[0], dtype=torch.long).scatter_(0, rank, torch.arange(rank.numel()))]
+        rows, index, background = _with_background(rows, rank[pair])
+        if background:
+            states = torch.cat([state_rows(rows[:1]), states])
+    return _track_set(rows, index.reshape(k_map.shape), states, carrier, host_carrier, to_sigma)
+
+
+def _with_background(rows: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Track 0 is the background (k = 0 throughout): with no background pixel it is added, holding none,
+    because it still runs the carrier. (rows, index, whether it was added)."""
+    if not bool((rows[0] != 0).any()):
+        return rows, index, False
+    return torch.cat([rows.new_zeros(1, rows.shape[1]), rows]), index + 1, True
+
+
+def _track_set(rows: torch.Tensor, host_index: torch.Tensor, states: torch.Tensor, carrier: torch.Tensor,
+               host_carrier: torch.Tensor, to_sigma: Callable[[torch.Tensor], torch.Tensor]) -> TrackSet:
+    """The TrackSet of these host tables: sigmas from the states, the background on the carrier exactly,
+    uploaded without a stream sync."""
+    with host_maths():
         host_sigmas = to_sigma(states.reshape(-1)).reshape(states.shape).to(carrier.dtype)
         host_sigmas[0] = host_carrier  # the background follows the user's sigmas exactly
-        host_index = index.reshape(host_history.shape[1:])
-    sigmas = to_device(host_sigmas, device)
+    sigmas = to_device(host_sigmas, carrier.device)
     sigmas[0] = carrier
-    return TrackSet(sigmas, to_device(host_index, device), states, host_sigmas, host_index)
+    return TrackSet(sigmas, to_device(host_index, carrier.device), states, host_sigmas, host_index, history=rows)
+
+
+def unique_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.unique(rows, dim=0, return_inverse=True) of a (P, n) float32 CPU tensor without NaN: the
+    same distinct rows in the same (lexicographic) order and the same inverse, about 4x faster. The
+    P rows are deduplicated by their bytes (one sort of P fixed-size records), then only the few
+    distinct rows are put in torch's order. A re-partition groups every pixel's history, every step."""
+    if rows.shape[0] == 0 or rows.shape[1] == 0:
+        return torch.unique(rows, dim=0, return_inverse=True)
+    array = np.ascontiguousarray((rows + 0.0).numpy())  # + 0.0: -0.0 and 0.0 have different bytes
+    records = array.view(np.dtype((np.void, array.dtype.itemsize * array.shape[1]))).ravel()
+    _, first, by_bytes = np.unique(records, return_index=True, return_inverse=True)
+    distinct = torch.from_numpy(array[first])
+    ordered, rank = torch.unique(distinct, dim=0, return_inverse=True)  # byte order -> torch's order
+    return ordered, rank[torch.from_numpy(by_bytes.reshape(-1))]
 
 
 class PixelModel:

@@ -185,8 +185,8 @@ SAMPLER_PIECES = [
     (WRAPPER_LABEL, "PerPixelApplyModel.__call__ minus its children"),
     (PER_PIXEL_LABEL, "model_wrapper.per_pixel"),
     (NOISE_SCALING_LABEL, "sampler.per_pixel (once per run)"),
-    (GROUPING_LABEL, "track_model.tracks_from_host_history + lockstep compose + map_steps tables"),
-    (NEXT_STATE_LABEL, "AsynSampler._next_state on the distinct priority histories"),
+    (GROUPING_LABEL, "track_model.tracks_from_host_history / retracked + lockstep compose + map_steps tables"),
+    (NEXT_STATE_LABEL, "AsynSampler._state_rows / _next_state on the distinct priority histories"),
     (STATE_SIGMA_LABEL, "SigmaInterpolator on the tracks' states"),
     (STEP_MATH_LABEL, "lockstep _Instance.resume/start (ComfyUI's sampler between model calls), or "
                       "map_steps.euler_update (euler / euler_ancestral on sigma maps)"),
@@ -212,6 +212,7 @@ def wrap_sampler_pieces(stack: contextlib.ExitStack, timer: PieceTimer) -> None:
     stack.enter_context(patched(asyn_sampler, "per_pixel", timer.wrap(NOISE_SCALING_LABEL, asyn_sampler.per_pixel)))
     stack.enter_context(patched(asyn_sampler, "tracks_from_host_history", timer.wrap(
         GROUPING_LABEL, asyn_sampler.tracks_from_host_history)))
+    stack.enter_context(patched(asyn_sampler, "retracked", timer.wrap(GROUPING_LABEL, asyn_sampler.retracked)))
     stack.enter_context(patched(lockstep, "_compose", timer.wrap(GROUPING_LABEL, lockstep._compose)))
     tables = map_steps._Tables
     stack.enter_context(patched(tables, "__init__", timer.wrap(GROUPING_LABEL, tables.__dict__["__init__"])))
@@ -222,7 +223,8 @@ def wrap_sampler_pieces(stack: contextlib.ExitStack, timer: PieceTimer) -> None:
     ao = attention.AttentionObserver
     stack.enter_context(patched(ao, "__call__", timer.wrap(OBSERVER_LABEL, ao.__dict__["__call__"])))
     asn = asyn_sampler.AsynSampler
-    for attr, label in (("_priorities_from_attention", ITEM_MASKS_LABEL), ("_next_state", NEXT_STATE_LABEL)):
+    for attr, label in (("_priorities_from_attention", ITEM_MASKS_LABEL), ("_next_state", NEXT_STATE_LABEL),
+                        ("_state_rows", NEXT_STATE_LABEL)):
         stack.enter_context(patched(asn, attr, timer.wrap(label, asn.__dict__[attr])))
     inst = lockstep._Instance
     for attr in ("start", "resume"):

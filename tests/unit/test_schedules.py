@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from asyndm.schedules import next_state, step, timestep_maps
+from asyndm.schedules import history_states, next_state, step, timestep_maps
 
 T = 1000
 SETTINGS = settings(max_examples=40, deadline=None)
@@ -331,3 +331,57 @@ def _escape(text: str) -> str:
     import re
 
     return re.escape(text)
+
+
+# ------------------------------------------------------------------------------------------------
+# history_states: rows that each follow their own priority history (dynamic masks' re-partitions).
+
+
+def _histories(seed: int, rows: int, n: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    levels = torch.tensor([0.0, 0.4, 0.7], dtype=torch.float64)
+    return levels[torch.randint(0, 3, (rows, n), generator=generator)]
+
+
+@pytest.mark.parametrize("curve", ["linear", "bin", "lin", "exp"])
+def test_history_states_follow_the_reference_row_by_row(curve: str) -> None:
+    n, history = 12, _histories(3, 6, 12)
+    got = history_states(torch.full((6,), 1001.0, dtype=torch.float64), history, curve=curve, num_steps=n)
+    for row in range(6):
+        s, want = 1001.0, []
+        for i in range(n + 1):
+            k = float(history[row, i]) if i < n else 0.0
+            s = ref_next(s, n - i, "linear" if k == 0.0 else curve, k, n)
+            want.append(s)
+        assert got[row].tolist() == pytest.approx(want, rel=1e-9, abs=1e-9)
+
+
+@pytest.mark.parametrize("curve", ["bin", "lin", "exp"])
+def test_history_states_are_the_checked_steps_bit_for_bit(curve: str) -> None:
+    """float32: the same operations as step() per step (background linear, keyed pixels on the curve)."""
+    n, history = 10, _histories(4, 5, 10).float()
+    s = torch.full((5,), 1001.0)
+    want = []
+    for i in range(n):
+        linear = step(s, n - i, curve="linear", k=0.0, num_steps=n)
+        s = torch.where(history[:, i] > 0, step(s, n - i, curve=curve, k=history[:, i], num_steps=n), linear)
+        want.append(s)
+    full = history_states(torch.full((5,), 1001.0), history, curve=curve, num_steps=n)
+    assert torch.equal(full, torch.stack([*want, torch.zeros(5)], dim=1))
+    for first in (1, 6, 10):  # resumed from a known state: the rest of the same table
+        tail = history_states(full[:, first - 1], history, first=first, curve=curve, num_steps=n)
+        assert torch.equal(tail, full[:, first:])
+
+
+@pytest.mark.parametrize(
+    ("start", "history", "message"),
+    [
+        (torch.full((2,), 900.0), torch.full((2, 4), 1.5), "outside [0, 1]"),
+        (torch.full((2,), float("nan")), torch.zeros(2, 4), "NaN"),
+        (torch.full((3,), 900.0), torch.zeros(2, 4), "need history (rows, 4)"),
+        (torch.full((2,), 900.0), torch.zeros(2, 5), "need history (rows, 4)"),
+    ],
+)
+def test_history_states_reject_bad_input(start: torch.Tensor, history: torch.Tensor, message: str) -> None:
+    with pytest.raises(ValueError, match=_escape(message)):
+        history_states(start, history, curve="bin", num_steps=4)
