@@ -271,11 +271,13 @@ def history_states(
     keyed = (k[:, first:] > 0).any(dim=0).tolist()
     states = []
     for i, any_key in enumerate(keyed, start=first):
-        linear = _advance(s, n - i, 0.0, "linear", n=n, t=t, target=tgt)
-        if any_key and curve != "linear":
+        if any_key and curve == "bin":  # k = 0 on "bin" is the linear step exactly (an added zero)
+            s = _advance(s, n - i, k[:, i], curve, n=n, t=t, target=tgt)
+        elif any_key and curve != "linear":
+            linear = _advance(s, n - i, 0.0, "linear", n=n, t=t, target=tgt)
             s = torch.where(k[:, i] > 0, _advance(s, n - i, k[:, i], curve, n=n, t=t, target=tgt), linear)
         else:
-            s = linear
+            s = _advance(s, n - i, 0.0, "linear", n=n, t=t, target=tgt)
         states.append(s)
     states.append(torch.zeros_like(s))
     return torch.stack(states, dim=1)

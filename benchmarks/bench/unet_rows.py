@@ -110,7 +110,7 @@ STOCK_MODULE_LABEL = EMB_LAYERS_LABEL  # the stock model runs it too: only what 
 PIECES = [  # (label, what) in report order; the pieces are exclusive of each other
     (UNET_LABEL, "diffusion_model.forward minus the hooks and emb_layers that run inside it"),
     (EMB_LAYERS_LABEL, "every ResBlock's emb_layers module; the stock model runs it too, so it is not a pack piece"),
-    (measure.OBSERVER_LABEL, "AttentionObserver.__call__ (attn2_patch on every attn2)"),
+    (measure.OBSERVER_LABEL, "AttentionObserver: attn2_patch on every attn2, q/k kept, scored once per call (mean)"),
     (measure.ITEM_MASKS_LABEL, "AsynSampler._priorities_from_attention"),
     (measure.STEP_MAPS_LABEL, "distinct model timesteps of the distinct sigmas, per step"),
     (measure.SET_MAP_LABEL, "TimeHooks.set_map"),
