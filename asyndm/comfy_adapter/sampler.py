@@ -584,15 +584,26 @@ class _HostSigmas:
 
 
 class _ObservedModel:
-    """The lock-step run's model: PixelModel, with the key words' attention read at every call (the
-    observer on for the call only) and ComfyUI's interrupt checked before it."""
+    """The lock-step run's model: PixelModel, with the key words' attention observed at every call (the
+    observer on for the call only) and ComfyUI's interrupt checked before it. The attention is scored
+    when it is read (`last`, once per step by dynamic masks), not after every call: samplers that call
+    the model more than once per step (heun, the SDE and multistage ones) would score each call."""
 
     def __init__(self, model: PixelModel, observer: Any, collect: bool) -> None:
         self.model = model
         self.observer = observer
         self.collect = collect
-        self.last: torch.Tensor | None = None  # the attention of the latest call
+        self._last: torch.Tensor | None = None
+        self._unscored = False  # the observer holds the latest call's q and k, not scored yet
         self.total: torch.Tensor | None = None  # summed over the calls (collect)
+
+    @property
+    def last(self) -> torch.Tensor | None:
+        """The attention of the latest call (scored on the first read)."""
+        if self._unscored:
+            self._unscored = False
+            self._last = self.observer.mean()
+        return self._last
 
     @property
     def calls(self) -> int:
@@ -610,9 +621,11 @@ class _ObservedModel:
             out = self.model(x, sigma_map, carrier, model_options, seed=seed, table=table)
         finally:
             self.observer.enabled = False
-        self.last = self.observer.mean()
-        if self.collect and self.last is not None:
-            self.total = self.last if self.total is None else self.total + self.last
+        self._unscored = True
+        if self.collect:
+            last = self.last
+            if last is not None:
+                self.total = last if self.total is None else self.total + last
         return out
 
 
@@ -643,12 +656,12 @@ class _DynamicMasks:
         if begun <= self.seen:
             return None
         self.seen = begun
-        attn = self.observed.last
-        observer = self.observed.observer
-        if attn is None or observer is None:
-            return None
         first = begun + 1  # state (begun - 1) + 2
-        if first >= self.history.shape[0]:
+        observer = self.observed.observer
+        if first >= self.history.shape[0] or observer is None:
+            return None  # no map left that the reading could change
+        attn = self.observed.last
+        if attn is None:
             return None
         k_map = self.sampler._priorities_from_attention(attn, self.size, observer.grid, validate=False)
         return first, HostCopy(k_map)
