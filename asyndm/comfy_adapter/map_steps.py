@@ -1,4 +1,5 @@
-"""Euler and Euler-ancestral (ComfyUI's euler, ddim, euler_ancestral) on per-pixel sigma maps.
+"""Euler, Euler-ancestral and DPM-Solver++(2M) (ComfyUI's euler, ddim, euler_ancestral, dpmpp_2m) on
+per-pixel sigma maps.
 
 The lock step (lockstep.py) runs one instance of the sampler function per pixel track, which is what
 makes every ComfyUI sampler work, at a cost that grows with the number of tracks (each instance's
@@ -7,7 +8,10 @@ two samplers are one-step and element-wise: an instance's update of a pixel read
 x and denoised and its track's two sigmas. So one element-wise update with the tracks' sigmas
 gathered per pixel gives every pixel exactly what its instance gives: the same IEEE operations on
 the same values, in the same order, the same shared noise draws. The ops per step are then constant
-in the number of tracks, and a re-partition (dynamic masks) costs no replay.
+in the number of tracks, and a re-partition (dynamic masks) costs no replay. DPM-Solver++(2M) is a
+multistep sampler, but its update is element-wise too: x, denoised, the previous call's denoised and
+coefficients of the track's sigmas (computed on the device with ComfyUI's own expressions, once per
+track set, then gathered per pixel).
 
 ``map_kind`` says whether a sampler can run here: the function must be ComfyUI's own (by identity,
 so a pack that replaces it keeps the lock step), with options this file restates, and its maths must
@@ -37,7 +41,7 @@ _ANCESTRAL_OPTIONS = frozenset({"eta", "s_noise", "noise_sampler"})
 
 
 def map_kind(sampler: Any, model_sampling: Any) -> str | None:
-    """'euler' or 'euler_ancestral' when this KSAMPLER can run on sigma maps, else None (lock step)."""
+    """'euler', 'euler_ancestral' or 'dpmpp_2m' when this KSAMPLER can run on sigma maps, else None (lock step)."""
     fn = getattr(sampler, "sampler_function", None)
     options = dict(getattr(sampler, "extra_options", {}) or {})
     if fn is kdiff.sample_euler:
@@ -50,6 +54,8 @@ def map_kind(sampler: Any, model_sampling: Any) -> str | None:
         if isinstance(model_sampling, comfy.model_sampling.CONST):
             return None  # ComfyUI runs its rectified-flow variant there
         return "euler_ancestral"
+    if fn is kdiff.sample_dpmpp_2m:
+        return None if options else "dpmpp_2m"
     return None
 
 
@@ -80,6 +86,8 @@ class _Tables:
             steps = torch.arange(n)
             waiting = starts[:, None] > steps[None, :]  # (U, N): the track's instance has not started
             self.any_waiting = waiting.any(dim=0).tolist()
+            self.draws = [False] * n
+            self.all_land = self.some_land = [False] * n
             if kind == "euler_ancestral":
                 down, up = ancestral_tables(rows, eta)
                 running = ~waiting
@@ -88,17 +96,62 @@ class _Tables:
                 self.all_land = (lands | waiting).all(dim=0).tolist()
                 self.some_land = (lands & running).any(dim=0).tolist()
                 tables = [down, up]
+            elif kind == "dpmpp_2m":
+                # First order where the instance has no previous denoised yet (its first step) or lands on 0.
+                first = (starts[:, None] == steps[None, :]) | (rows[:, 1:] == 0)
+                self.all_first = (first | waiting).all(dim=0).tolist()
+                self.some_first = (first & ~waiting).any(dim=0).tolist()
+                tables = [first]
             else:
-                self.draws = [False] * n
-                self.all_land = self.some_land = [False] * n
                 tables = [rows[:, 1:]]
         self.tables = [to_device(t.contiguous(), device) for t in tables]
+        if kind == "dpmpp_2m":
+            self.tables = dpmpp_2m_tables(tracks.sigmas) + self.tables
         self.waiting = to_device(waiting, device) if any(self.any_waiting) else None
         self.index = tracks.index
 
     def column(self, table: torch.Tensor, i: int) -> torch.Tensor:
         """(B, 1, H, W): each pixel's entry of step i."""
         return table[:, i][self.index][:, None]
+
+
+def dpmpp_2m_tables(sigmas: torch.Tensor) -> list[torch.Tensor]:
+    """(a, b, c1, c2), each (U, N), of every track's steps on the device, written as ComfyUI's
+    sample_dpmpp_2m writes them on its scalar sigmas (the same operations, element by element):
+    x = a x - b denoised at first order, x = a x - b (c1 denoised - c2 old_denoised) after it."""
+    sigma_fn = lambda t: t.neg().exp()  # noqa: E731 - ComfyUI's own helpers, restated op for op
+    t_fn = lambda sigma: sigma.log().neg()  # noqa: E731
+    t = t_fn(sigmas)
+    t_now, t_next = t[:, :-1], t[:, 1:]
+    h = t_next - t_now
+    a = sigma_fn(t_next) / sigma_fn(t_now)
+    b = (-h).expm1()
+    c1 = torch.ones_like(a)
+    c2 = torch.zeros_like(a)
+    if sigmas.shape[1] > 2:
+        h_last = t_now[:, 1:] - t_fn(sigmas[:, :-2])
+        r = h_last / h[:, 1:]
+        c1[:, 1:] = 1 + 1 / (2 * r)
+        c2[:, 1:] = 1 / (2 * r)
+    return [a.contiguous(), b.contiguous(), c1, c2]
+
+
+def dpmpp_2m_update(i: int, tables: _Tables, x: torch.Tensor, denoised: torch.Tensor,
+                    old: torch.Tensor | None) -> torch.Tensor:
+    """Step i of every pixel as its track's sample_dpmpp_2m instance takes it; old: the previous call's
+    denoised (None before the first call)."""
+    a, b, c1, c2, first = tables.tables
+    if tables.all_first[i] or old is None:
+        new = tables.column(a, i) * x - tables.column(b, i) * denoised
+    else:
+        denoised_d = tables.column(c1, i) * denoised - tables.column(c2, i) * old
+        if tables.some_first[i]:
+            denoised_d = torch.where(tables.column(first, i), denoised, denoised_d)
+        new = tables.column(a, i) * x - tables.column(b, i) * denoised_d
+    if tables.any_waiting[i]:
+        assert tables.waiting is not None
+        new = torch.where(tables.column(tables.waiting, i), x, new)
+    return new
 
 
 def euler_update(kind: str, i: int, tables: _Tables, x: torch.Tensor, denoised: torch.Tensor, sigma: torch.Tensor,
@@ -120,6 +173,14 @@ def euler_update(kind: str, i: int, tables: _Tables, x: torch.Tensor, denoised: 
         assert tables.waiting is not None
         new = torch.where(tables.column(tables.waiting, i), x, new)
     return new
+
+
+def _update(kind: str, i: int, tables: _Tables, x: torch.Tensor, denoised: torch.Tensor, sigma: torch.Tensor,
+            noise: Callable[[], torch.Tensor] | None, s_noise: float, old: torch.Tensor | None) -> torch.Tensor:
+    """Step i of every pixel, for either family of samplers here."""
+    if kind == "dpmpp_2m":
+        return dpmpp_2m_update(i, tables, x, denoised, old)
+    return euler_update(kind, i, tables, x, denoised, sigma, noise, s_noise)
 
 
 def _noise_options(sampler: Any) -> tuple[float, float]:
@@ -153,6 +214,7 @@ def run_on_maps(kind: str, sampler: Any, tracks: TrackSet, extra_args: dict, cal
     s_in = x.new_ones([x.shape[0]])
     tables = _Tables(tracks, kind, eta)
     n = int(tracks.sigmas.shape[1]) - 1
+    old: torch.Tensor | None = None  # dpmpp_2m: the previous call's denoised
     for i in kdiff.trange(n, disable=disable_pbar):
         reading = retrack.begin(i) if retrack is not None else None
         carrier, sigma_map, table = call_sigmas(tracks, i, s_in, x.dtype)
@@ -166,13 +228,15 @@ def run_on_maps(kind: str, sampler: Any, tracks: TrackSet, extra_args: dict, cal
         if callback is not None:
             callback(i, denoised, x, n)
         noise = partial(draw, carrier[0], tracks.sigmas[0, i + 1]) if draw is not None and tables.draws[i] else None
-        x = euler_update(kind, i, tables, x, denoised, sigma, noise, s_noise)
+        x = _update(kind, i, tables, x, denoised, sigma, noise, s_noise, old)
+        old = denoised
     return x, tracks.sigmas[0, -1].clone()
 
 
 def agrees_with_comfy(kind: str, sampler: Any) -> bool:
     """Do these steps give what ComfyUI's function gives, bit for bit, on a small problem (three tracks:
-    the carrier, one that waits two steps, one that holds mid-run; the last step to 0)? Run on the CPU
+    the carrier, one that waits two steps, one that holds mid-run (dpmpp_2m: one of its own spacing);
+    the last step to 0)? Run on the CPU
     in float32 with a denoiser that depends on sigma, the function once per track as the lock step runs
     it, and the same noise draws. Host maths: it reads no device value."""
     with host_maths():
@@ -180,9 +244,11 @@ def agrees_with_comfy(kind: str, sampler: Any) -> bool:
 
 
 def _agrees_with_comfy(kind: str, sampler: Any) -> bool:
+    # A mid-run hold (h = 0) sends the multistep sampler's next step to inf / NaN, its own result too.
+    third = [8.0, 6.5, 4.0, 2.0, 0.2, 0.0] if kind == "dpmpp_2m" else [8.0, 6.0, 6.0, 2.0, 0.2, 0.0]
     rows = torch.tensor([[8.0, 5.0, 2.5, 1.0, 0.3, 0.0],
                          [8.0, 8.0, 8.0, 3.0, 0.5, 0.0],
-                         [8.0, 6.0, 6.0, 2.0, 0.2, 0.0]])
+                         third])
     index = torch.tensor([[[0, 1, 2], [2, 1, 0]]])
     tracks = TrackSet(rows, index, None, rows, index)
     generator = torch.Generator().manual_seed(7)
@@ -223,8 +289,11 @@ def _agrees_with_comfy(kind: str, sampler: Any) -> bool:
     eta, s_noise = _noise_options(sampler)
     tables = _Tables(tracks, kind, eta)
     x = x0.clone()
+    old = None
     for i in range(rows.shape[1] - 1):
         sigma = tracks.sigma_map(i)
         noise = (lambda i=i: draws[i]) if tables.draws[i] else None
-        x = euler_update(kind, i, tables, x, denoise(x, sigma), sigma, noise, s_noise)
+        denoised = denoise(x, sigma)
+        x = _update(kind, i, tables, x, denoised, sigma, noise, s_noise, old)
+        old = denoised
     return torch.equal(x, want)

@@ -363,8 +363,8 @@ class AsynSampler(comfy.samplers.Sampler):
 
     def _map_kind(self, base: comfy.samplers.KSAMPLER, ms: Any, noise: torch.Tensor, tracks: TrackSet) -> str | None:
         """Which sampler runs on per-pixel sigma maps (map_steps.py) instead of the lock step, or None: ComfyUI's
-        own euler / euler_ancestral, on a latent of the sigmas' dtype (the maps then do the instances'
-        arithmetic exactly), whose maths the run-time check finds unchanged (checked once per sampler)."""
+        own euler / euler_ancestral / dpmpp_2m, on a latent of the sigmas' dtype (the maps then do the
+        instances' arithmetic exactly), whose maths the run-time check finds unchanged (checked once per sampler)."""
         kind = map_kind(base, ms)
         if kind is None or noise.dtype != tracks.sigmas.dtype:
             return None
@@ -547,7 +547,7 @@ class AsynSampler(comfy.samplers.Sampler):
             retrack = _DynamicMasks(self, history, observed, sigmas, to_sigma, (h, w))
         kind = self._map_kind(base, ms, noise, tracks)
         try:
-            if kind is not None:  # euler / euler_ancestral: one element-wise update, no instance per track
+            if kind is not None:  # euler / euler_ancestral / dpmpp_2m: one element-wise update, no instance per track
                 x, final_sigma = run_on_maps(kind, base, tracks, extra_args, callback, start, self.disable_pbar,
                                              observed, retrack)
             else:

@@ -189,7 +189,7 @@ SAMPLER_PIECES = [
     (NEXT_STATE_LABEL, "AsynSampler._state_rows / _next_state on the distinct priority histories"),
     (STATE_SIGMA_LABEL, "SigmaInterpolator on the tracks' states"),
     (STEP_MATH_LABEL, "lockstep _Instance.resume/start (ComfyUI's sampler between model calls), or "
-                      "map_steps.euler_update (euler / euler_ancestral on sigma maps)"),
+                      "map_steps.euler_update / dpmpp_2m_update (euler, euler_ancestral, dpmpp_2m on sigma maps)"),
 ]
 
 
@@ -217,6 +217,8 @@ def wrap_sampler_pieces(stack: contextlib.ExitStack, timer: PieceTimer) -> None:
     tables = map_steps._Tables
     stack.enter_context(patched(tables, "__init__", timer.wrap(GROUPING_LABEL, tables.__dict__["__init__"])))
     stack.enter_context(patched(map_steps, "euler_update", timer.wrap(STEP_MATH_LABEL, map_steps.euler_update)))
+    stack.enter_context(patched(map_steps, "dpmpp_2m_update", timer.wrap(STEP_MATH_LABEL, map_steps.dpmpp_2m_update)))
+    stack.enter_context(patched(map_steps, "dpmpp_2m_tables", timer.wrap(GROUPING_LABEL, map_steps.dpmpp_2m_tables)))
     stack.enter_context(patched(map_steps, "call_sigmas", timer.wrap(STEP_MAPS_LABEL, map_steps.call_sigmas)))
     interp = sigma_map.SigmaInterpolator
     stack.enter_context(patched(interp, "__call__", timer.wrap(STATE_SIGMA_LABEL, interp.__dict__["__call__"])))

@@ -1,4 +1,4 @@
-"""euler, ddim and euler_ancestral on per-pixel sigma maps (map_steps.py) give the lock step's result bit
+"""euler, ddim, euler_ancestral and dpmpp_2m on per-pixel sigma maps (map_steps.py) give the lock step's result bit
 for bit: with a drawn key item, with the static mask, and with dynamic masks (where the pixels are
 re-partitioned at every step and the lock step replays new sampler instances), on an eps UNet and on a
 flow transformer; and the run-time check that guards the restated maths fails on maths that differ."""
@@ -17,7 +17,7 @@ from asyndm.schedule_spec import AsynSchedule
 from tests import model_factory as mf
 from tests.inprocess.sampling import asyn, fixed_masks
 
-MAP_SAMPLERS = [("euler", None), ("ddim", 0.0), ("ddim", 1.0), ("euler_ancestral", None)]
+MAP_SAMPLERS = [("euler", None), ("ddim", 0.0), ("ddim", 1.0), ("euler_ancestral", None), ("dpmpp_2m", None)]
 
 
 def _run_node(pack_nodes, model, conds, name, eta, words, mode, schedule=None):
@@ -62,7 +62,7 @@ def test_map_steps_are_the_lock_step_bit_for_bit(sd15_checkpoint, conds, pack_no
     assert torch.equal(on_maps, in_lock_step), float((on_maps - in_lock_step).abs().max())
 
 
-@pytest.mark.parametrize("name", ["euler", "ddim"])
+@pytest.mark.parametrize("name", ["euler", "ddim", "dpmpp_2m"])
 def test_map_steps_on_a_flow_transformer(monkeypatch, name):
     """Flux (sigma = t, rectified flow): euler runs on maps; euler_ancestral keeps ComfyUI's RF variant
     in the lock step (map_kind refuses it)."""
@@ -96,6 +96,20 @@ def test_the_run_time_check_accepts_comfyuis_euler_and_refuses_other_maths():
     assert not agrees_with_comfy("euler", comfy.samplers.KSAMPLER(half_step_euler))
 
 
+def test_the_run_time_check_accepts_comfyuis_dpmpp_2m_and_refuses_first_order_only():
+    assert agrees_with_comfy("dpmpp_2m", comfy.samplers.ksampler("dpmpp_2m"))
+
+    def first_order_only(model, x, sigmas, extra_args=None, callback=None, disable=None, **_):
+        s_in = x.new_ones([x.shape[0]])
+        for i in range(len(sigmas) - 1):
+            denoised = model(x, sigmas[i] * s_in)
+            t, t_next = sigmas[i].log().neg(), sigmas[i + 1].log().neg()
+            x = (t_next.neg().exp() / t.neg().exp()) * x - (t - t_next).expm1() * denoised
+        return x
+
+    assert not agrees_with_comfy("dpmpp_2m", comfy.samplers.KSAMPLER(first_order_only))
+
+
 def test_only_comfyuis_own_functions_with_known_options_run_on_maps():
     ms = mf.build_sd15(model_channels=32).model.model_sampling
     assert map_kind(comfy.samplers.ksampler("euler"), ms) == "euler"
@@ -103,7 +117,10 @@ def test_only_comfyuis_own_functions_with_known_options_run_on_maps():
     assert map_kind(comfy.samplers.ksampler("euler_ancestral", {"eta": 0.3}), ms) == "euler_ancestral"
     assert map_kind(comfy.samplers.ksampler("euler", {"s_churn": 0.5}), ms) is None  # churn adds its own noise
     assert map_kind(comfy.samplers.ksampler("euler_ancestral", {"noise_sampler": lambda a, b: a}), ms) is None
+    assert map_kind(comfy.samplers.ksampler("dpmpp_2m"), ms) == "dpmpp_2m"
+    assert map_kind(comfy.samplers.ksampler("dpmpp_2m", {"eta": 0.5}), ms) is None
     assert map_kind(comfy.samplers.ksampler("heun"), ms) is None
+    assert map_kind(comfy.samplers.ksampler("dpmpp_2m_sde"), ms) is None
     assert map_kind(comfy.samplers.KSAMPLER(lambda *a, **k: None), ms) is None
 
 
@@ -113,7 +130,7 @@ def tiny_sd15():
     return model, mf.make_conditioning(model, seed=1), mf.make_conditioning(model, seed=2)
 
 
-@pytest.mark.parametrize("name", ["euler", "euler_ancestral", "ddim"])
+@pytest.mark.parametrize("name", ["euler", "euler_ancestral", "ddim", "dpmpp_2m"])
 @pytest.mark.parametrize("scheduler", ["karras", "ddim_uniform"])
 def test_map_steps_with_a_batch_inpainting_and_img2img(tiny_sd15, monkeypatch, name, scheduler):
     """Two images with their own key masks, a latent noise mask (inpainting) and denoise 0.6: still the
