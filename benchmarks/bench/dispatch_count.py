@@ -119,12 +119,12 @@ class DispatchCounter(TorchDispatchMode):
             # The pack may be imported under two names (the repository's folder, and asyndm itself).
             self._host_modules = [m for name, m in list(sys.modules.items())
                                   if name.endswith("asyndm.comfy_adapter.host") and hasattr(m, "pipelined_reads")]
-            self._reads_before = self._host_reads()
+            self._reads_before = self._read_counts()
         return super().__enter__()
 
     def __exit__(self, *exc: Any) -> None:
         if threading.get_ident() == self._owner:
-            reads, pipelined, early = (now - before for now, before in zip(self._host_reads(), self._reads_before, strict=True))
+            reads, pipelined, early = (now - before for now, before in zip(self._read_counts(), self._reads_before, strict=True))
             self.count.syncs += reads
             if reads:
                 self.count.sync_sites["pack to_host"] += reads
@@ -133,7 +133,7 @@ class DispatchCounter(TorchDispatchMode):
             self._owner = None
         super().__exit__(*exc)
 
-    def _host_reads(self) -> tuple[int, int, int]:
+    def _read_counts(self) -> tuple[int, int, int]:
         """(to_host copies, pipelined reads, early waits) of this thread so far."""
         return (sum(m.host_reads() for m in self._host_modules),
                 sum(m.pipelined_reads() for m in self._host_modules),

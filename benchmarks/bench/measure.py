@@ -185,7 +185,8 @@ SAMPLER_PIECES = [
     (WRAPPER_LABEL, "PerPixelApplyModel.__call__ minus its children"),
     (PER_PIXEL_LABEL, "model_wrapper.per_pixel"),
     (NOISE_SCALING_LABEL, "sampler.per_pixel (once per run)"),
-    (GROUPING_LABEL, "track_model.tracks_from_host_history / retracked + lockstep compose + map_steps tables"),
+    (GROUPING_LABEL, "track_model.tracks_from_host_history / retracked, dynamic masks' begin / finish, lockstep "
+                     "compose, map_steps tables"),
     (NEXT_STATE_LABEL, "AsynSampler._state_rows / _next_state on the distinct priority histories"),
     (STATE_SIGMA_LABEL, "SigmaInterpolator on the tracks' states"),
     (STEP_MATH_LABEL, "lockstep _Instance.resume/start (ComfyUI's sampler between model calls), or "
@@ -213,6 +214,9 @@ def wrap_sampler_pieces(stack: contextlib.ExitStack, timer: PieceTimer) -> None:
     stack.enter_context(patched(asyn_sampler, "tracks_from_host_history", timer.wrap(
         GROUPING_LABEL, asyn_sampler.tracks_from_host_history)))
     stack.enter_context(patched(asyn_sampler, "retracked", timer.wrap(GROUPING_LABEL, asyn_sampler.retracked)))
+    dyn = asyn_sampler._DynamicMasks  # dynamic masks' per-step bookkeeping (the read, the comparison, the history)
+    for attr in ("begin", "finish"):
+        stack.enter_context(patched(dyn, attr, timer.wrap(GROUPING_LABEL, dyn.__dict__[attr])))
     stack.enter_context(patched(lockstep, "_compose", timer.wrap(GROUPING_LABEL, lockstep._compose)))
     tables = map_steps._Tables
     stack.enter_context(patched(tables, "__init__", timer.wrap(GROUPING_LABEL, tables.__dict__["__init__"])))

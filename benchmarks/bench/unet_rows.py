@@ -124,7 +124,8 @@ PIECES = [  # (label, what) in report order; the pieces are exclusive of each ot
     (measure.WRAPPER_LABEL, "PerPixelApplyModel.__call__ minus its children"),
     (measure.PER_PIXEL_LABEL, "model_wrapper.per_pixel"),
     (measure.NOISE_SCALING_LABEL, "sampler.per_pixel (once per run)"),
-    (measure.GROUPING_LABEL, "track_model.tracks_from_host_history / retracked + lockstep compose + map_steps tables "
+    (measure.GROUPING_LABEL, "track_model.tracks_from_host_history / retracked, dynamic masks' begin / finish, "
+                             "lockstep compose, map_steps tables "
                              "(dynamic masks: on a change)"),
     (measure.NEXT_STATE_LABEL, "AsynSampler._state_rows / _next_state on the distinct priority histories"),
     (measure.STATE_SIGMA_LABEL, "SigmaInterpolator on the tracks' states"),
