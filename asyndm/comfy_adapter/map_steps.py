@@ -131,8 +131,8 @@ def dpmpp_2m_tables(sigmas: torch.Tensor) -> list[torch.Tensor]:
     if sigmas.shape[1] > 2:
         h_last = t_now[:, 1:] - t_fn(sigmas[:, :-2])
         r = h_last / h[:, 1:]
-        c1[:, 1:] = 1 + 1 / (2 * r)
-        c2[:, 1:] = 1 / (2 * r)
+        c2[:, 1:] = 1 / (2 * r)  # ComfyUI writes this twice; the same operation gives the same value
+        c1[:, 1:] = 1 + c2[:, 1:]
     return [a.contiguous(), b.contiguous(), c1, c2]
 
 
@@ -236,9 +236,9 @@ def run_on_maps(kind: str, sampler: Any, tracks: TrackSet, extra_args: dict, cal
 def agrees_with_comfy(kind: str, sampler: Any) -> bool:
     """Do these steps give what ComfyUI's function gives, bit for bit, on a small problem (three tracks:
     the carrier, one that waits two steps, one that holds mid-run (dpmpp_2m: one of its own spacing);
-    the last step to 0)? Run on the CPU
-    in float32 with a denoiser that depends on sigma, the function once per track as the lock step runs
-    it, and the same noise draws. Host maths: it reads no device value."""
+    the last step to 0)? Run on the CPU in float32 with a denoiser that depends on sigma, the function
+    once per track as the lock step runs it, and the same noise draws. Host maths: it reads no device
+    value."""
     with host_maths():
         return _agrees_with_comfy(kind, sampler)
 

@@ -676,11 +676,8 @@ class _DynamicMasks:
             self.history[first:] = k_map
         if first >= len(self.sigmas) - 1:
             return None  # only the preview's last map changed
-        if tracks.history is None:
-            new = self.sampler._tracks(self.history, self.sigmas, self.to_sigma)
-        else:
-            new = retracked(tracks, first, k_map, self.sampler._state_rows, self.to_sigma, self.sigmas,
-                            self.to_sigma.host_carrier)
+        new = retracked(tracks, first, k_map, self.sampler._state_rows, self.to_sigma, self.sigmas,
+                        self.to_sigma.host_carrier)
         if new.same_partition(tracks):
             return None
         self.tracks = new

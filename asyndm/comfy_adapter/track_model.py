@@ -135,7 +135,7 @@ def retracked(tracks: TrackSet, first: int, k_map: torch.Tensor,
         key = tracks.host_index * levels.numel() + level
         pairs, pair = torch.unique(key.reshape(-1), return_inverse=True)  # (old track, new priority) in use
         old = pairs // levels.numel()
-        rows = tracks.history[old].clone()
+        rows = tracks.history[old]  # indexing copies
         rows[:, first:] = levels[pairs % levels.numel()][:, None]
         before = tracks.states[old]
         states = torch.cat([before[:, :first], state_rows(rows, first, before[:, first - 1])], dim=1)

@@ -110,10 +110,9 @@ STOCK_MODULE_LABEL = EMB_LAYERS_LABEL  # the stock model runs it too: only what 
 PIECES = [  # (label, what) in report order; the pieces are exclusive of each other
     (UNET_LABEL, "diffusion_model.forward minus the hooks and emb_layers that run inside it"),
     (EMB_LAYERS_LABEL, "every ResBlock's emb_layers module; the stock model runs it too, so it is not a pack piece"),
-    (measure.OBSERVER_LABEL, "AttentionObserver: attn2_patch on every attn2, q/k kept, scored once per call (mean)"),
+    (measure.OBSERVER_LABEL, "AttentionObserver: attn2_patch on every attn2, q/k kept, scored when read (mean)"),
     (measure.ITEM_MASKS_LABEL, "AsynSampler._priorities_from_attention"),
-    (measure.STEP_MAPS_LABEL, "distinct model timesteps of the distinct sigmas, per step"),
-    (measure.SET_MAP_LABEL, "TimeHooks.set_map"),
+    *measure.STEP_PIECES,
     ("hooks: UNet/block pre/post", "PerPixelTimesteps._unet_pre/_unet_post/_block_pre"),
     ("hooks: time-MLP table", "PerPixelTimesteps._embedding_table (U rows)"),
     (EMB_LABEL, "rest of the emb_layers hooks"),
@@ -121,15 +120,7 @@ PIECES = [  # (label, what) in report order; the pieces are exclusive of each ot
     ("hooks: per-pixel selection", "PerPixelTimesteps._per_pixel ((B', C, h, w) per ResBlock: one gather per image)"),
     ("naive: time MLP on every pixel", "naive baseline only"),
     ("naive: index positions", "naive baseline only"),
-    (measure.WRAPPER_LABEL, "PerPixelApplyModel.__call__ minus its children"),
-    (measure.PER_PIXEL_LABEL, "model_wrapper.per_pixel"),
-    (measure.NOISE_SCALING_LABEL, "sampler.per_pixel (once per run)"),
-    (measure.GROUPING_LABEL, "track_model.tracks_from_host_history / retracked, dynamic masks' begin / finish, "
-                             "lockstep compose, map_steps tables "
-                             "(dynamic masks: on a change)"),
-    (measure.NEXT_STATE_LABEL, "AsynSampler._state_rows / _next_state on the distinct priority histories"),
-    (measure.STATE_SIGMA_LABEL, "SigmaInterpolator on the tracks' states"),
-    (measure.STEP_MATH_LABEL, "lockstep instances (ComfyUI's sampler steps), or map_steps.euler_update"),
+    *measure.SAMPLER_PIECES,
 ]
 PACK_SUM_TITLE = ("**sum of the pack's pieces** (rows between the UNet and the rest, plus emb_layers over the "
                   "KSampler's; % of the KSampler total)")
