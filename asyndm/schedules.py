@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from .checks import (
@@ -266,6 +267,8 @@ def history_states(
                          f"{describe_shape(s)}")
     first = as_count("first", first, minimum=0)
     k = history.to(s.dtype)
+    if curve in ("bin", "linear") and s.device.type == "cpu" and k.device.type == "cpu":
+        return _host_history_states(s, k, first, curve, n=n, t=t, target=tgt)
     if not all_true([torch.isfinite(s), (k >= 0) & (k <= 1)]):
         _diagnose(s, 1, k)
     keyed = (k[:, first:] > 0).any(dim=0).tolist()
@@ -281,6 +284,30 @@ def history_states(
         states.append(s)
     states.append(torch.zeros_like(s))
     return torch.stack(states, dim=1)
+
+
+def _host_history_states(s: torch.Tensor, k: torch.Tensor, first: int, curve: str, *, n: int, t: int,
+                         target: float) -> torch.Tensor:
+    """history_states for "bin" and "linear" on CPU tensors, in numpy: the same IEEE operations in the same
+    order and dtype as _curve (Python numbers taken in the array's dtype, as torch takes them), without a
+    torch dispatch per operation on these few-element rows (a re-partition runs this every step)."""
+    states_in = s.detach().numpy()
+    ks = k.detach().numpy()
+    if not (np.isfinite(states_in).all() and ((ks >= 0) & (ks <= 1)).all()):
+        _diagnose(s, 1, k)
+    kind = states_in.dtype.type
+    tgt, bend = kind(target), kind(t / (n * n))
+    out = np.empty((states_in.shape[0], n + 1 - first), dtype=states_in.dtype)
+    cur = states_in
+    for col, i in enumerate(range(first, n)):
+        r = kind(n - i)
+        nxt = cur + (tgt - cur) / r  # the linear step
+        if curve == "bin" and (ks[:, i] > 0).any():  # k = 0 rows: an added exact zero, the linear step
+            nxt = nxt + ks[:, i] * bend * (r - kind(1))
+        out[:, col] = np.minimum(nxt, cur)
+        cur = out[:, col]
+    out[:, -1] = 0
+    return torch.from_numpy(out)
 
 
 def timestep_maps(

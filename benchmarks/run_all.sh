@@ -42,11 +42,13 @@ for run in "${runs[@]}"; do
     I) bench --model sd3.5-large,sd3.5-medium --sd3-depth 6 --text-tokens 128 --cases 64x64:1:10 --repeats 5 \
          --warmup 1 --forward-repeats 11 --json "$OUT/I_sd3.json" ;;
     # L: issue 18 (GPU readiness): the CPU targets after it, with ops and host syncs per step: the reduced model at
-    #    32x32 (10 steps) and the SDXL-shaped UNet at 32x32 (2 steps), KSampler, dynamic key words, fixed masks
+    #    32x32 (10 steps) and the SDXL-shaped UNet at 32x32 (2 steps), KSampler, dynamic key words, fixed masks; each
+    #    profile piece the median of 7 (3) instrumented runs per variant, taken in turn
     L) bench --model reduced --cases 32x32:1:10 --repeats 5 --warmup 1 --variants ksampler,dynamic,fixed --memory off \
+         --profile-runs 7 \
          --json "$OUT/L_reduced_32.json"
        bench --model sdxl --sdxl-depth 2 --cases 32x32:1:2 --repeats 5 --warmup 1 --variants ksampler,dynamic,fixed \
-         --memory off --json "$OUT/L_sdxl_32.json" ;;
+         --memory off --profile-runs 3 --json "$OUT/L_sdxl_32.json" ;;
     # J: the other transformer families (Flux Kontext, Flux.2, Chroma, Chroma Radiance, HunyuanImage 2.1, Qwen-Image,
     #    Qwen-Image-Edit, Lumina 2, Z-Image, HiDream, AuraFlow): hidden 512 in 4 heads of 128, 2-4 blocks, each at its
     #    own latent and cfg, 8 steps; no key items and a half-image key mask vs the KSampler (about 8 min)

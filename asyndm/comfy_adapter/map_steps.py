@@ -75,8 +75,19 @@ class _Tables:
     the next sigma (euler) or sigma_down / sigma_up (ancestral), which tracks still wait, and in which
     steps some running track draws noise or lands on 0."""
 
-    def __init__(self, tracks: TrackSet, kind: str, eta: float) -> None:
+    def __init__(self, tracks: TrackSet, kind: str, eta: float, model_sampling: Any = None,
+                 dtype: torch.dtype | None = None) -> None:
         device = tracks.sigmas.device
+        # The model timesteps of every track's sigmas, once per track set (each call takes its column).
+        # The model timesteps and input scales (calculate_input's factor) of every track's sigmas, once per
+        # track set: each call takes its column (what the call would compute from the column's sigmas).
+        self.timesteps = self.input_scales = None
+        if model_sampling is not None:  # ComfyUI's methods take a 1-D batch of sigmas
+            sigmas = tracks.sigmas.to(dtype or tracks.sigmas.dtype)
+            flat = sigmas.reshape(-1)
+            self.timesteps = model_sampling.timestep(flat).float().view(sigmas.shape)
+            ones = sigmas.new_ones(flat.shape[0], 1, 1, 1)
+            self.input_scales = model_sampling.calculate_input(flat, ones).view(sigmas.shape)
         with host_maths():
             rows = tracks.host
             n = int(rows.shape[1]) - 1
@@ -189,41 +200,51 @@ def _noise_options(sampler: Any) -> tuple[float, float]:
     return float(options.get("eta", 1.0)), float(options.get("s_noise", 1.0))
 
 
-def call_sigmas(tracks: TrackSet, i: int, s_in: torch.Tensor, dtype: torch.dtype
-                ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
-    """(carrier sigma (B,), sigma map, (table, index)) of step i's model call, as the lock step makes them:
-    the carrier as its sampler asks it, one table row per track and image."""
+def call_sigmas(tracks: TrackSet, i: int, s_in: torch.Tensor, dtype: torch.dtype,
+                tables: _Tables | None = None) -> tuple[torch.Tensor, torch.Tensor | None, tuple | None]:
+    """(carrier sigma (B,), sigma map, (table, index[, model timesteps, input scales of the table])) of step
+    i's model call, as the lock step makes them: the carrier as its sampler asks it, one table row per
+    track and image; the timesteps and scales from `tables`, when it computed them."""
     column = tracks.sigmas[:, i]
     carrier = column[0] * s_in
     if tracks.count == 1:
         return carrier, None, None
-    values = column[:, None].expand(-1, s_in.shape[0]).reshape(-1).to(dtype)
-    return carrier, values[tracks.call_index][:, None], (values, tracks.call_index)
+    batch = s_in.shape[0]
+    values = column[:, None].expand(-1, batch).reshape(-1).to(dtype)
+    if tables is None or tables.timesteps is None or tables.input_scales is None:
+        return carrier, values[tracks.call_index][:, None], (values, tracks.call_index)
+    per_entry = [table[:, i, None].expand(-1, batch).reshape(-1) for table in (tables.timesteps, tables.input_scales)]
+    return carrier, values[tracks.call_index][:, None], (values, tracks.call_index, *per_entry)
 
 
 def run_on_maps(kind: str, sampler: Any, tracks: TrackSet, extra_args: dict, callback: Callable | None,
                 start: StartLatent, disable_pbar: bool, pixel_model: Callable[..., torch.Tensor],
-                retrack: Retrack | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The lock step's result for euler / euler_ancestral (see the module doc): one model call per step
-    exactly as the lock step makes it, one element-wise update. Returns (latent, the carrier's last sigma)."""
+                retrack: Retrack | None = None, model_sampling: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The lock step's result for euler / euler_ancestral / dpmpp_2m (see the module doc): one model call per
+    step exactly as the lock step makes it, one element-wise update. model_sampling: the model's, whose
+    timesteps of every track's sigmas are then computed once for the run rather than once per call (not
+    with re-partitions, whose track sets last a step or two).
+    Returns (latent, the carrier's last sigma)."""
     eta, s_noise = _noise_options(sampler)
     x = start(tracks)
     seed = extra_args.get("seed")
     draw = kdiff.default_noise_sampler(x, seed=seed) if kind == "euler_ancestral" else None
     model_options = extra_args.get("model_options", {})
     s_in = x.new_ones([x.shape[0]])
-    tables = _Tables(tracks, kind, eta)
+    if retrack is not None:  # a new track set at every re-partition: the timesteps of each call's column only
+        model_sampling = None
+    tables = _Tables(tracks, kind, eta, model_sampling, x.dtype)
     n = int(tracks.sigmas.shape[1]) - 1
     old: torch.Tensor | None = None  # dpmpp_2m: the previous call's denoised
     for i in kdiff.trange(n, disable=disable_pbar):
         reading = retrack.begin(i) if retrack is not None else None
-        carrier, sigma_map, table = call_sigmas(tracks, i, s_in, x.dtype)
+        carrier, sigma_map, table = call_sigmas(tracks, i, s_in, x.dtype, tables)
         denoised = pixel_model(x, sigma_map, carrier, model_options, seed=seed, table=table)
         if reading is not None:
             assert retrack is not None
             new = retrack.finish(reading, tracks)
             if new is not None:  # sigmas from step i + 2 on changed; step i's call and sigma stand
-                tracks, tables = new, _Tables(new, kind, eta)
+                tracks, tables = new, _Tables(new, kind, eta, model_sampling, x.dtype)
         sigma = tracks.sigma_map(i) if sigma_map is None else sigma_map  # the same values either way
         if callback is not None:
             callback(i, denoised, x, n)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import comfy.model_sampling
 import comfy.samplers
 import torch
 
@@ -31,17 +32,20 @@ class StepMaps:
         self.areas: dict[Any, tuple[int, int, int, int]] = {}  # cond uuid -> (h, w, y, x) crop
         self.uniform: torch.Tensor | None = None  # (1,) the one sigma of every pixel, when there is one
         self.values: torch.Tensor | None = None  # (U,) the sigma of each unique_t entry, when the caller knows it
+        self.input_scales: torch.Tensor | None = None  # (U,) calculate_input's factor at each entry, when known
 
     def set(self, sigma: torch.Tensor, unique_t: torch.Tensor, inverse: torch.Tensor,
-            values: torch.Tensor | None = None) -> None:
+            values: torch.Tensor | None = None, input_scales: torch.Tensor | None = None) -> None:
         """Record the sigma map and its model timesteps as unique_t[inverse] (see model_timesteps);
         values: the sigmas behind unique_t (sigma == values[inverse]), which lets per-sigma
-        coefficients be computed once per entry instead of per pixel."""
+        coefficients be computed once per entry instead of per pixel; input_scales: calculate_input's
+        factor at each of values, already computed (the sampler's run tables)."""
         self.sigma = sigma
         self.unique_t = unique_t
         self.inverse = inverse
         self.uniform = None
         self.values = values
+        self.input_scales = None if values is None else input_scales
 
     def set_uniform(self, sigma: torch.Tensor, value: torch.Tensor) -> None:
         """Every pixel of every image sits at the one sigma `value` (1,): no per-pixel work is needed."""
@@ -55,6 +59,7 @@ class StepMaps:
         self.inverse = None
         self.uniform = None
         self.values = None
+        self.input_scales = None
 
 
 def model_timesteps(sigma_values: torch.Tensor, index: torch.Tensor,
@@ -76,6 +81,40 @@ class PerPixelApplyModel:
         self.maps = maps
         self.time_hooks = time_hooks
         self.calls = 0
+        self._hooked: torch.nn.Module | None = None  # the diffusion model whose output hook is installed
+        self._handle: Any = None
+        self._captured: list[Any] | None = None  # outputs of the forward in progress (None: not capturing)
+        self._fast_denoised: dict[type, bool] = {}  # model sampling class -> denoised_map's maths agree with it
+
+    def close(self) -> None:
+        """Remove the output hook (the sampler calls this when its run ends, errors included)."""
+        if self._handle is not None:
+            self._handle.remove()
+        self._handle = None
+        self._hooked = None
+        self._captured = None
+
+    def _keep_output(self, _module: Any, _inputs: Any, output: Any) -> None:
+        if self._captured is not None:
+            self._captured.append(output)
+
+    def _output_hook(self, diffusion_model: torch.nn.Module) -> None:
+        """One forward hook on the diffusion model for the whole run (not one per call)."""
+        if self._hooked is not diffusion_model:
+            self.close()
+            self._handle = diffusion_model.register_forward_hook(self._keep_output)
+            self._hooked = diffusion_model
+
+    def _denoised(self, ms: Any, sigma_rows: torch.Tensor, out: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """calculate_denoised with a sigma per pixel: x - out * sigma on the map itself where the model's
+        sampling is ComfyUI's EPS or CONST (flow) and still computes exactly that (checked once per run);
+        else ComfyUI's method with every pixel as a batch row."""
+        cls = type(ms)
+        if cls not in self._fast_denoised:
+            self._fast_denoised[cls] = denoised_is_restated(ms)
+        if self._fast_denoised[cls] and out.ndim == 4:
+            return image - out * sigma_rows
+        return per_pixel(ms.calculate_denoised, sigma_rows, out, image)
 
     def _rows(self, x: torch.Tensor, transformer_options: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Sigma map (B', 1, H, W) and timestep-index map (R, H, W) for the rows of this call.
@@ -96,7 +135,12 @@ class PerPixelApplyModel:
                 f"but the latent batch is {batch}; batch sizes of latent and conditioning must match"
             )
         if tuple(x.shape[-2:]) == tuple(sigma.shape[-2:]):
-            sigma_rows = sigma if chunks == 1 else sigma.repeat(chunks, 1, 1, 1)
+            if chunks == 1:
+                sigma_rows = sigma
+            elif batch == 1:  # one image: its map broadcasts over the chunks (a view, no copy)
+                sigma_rows = sigma.expand(chunks, -1, -1, -1)
+            else:
+                sigma_rows = sigma.repeat(chunks, 1, 1, 1)
             return sigma_rows.to(x.device), inverse.to(x.device)
         sig_parts, inv_parts = [], []
         for o in range(chunks):
@@ -116,7 +160,9 @@ class PerPixelApplyModel:
         if values is None or tuple(inverse_rows.shape[-2:]) != tuple(image.shape[-2:]):
             ones = torch.ones_like(image[:, :1])
             return per_pixel(ms.calculate_input, sigma_rows, ones) / ms.calculate_input(t, ones)
-        c_in = ms.calculate_input(values.to(image.device), image.new_ones(values.shape[0], 1, 1, 1)).view(-1)
+        c_in = self.maps.input_scales
+        if c_in is None:
+            c_in = ms.calculate_input(values.to(image.device), image.new_ones(values.shape[0], 1, 1, 1)).view(-1)
         c_map = c_in[inverse_rows][:, None]  # (R, 1, H, W): one row per image, shared by its CFG chunks
         c_carrier = ms.calculate_input(t, image.new_ones(t.shape[0], 1, 1, 1))  # (B', 1, 1, 1)
         if c_map.shape[0] != 1 and c_map.shape[0] != c_carrier.shape[0]:
@@ -142,23 +188,38 @@ class PerPixelApplyModel:
         x_pre = x * (rescale.unsqueeze(2) if one_frame else rescale)
         unique_t = self.maps.unique_t
         assert unique_t is not None
-        captured: list[torch.Tensor] = []
-
-        def keep_output(_module: Any, _inputs: Any, output: Any) -> None:
-            captured.append(output)
-
-        handle = base_model.diffusion_model.register_forward_hook(keep_output)
+        self._output_hook(base_model.diffusion_model)
+        captured: list[Any] = []
+        self._captured = captured
         self.time_hooks.set_map(None, unique=unique_t.to(x.device), inverse=inverse_rows, rows=x.shape[0])
         try:
             executor(x_pre, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
         finally:
-            handle.remove()
+            self._captured = None
             self.time_hooks.set_map(None)
         if len(captured) != 1 or not torch.is_tensor(captured[0]):
             raise RuntimeError("AsynDM: the diffusion model's output could not be read (packed or repeated outputs)")
         out = captured[0][:, :, 0] if one_frame else captured[0]
-        denoised = per_pixel(ms.calculate_denoised, sigma_rows, out.float(), image)
+        denoised = self._denoised(ms, sigma_rows, out.float(), image)
         return denoised.unsqueeze(2) if one_frame else denoised
+
+
+def denoised_is_restated(model_sampling: Any) -> bool:
+    """Is the model sampling's calculate_denoised ComfyUI's EPS or CONST one (by identity), and does it still
+    compute x - out * sigma, bit for bit, element by element (on a small CPU problem, against the
+    restatement on a sigma map)? Then PerPixelApplyModel applies it to the map directly."""
+    fn = getattr(type(model_sampling), "calculate_denoised", None)
+    if fn is not comfy.model_sampling.EPS.calculate_denoised and fn is not comfy.model_sampling.CONST.calculate_denoised:
+        return False
+    with torch.device("cpu"):
+        sigma = torch.tensor([0.03, 1.7, 14.6, 0.0]).view(1, 1, 2, 2)
+        grid = torch.arange(16, dtype=torch.float32).view(1, 4, 2, 2)
+        out, x = torch.sin(grid) * 1.3, torch.cos(grid) * 2.1
+        try:
+            want = per_pixel(model_sampling.calculate_denoised, sigma, out, x)
+        except Exception:  # noqa: BLE001 - a changed method that cannot run per pixel: not the restated maths
+            return False
+        return bool(torch.equal(want, x - out * sigma))
 
 
 class AreaRecorder:

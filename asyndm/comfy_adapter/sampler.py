@@ -204,6 +204,7 @@ class AsynSampler(comfy.samplers.Sampler):
         self.model_calls = 0
         self._k_vectors: dict[torch.device, torch.Tensor] = {}
         self._map_checks: dict[tuple, bool] = {}  # (sampler function, options) -> map_steps agrees with it
+        self._background_states: dict[tuple, torch.Tensor] = {}  # (steps, device, T, offset) -> its (1, N + 1) states
 
     # ----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -269,6 +270,7 @@ class AsynSampler(comfy.samplers.Sampler):
                                  maps, observer, fixed_k, record=True)
             finally:
                 maps.clear()
+                wrapper.close()
 
     def _check_family(self, adapter: Any, ms: Any) -> None:
         """What this family cannot do, refused by name before any step runs."""
@@ -452,9 +454,23 @@ class AsynSampler(comfy.samplers.Sampler):
         recurrence (state i reached with priority history[:, i]), then 0. With `first` > 0, start: (U,)
         the states s_{first-1} already known, and only s_first .. (U, N + 1 - first) are computed."""
         n = int(history.shape[1])
+        # The background's one row (k = 0 throughout): the linear track, the same every time it is asked for
+        # (re-partitions that leave no pixel in the background still run its track).
+        background = start is None and first == 0 and history.shape[0] == 1 and not bool(history.any())
+        key = (n, history.device, self.num_train_timesteps, self.offset)
+        if background and key in self._background_states:
+            return self._background_states[key].clone()
         if start is None:
             start = torch.full((history.shape[0],), float(self.num_train_timesteps + self.offset),
                                device=history.device)
+        states = self._state_rows_from(history, first, start)
+        if background:
+            self._background_states[key] = states.clone()
+        return states
+
+    def _state_rows_from(self, history: torch.Tensor, first: int, start: torch.Tensor) -> torch.Tensor:
+        """_state_rows from known states `start` (U,) before column `first`."""
+        n = int(history.shape[1])
         if self.schedule.table is None:
             return history_states(start, history, first=first, curve=self.schedule.curve, num_steps=n,
                                   num_train_timesteps=self.num_train_timesteps, target=float(self.offset))
@@ -549,7 +565,7 @@ class AsynSampler(comfy.samplers.Sampler):
         try:
             if kind is not None:  # euler / euler_ancestral / dpmpp_2m: one element-wise update, no instance per track
                 x, final_sigma = run_on_maps(kind, base, tracks, extra_args, callback, start, self.disable_pbar,
-                                             observed, retrack)
+                                             observed, retrack, ms)
             else:
                 x, final_sigma = run_lockstep(base, model_wrap, tracks, extra_args, callback, start,
                                               self.disable_pbar, observed, retrack)
@@ -611,7 +627,7 @@ class _ObservedModel:
 
     def __call__(self, x: torch.Tensor, sigma_map: torch.Tensor | None, carrier: torch.Tensor,
                  model_options: dict | None = None, seed: int | None = None,
-                 table: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                 table: tuple | None = None) -> torch.Tensor:
         comfy.model_management.throw_exception_if_processing_interrupted()
         if self.observer is None:
             return self.model(x, sigma_map, carrier, model_options, seed=seed, table=table)

@@ -200,7 +200,7 @@ class PixelModel:
         self.sigmas = sigmas
         self.calls = 0
 
-    def _set_maps(self, sigma_map: torch.Tensor | None, table: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+    def _set_maps(self, sigma_map: torch.Tensor | None, table: tuple | None) -> None:
         if sigma_map is None:  # every pixel at the carrier: the stock call, untouched
             self.maps.clear()
             return
@@ -208,14 +208,16 @@ class PixelModel:
             values, index = torch.unique(sigma_map[:, 0], return_inverse=True)
             self.maps.set(sigma_map, *model_timesteps(values, index, self.ms))
             return
-        values, index = table
-        self.maps.set(sigma_map, self.ms.timestep(values).float(), index, values)
+        values, index, *given = table  # given: the entries' model timesteps and input scales, when known
+        timesteps = given[0] if given else self.ms.timestep(values).float()
+        self.maps.set(sigma_map, timesteps, index, values, given[1] if len(given) > 1 else None)
 
     def __call__(self, x: torch.Tensor, sigma_map: torch.Tensor | None, carrier: torch.Tensor,
                  model_options: dict | None = None, seed: int | None = None,
-                 table: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """table: (values (V,), index (B, H, W) long) with sigma_map = values[index]: the call's sigmas
-        as a small table (one row per track and image), so no distinct values have to be found."""
+                 table: tuple | None = None) -> torch.Tensor:
+        """table: (values (V,), index (B, H, W) long[, model timesteps (V,), input scales (V,) of values]) with
+        sigma_map = values[index]: the call's sigmas as a small table (one row per track and image), so no
+        distinct values have to be found."""
         self.calls += 1
         self._set_maps(sigma_map, table)
         try:

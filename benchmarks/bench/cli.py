@@ -134,6 +134,18 @@ def memory_child(spec: dict[str, Any]) -> dict[str, Any]:
 # Command line
 
 
+def interleaved_profile(rows: Any, bench: Any, variants: list[str], device: str, runs: int) -> dict[str, dict[str, float]]:
+    """Each variant's profile: the median, piece by piece, of `runs` single-run profiles taken in turn with
+    the other variants' (order reversed every other round), so that a slow spell of the machine falls on
+    every variant alike and one outlier run does not move a piece."""
+    parts: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
+    for r in range(max(1, runs)):
+        for v in variants if r % 2 == 0 else variants[::-1]:
+            parts[v].append(rows.profile_variant(bench, v, device, 1))
+    return {v: {label: median(p.get(label, 0.0) for p in ps) for label in {k for p in ps for k in p}}
+            for v, ps in parts.items()}
+
+
 def parse_ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
@@ -186,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-steps", type=int, default=2, help="steps of the memory runs (peaks repeat every step)")
     p.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
                    help="one instrumented run per variant (after the timed runs)")
-    p.add_argument("--profile-runs", type=int, default=1)
+    p.add_argument("--profile-runs", type=int, default=1,
+                   help="instrumented runs per variant, taken in turn with the other variants'; each piece is the median")
     p.add_argument("--dispatch", action=argparse.BooleanOptionalAction, default=True,
                    help="count aten ops and host syncs per step of every variant (two extra untimed runs each)")
     p.add_argument("--forward-repeats", "--unet-repeats", dest="unet_repeats", type=int, default=0,
@@ -309,7 +322,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]
                     result[f"{v}_vs_ksampler_max_abs"] = float((outputs[v] - outputs["ksampler"]).abs().max())
             del outputs
             if args.profile:
-                result["profile"] = {v: rows.profile_variant(bench, v, args.device, args.profile_runs) for v in variants}
+                result["profile"] = interleaved_profile(rows, bench, variants, args.device, args.profile_runs)
                 say(f"[{model_name} {case.label}] profile: " + json.dumps(
                     {v: {k: round(x, 1) for k, x in p.items()} for v, p in result["profile"].items()}))
             if args.dispatch:

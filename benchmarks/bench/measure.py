@@ -175,6 +175,21 @@ OBSERVER_LABEL = "attention observer (per-step mask capture)"
 ITEM_MASKS_LABEL = "item masks from attention"
 OTHER_LABEL = "rest (ComfyUI sampling, CFG, conds, setup)"
 PREVIEW_LABEL = "node extra: timestep preview strip (after sampling)"
+STOCK_APPLY_LABEL = "ComfyUI's apply_model around the model (stock: input scaling, conds, output)"
+STOCK_GUIDER_LABEL = "ComfyUI's CFG guider per model call (stock: cond batches, cfg)"
+SAMPLER_LOOP_LABEL = "sampler set-up and loop (KSampler: its k-diffusion sampler; pack: AsynSampler.sample)"
+# ComfyUI's own per-call work, the same in every variant and never counted as the pack's. A KSampler run
+# calls it from its sampler, the pack from its sampler and wrapper: timed apart, so the pack's pieces
+# that call it (the apply-model wrapper, the sampler) do not take it in.
+STOCK_PIECES = [
+    (STOCK_GUIDER_LABEL, "comfy.samplers.CFGGuider.predict_noise minus the model call"),
+    (STOCK_APPLY_LABEL, "comfy.model_base.BaseModel._apply_model minus the diffusion model's forward"),
+    (SAMPLER_LOOP_LABEL, "KSAMPLER.sample / AsynSampler.sample minus everything timed inside: set-up, the step "
+                         "loop, the per-call glue; the pack's counts where it exceeds the KSampler run's"),
+]
+STOCK_LABELS = frozenset({STOCK_GUIDER_LABEL, STOCK_APPLY_LABEL})
+# Both runs have one: the pack's work is what the variant's costs over the KSampler run's.
+OVER_KSAMPLER_LABELS = frozenset({SAMPLER_LOOP_LABEL})
 # (label, what) of the sampler-side pieces in the transformer families' report order: the per-step
 # maps before the family's hook pieces, the rest after them (bench/dit.py pieces()).
 STEP_PIECES = [
@@ -196,11 +211,20 @@ SAMPLER_PIECES = [
 
 def wrap_sampler_pieces(stack: contextlib.ExitStack, timer: PieceTimer) -> None:
     """Time the pack's sampler-side pieces for one run (restored when stack closes)."""
+    import comfy.model_base
+    import comfy.samplers
+
     from asyndm import sigma_map
     from asyndm.comfy_adapter import attention, lockstep, map_steps, model_wrapper, track_model
     from asyndm.comfy_adapter import sampler as asyn_sampler
     from asyndm.comfy_adapter.families import base
 
+    bm = comfy.model_base.BaseModel
+    stack.enter_context(patched(bm, "_apply_model", timer.wrap(STOCK_APPLY_LABEL, bm.__dict__["_apply_model"])))
+    guider = comfy.samplers.CFGGuider
+    stack.enter_context(patched(guider, "predict_noise", timer.wrap(STOCK_GUIDER_LABEL, guider.__dict__["predict_noise"])))
+    for cls in (comfy.samplers.KSAMPLER, asyn_sampler.AsynSampler):
+        stack.enter_context(patched(cls, "sample", timer.wrap(SAMPLER_LOOP_LABEL, cls.__dict__["sample"])))
     hooks = base.TimeHooks  # every family's set_map lives in the shared base
     stack.enter_context(patched(hooks, "set_map", timer.wrap(SET_MAP_LABEL, hooks.__dict__["set_map"])))
     sm = model_wrapper.StepMaps

@@ -12,7 +12,7 @@ from types import ModuleType
 from typing import Any
 
 from . import family_rows, flux_rows, mmdit_rows, unet_rows
-from .measure import OTHER_LABEL, PREVIEW_LABEL
+from .measure import OTHER_LABEL, OVER_KSAMPLER_LABELS, PREVIEW_LABEL, STOCK_LABELS
 
 FAMILY_ROWS: dict[str, ModuleType] = {"unet": unet_rows, "flux": flux_rows, "mmdit": mmdit_rows, "dit": family_rows}
 VARIANT_TITLES = {**flux_rows.VARIANT_TITLES, **unet_rows.VARIANT_TITLES, **family_rows.VARIANT_TITLES}
@@ -63,13 +63,20 @@ def case_ratios(times: dict[str, list[float]]) -> dict[str, list[float]]:
 
 def pack_pieces_ms(piece_ms: dict[str, float], baseline: dict[str, float] | None = None,
                    family: ModuleType = unet_rows) -> float:
-    """What the pack adds, measured piece by piece: every profiled piece except the model's own compute,
-    plus what the stock module the pack feeds (the UNet's emb_layers) costs over the stock run's (the
-    KSampler run's, when given; never less than 0)."""
-    stock_module = family.STOCK_MODULE_LABEL
-    pieces = sum(v for k, v in piece_ms.items() if k in dict(family.PIECES) and k not in family.NOT_PACK)
-    if baseline is not None and stock_module in piece_ms and stock_module in baseline:
-        pieces += max(0.0, piece_ms[stock_module] - baseline[stock_module])  # a saving there is noise
+    """What the pack adds, measured piece by piece: every profiled piece except the model's own compute and
+    ComfyUI's own per-call work, plus what the pieces both runs have (the stock module the pack feeds, the
+    UNet's emb_layers; the sampler's set-up and loop) cost over the stock run's (the KSampler run's, when
+    given; never less than 0; without it, all of the sampler's)."""
+    over = {family.STOCK_MODULE_LABEL} | OVER_KSAMPLER_LABELS
+    pieces = sum(v for k, v in piece_ms.items()
+                 if k in dict(family.PIECES) and k not in family.NOT_PACK and k not in STOCK_LABELS and k not in over)
+    for label in over:
+        if label not in piece_ms:
+            continue
+        if baseline is not None and label in baseline:
+            pieces += max(0.0, piece_ms[label] - baseline[label])  # a saving there is noise
+        elif label in OVER_KSAMPLER_LABELS:
+            pieces += piece_ms[label]
     return pieces
 
 
@@ -190,9 +197,9 @@ def markdown(run: dict[str, Any]) -> str:
         base_total = prof.get("ksampler", {}).get("total")
         lead = next((v for v in ("dynamic", "fixed", "half") if v in prof), "fixed")
         lines.append("")
-        lines.append(f"Profile, {r['model']} {r['case_label']}: ms per run (one instrumented run each, exclusive "
-                     f"times, so the rows add up to the total); last column: the {lead} run's piece as % of the "
-                     "KSampler run.")
+        lines.append(f"Profile, {r['model']} {r['case_label']}: ms per run (exclusive times; each piece the median "
+                     "of the instrumented runs, taken in turn with the other variants', so the rows add up to about "
+                     f"the total); last column: the {lead} run's piece as % of the KSampler run.")
         lines.append("")
         lines.append("| piece | " + " | ".join(VARIANT_TITLES[v] for v in pv) + f" | {lead}, % of KSampler |")
         lines.append("|---|" + "---|" * (len(pv) + 1))

@@ -114,13 +114,15 @@ PIECES = [  # (label, what) in report order; the pieces are exclusive of each ot
     (measure.ITEM_MASKS_LABEL, "AsynSampler._priorities_from_attention"),
     *measure.STEP_PIECES,
     ("hooks: UNet/block pre/post", "PerPixelTimesteps._unet_pre/_unet_post/_block_pre"),
-    ("hooks: time-MLP table", "PerPixelTimesteps._embedding_table (U rows)"),
+    ("hooks: time-MLP table", "PerPixelTimesteps._embedding_table, _time_pre / _time_post (the table's U rows in "
+                              "the stock time MLP call)"),
     (EMB_LABEL, "rest of the emb_layers hooks"),
     ("hooks: index maps", "PerPixelTimesteps._index (block_index_map, cached per forward)"),
     ("hooks: per-pixel selection", "PerPixelTimesteps._per_pixel ((B', C, h, w) per ResBlock: one gather per image)"),
     ("naive: time MLP on every pixel", "naive baseline only"),
     ("naive: index positions", "naive baseline only"),
     *measure.SAMPLER_PIECES,
+    *measure.STOCK_PIECES,
 ]
 PACK_SUM_TITLE = ("**sum of the pack's pieces** (rows between the UNet and the rest, plus emb_layers over the "
                   "KSampler's; % of the KSampler total)")
@@ -137,6 +139,7 @@ def install_profile(bench: Bench, stack: contextlib.ExitStack, timer: PieceTimer
     for cls in (ppt, naive):
         for attr, label in (("_unet_pre", "hooks: UNet/block pre/post"), ("_unet_post", "hooks: UNet/block pre/post"),
                             ("_embedding_table", "hooks: time-MLP table"),
+                            ("_time_pre", "hooks: time-MLP table"), ("_time_post", "hooks: time-MLP table"),
                             ("_index", "hooks: index maps"),
                             ("_per_pixel", "hooks: per-pixel selection"),
                             ("_pixel_embedding", "naive: time MLP on every pixel"),

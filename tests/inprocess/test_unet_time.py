@@ -161,7 +161,10 @@ def test_split_map_gathers_stock_embedding(models: dict, family: str) -> None:
                     (out[..., left:] - want_right).abs().max().item())
     print(f"\n[{family}] split map, gathered vs stock emb_layers: max abs diff {worst:.2e} over {len(seen)} blocks")
     assert sizes == {(16, 24), (8, 12), (4, 6)}
-    assert worst <= (0.0 if family != "sdxl" else 1e-5)
+    # Not bit for bit: the table's time-MLP rows are computed in the stock call, after its carrier rows (one
+    # read of the weights), and a matrix product's rows may round differently in a batch of another size. A
+    # pixel given another timestep's row, or a wrong block's, would be off by the embeddings' own scale.
+    assert worst <= 1e-5
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
@@ -241,12 +244,13 @@ def test_table_is_computed_once_per_distinct_timestep(models: dict) -> None:
         with PerPixelTimesteps(dm) as hooks:
             hooks.set_map(t_map)
             _run(p, x, torch.full((2,), CARRIER))
-            assert rows == [2, 3]  # stock carrier rows, then the table: U rows, not H*W
+            # one time-MLP call: the stock carrier rows, then the table's U rows (not H*W) in the same batch
+            assert rows == [2 + 3]
             _run(p, x, torch.full((2,), CARRIER))  # same map: the time MLP table is reused
-            assert rows == [2, 3, 2]
+            assert rows == [5, 2]
             hooks.set_map(t_map)
             _run(p, x, torch.full((2,), CARRIER))
-            assert rows == [2, 3, 2, 2, 3]
+            assert rows == [5, 2, 5]
             assert hooks.table_builds == 2
     finally:
         handle.remove()

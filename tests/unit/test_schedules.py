@@ -356,7 +356,7 @@ def test_history_states_follow_the_reference_row_by_row(curve: str) -> None:
         assert got[row].tolist() == pytest.approx(want, rel=1e-9, abs=1e-9)
 
 
-@pytest.mark.parametrize("curve", ["bin", "lin", "exp"])
+@pytest.mark.parametrize("curve", ["linear", "bin", "lin", "exp"])
 def test_history_states_are_the_checked_steps_bit_for_bit(curve: str) -> None:
     """float32: the same operations as step() per step (background linear, keyed pixels on the curve)."""
     n, history = 10, _histories(4, 5, 10).float()
@@ -371,6 +371,26 @@ def test_history_states_are_the_checked_steps_bit_for_bit(curve: str) -> None:
     for first in (1, 6, 10):  # resumed from a known state: the rest of the same table
         tail = history_states(full[:, first - 1], history, first=first, curve=curve, num_steps=n)
         assert torch.equal(tail, full[:, first:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("seed", range(4))
+def test_history_states_on_the_host_are_the_torch_steps_bit_for_bit(seed: int, dtype: torch.dtype) -> None:
+    """"bin" on CPU rows runs in numpy: the same values as step() in torch, from odd starts, every resume."""
+    generator = torch.Generator().manual_seed(100 + seed)
+    n, rows = 7 + 5 * seed, 9
+    history = _histories(seed, rows, n).to(dtype) * torch.rand(rows, n, generator=generator, dtype=dtype).ceil()
+    start = (torch.rand(rows, generator=generator, dtype=dtype) * 1000 + 1).to(dtype)
+    want, s = [], start
+    for i in range(n):
+        linear = step(s, n - i, curve="linear", k=0.0, num_steps=n)
+        s = torch.where(history[:, i] > 0, step(s, n - i, curve="bin", k=history[:, i], num_steps=n), linear)
+        want.append(s)
+    full = history_states(start, history, curve="bin", num_steps=n)
+    assert full.dtype == dtype and torch.equal(full, torch.stack([*want, torch.zeros(rows, dtype=dtype)], dim=1))
+    for first in range(1, n + 1):
+        assert torch.equal(history_states(full[:, first - 1], history, first=first, curve="bin", num_steps=n),
+                           full[:, first:])
 
 
 @pytest.mark.parametrize(

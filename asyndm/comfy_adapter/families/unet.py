@@ -106,8 +106,10 @@ class PerPixelTimesteps(TimeHooks):
     ``emb_patch`` (transformer_options["patches"]["emb_patch"], applied by ComfyUI to the time
     embedding before the SDXL label is added) is honoured: each patch is applied to the table,
     once per distinct timestep u, on B' rows that all carry u. A patch that treats rows
-    independently therefore gives each pixel exactly what the stock model gives a batch at u;
-    a patch that mixes rows, or counts its calls, sees U calls per forward instead of one.
+    independently therefore gives each pixel what the stock model gives a batch at u (to the rounding
+    of the time MLP: the table's U rows ride in the stock call, after its B' rows, so that the MLP's
+    weights are read once per forward); a patch that mixes rows, or counts its calls, sees U calls
+    per forward instead of one.
 
     Not covered: gradient checkpointing recomputes blocks in backward without a map (inference
     only); torch.compile graphs traced without these hooks ignore them, which is detected (the
@@ -120,6 +122,9 @@ class PerPixelTimesteps(TimeHooks):
     def __init__(self, diffusion_model: torch.nn.Module) -> None:
         self.unet = unwrap(diffusion_model)
         self.blocks = unet_resblocks(self.unet)
+        self._block_handles: list[Any] = []  # the blocks' size hooks, while installed
+        self._input_hw = (0, 0)  # the latent size of the forward in progress
+        self._sizes_by_input: dict[tuple[int, int], list[Any]] = {}  # UNet input (H, W) -> each block's (h, w)
         # Block index maps, kept while the same index map object comes back (every call of a track set):
         # the reference keeps that object alive, so identity cannot be reused by another tensor.
         self._index_owner: torch.Tensor | None = None
@@ -136,13 +141,30 @@ class PerPixelTimesteps(TimeHooks):
         unet = self.unet
         self._handles.append(unet.register_forward_pre_hook(self._unet_pre, with_kwargs=True))
         self._handles.append(unet.register_forward_hook(self._unet_post))
+        self._handles.append(unet.time_embed.register_forward_pre_hook(self._time_pre))
+        self._handles.append(unet.time_embed.register_forward_hook(self._time_post))
         label = getattr(unet, "label_emb", None)
         if unet.num_classes is not None and label is not None:
             self._handles.append(label.register_forward_hook(self._label_post))
         for i, block in enumerate(self.blocks):
-            self._handles.append(block.register_forward_pre_hook(self._block_pre(i)))
             self._handles.append(block.emb_layers.register_forward_pre_hook(self._emb_pre(i)))
             self._handles.append(block.emb_layers.register_forward_hook(self._emb_post(i)))
+        self._size_hooks(True)
+
+    def _size_hooks(self, wanted: bool) -> None:
+        """The ResBlocks' pre-hooks that read each block's input size: needed only in the first forward of
+        a latent size (a UNet's block sizes follow from its input's), so installed for that forward alone."""
+        if wanted and not self._block_handles:
+            self._block_handles = [block.register_forward_pre_hook(self._block_pre(i))
+                                   for i, block in enumerate(self.blocks)]
+        elif not wanted:
+            for handle in self._block_handles:
+                handle.remove()
+            self._block_handles = []
+
+    def _remove(self) -> None:
+        self._size_hooks(False)
+        super()._remove()
 
     def _unet_pre(self, _module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         if self._inverse is None:
@@ -159,14 +181,45 @@ class PerPixelTimesteps(TimeHooks):
         self._options = options
         self._x_dtype = x.dtype
         self._fired = [0] * len(self.blocks)
-        self._sizes = [None] * len(self.blocks)
+        self._input_hw = (int(x.shape[-2]), int(x.shape[-1]))
+        known = self._sizes_by_input.get(self._input_hw)
+        self._size_hooks(known is None)
+        self._sizes = list(known) if known is not None else [None] * len(self.blocks)
         self._label = None
         self._table = None
+        self._fused_rows = None
         self._in_forward = True
 
     def _unet_post(self, _module: torch.nn.Module, _args: tuple, _output: Any) -> None:
+        used = self._inverse is not None and self._in_forward
         self._end_forward("ResBlocks", "A torch.compile graph traced without these hooks, gradient checkpointing or "
                           "another pack replacing ResBlock.forward bypasses them; disable that for asynchronous sampling.")
+        if used and self._input_hw not in self._sizes_by_input and all(size is not None for size in self._sizes):
+            self._sizes_by_input[self._input_hw] = list(self._sizes)  # every block ran once with its size read
+
+    def _time_pre(self, _module: torch.nn.Module, args: tuple) -> tuple | None:
+        """The time MLP takes the table's U sinusoid rows after the B' carrier rows, in the stock call: its
+        weights are read once per forward, as in the stock model (on its own, the table's call reads
+        them again, which costs more than the few rows themselves)."""
+        if self._inverse is None or not self._in_forward or self._fused_rows is not None or self._own_call or not args:
+            return None
+        t_emb = args[0]
+        if not torch.is_tensor(t_emb) or t_emb.ndim != 2 or (self._x_dtype, t_emb.device) in self._base_cache:
+            return None
+        sinusoid = openaimodel.timestep_embedding(self._unique.to(t_emb.device), self.unet.model_channels,
+                                                  repeat_only=False).to(t_emb.dtype)
+        self._fused_rows = t_emb.shape[0]
+        return (torch.cat([t_emb, sinusoid]),)
+
+    def _time_post(self, _module: torch.nn.Module, _args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        """Split the fused call: the carrier rows go on into the UNet, the table rows are kept."""
+        rows = self._fused_rows
+        if rows is None:
+            return None
+        self._fused_rows = None
+        self._base_cache[(self._x_dtype, output.device)] = output[rows:]
+        self.table_builds += 1
+        return output[:rows]
 
     def _label_post(self, _module: torch.nn.Module, _args: tuple, output: torch.Tensor) -> None:
         if self._inverse is not None:
@@ -209,10 +262,14 @@ class PerPixelTimesteps(TimeHooks):
             raise RuntimeError(f"PerPixelTimesteps: time embedding of shape {tuple(emb.shape)}, expected ({rows}, E)")
         key = (self._x_dtype, emb.device)
         base = self._base_cache.get(key)
-        if base is None:
+        if base is None:  # the time MLP ran without the fused rows (its input was not the stock (B', C) one)
             u = self._unique.to(emb.device)
             sinusoid = openaimodel.timestep_embedding(u, self.unet.model_channels, repeat_only=False)
-            base = self.unet.time_embed(sinusoid.to(self._x_dtype))
+            self._own_call = True
+            try:
+                base = self.unet.time_embed(sinusoid.to(self._x_dtype))
+            finally:
+                self._own_call = False
             self._base_cache[key] = base
             self.table_builds += 1
         table = base
@@ -231,7 +288,7 @@ class PerPixelTimesteps(TimeHooks):
         return self._table
 
     def _index(self, size: tuple[int, int], device: torch.device, tables: int) -> torch.Tensor:
-        """(R * h * w,) long: each pixel's row in the block's table, flattened in (R, h, w) order.
+        """(R * h * w,) int32: each pixel's row in the block's table, flattened in (R, h, w) order.
         tables: 1 for one (U, C) table shared by the rows, else U (every row r has its own (U, C)
         table, flattened row-major: row r's entries start at r * U). Built once per size."""
         assert self._inverse is not None
@@ -246,7 +303,7 @@ class PerPixelTimesteps(TimeHooks):
                 rows = self._rows
                 idx = idx.repeat(rows // idx.shape[0], 1, 1)
                 idx = idx + torch.arange(rows, device=device).view(-1, 1, 1) * tables
-            idx = idx.reshape(-1)
+            idx = idx.to(torch.int32).reshape(-1)  # int32 (one copy): index_select reads it faster than int64
             self._index_cache[key] = idx
         return idx
 
@@ -294,6 +351,8 @@ class PerPixelTimesteps(TimeHooks):
     def _clear_map(self) -> None:
         super()._clear_map()
         self._base_cache: dict[tuple, torch.Tensor] = {}
+        self._fused_rows: int | None = None  # carrier rows of the time MLP call that also carries the table
+        self._own_call = False  # the table's own time MLP call (not to be fused)
         self._table: torch.Tensor | None = None
         self._label: torch.Tensor | None = None
         self._emb_patches: list = []
