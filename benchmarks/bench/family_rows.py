@@ -33,8 +33,8 @@ NOT_PACK = (MODEL_LABEL,)
 STOCK_MODULE_LABEL = None
 HOOK_PIECES: tuple[str, ...] = ()
 PIECES = dit.pieces((MODEL_LABEL, "diffusion_model.forward, the adapter's hooks and swapped methods included"), [])
-PACK_SUM_TITLE = ("**sum of the pack's sampler-side pieces** (rows between the transformer compute and the rest; % of "
-                  "the KSampler total)")
+PACK_SUM_TITLE = ("**sum of the pack's sampler-side pieces** (rows between the transformer compute and ComfyUI's "
+                  "own pieces, plus the sampler's set-up and loop over the KSampler's; % of the KSampler total)")
 
 
 class FamilyBench(dit.TokenBench):

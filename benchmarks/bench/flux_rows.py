@@ -127,8 +127,8 @@ PIECES = dit.pieces(  # (label, what) in report order; the pieces are exclusive 
     ],
 )
 HOOK_PIECES = (HOOKS_PRE_POST, TABLE_LABEL, MODULATION_LABEL, GATHER_LABEL, POST_LABEL, NAIVE_TABLE_LABEL)
-PACK_SUM_TITLE = ("**sum of the pack's pieces** (rows between the Flux compute and the rest; % of the KSampler "
-                  "total)")
+PACK_SUM_TITLE = ("**sum of the pack's pieces** (rows between the Flux compute and ComfyUI's own pieces, plus the "
+                  "sampler's set-up and loop over the KSampler's; % of the KSampler total)")
 
 
 def install_hook_timers(stack: contextlib.ExitStack, timer: PieceTimer) -> None:

@@ -124,8 +124,8 @@ PIECES = [  # (label, what) in report order; the pieces are exclusive of each ot
     *measure.SAMPLER_PIECES,
     *measure.STOCK_PIECES,
 ]
-PACK_SUM_TITLE = ("**sum of the pack's pieces** (rows between the UNet and the rest, plus emb_layers over the "
-                  "KSampler's; % of the KSampler total)")
+PACK_SUM_TITLE = ("**sum of the pack's pieces** (rows between the UNet and ComfyUI's own pieces, plus emb_layers and "
+                  "the sampler's set-up and loop over the KSampler's; % of the KSampler total)")
 
 
 def install_profile(bench: Bench, stack: contextlib.ExitStack, timer: PieceTimer) -> None:
