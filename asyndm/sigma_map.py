@@ -15,6 +15,7 @@ per step. Two mappings keep the background on those sigmas exactly:
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 __all__ = ["SigmaInterpolator", "TimestepTable", "background_track", "state_to_sigma", "track_on_table"]
@@ -105,6 +106,31 @@ class SigmaInterpolator:
 
     def __call__(self, s: torch.Tensor) -> torch.Tensor:
         """Sigma for each state in ``s`` (any shape), in the carrier sigmas' dtype."""
+        if s.device.type == "cpu" and self.ks.device.type == "cpu":
+            return self._on_host(s)
+        return self._on_device(s)
+
+    def _on_host(self, s: torch.Tensor) -> torch.Tensor:
+        """_on_device's operations, one for one, in numpy on CPU states (the sampler's track tables live on the
+        host and a re-partition asks every step): the same IEEE arithmetic in the same dtypes, and torch's own
+        exp, so the same values bit for bit, without a torch dispatch per operation on a few dozen states."""
+        ks, kv, log_kv = self.ks.numpy(), self.kv.numpy(), self.log_kv.numpy()
+        flat = s.detach().reshape(-1).to(self.ks.dtype).numpy()
+        idx = np.clip(np.searchsorted(ks, flat, side="right"), 1, ks.shape[0] - 1)
+        lo_s, hi_s = ks[idx - 1], ks[idx]
+        lo_v, hi_v = kv[idx - 1], kv[idx]
+        w = np.clip(((flat - lo_s) / (hi_s - lo_s)).astype(np.float64), 0.0, 1.0)
+        lo_log = log_kv[idx - 1]
+        interp = torch.exp(torch.from_numpy(lo_log + w * (log_kv[idx] - lo_log))).numpy()
+        out = np.where(flat == lo_s, lo_v, np.where(flat == hi_s, hi_v, interp))
+        last_s = ks[0]
+        final = self.final.numpy()
+        frac = np.clip((flat / last_s).astype(np.float64), 0.0, 1.0)
+        out = np.where(flat < last_s, final + frac * (kv[0] - final), out)
+        out = np.where(flat >= ks[-1], kv[-1], out)
+        return torch.from_numpy(np.ascontiguousarray(out)).reshape(s.shape).to(self.out_dtype)
+
+    def _on_device(self, s: torch.Tensor) -> torch.Tensor:
         ks, kv, log_kv = self.ks.to(s.device), self.kv.to(s.device), self.log_kv.to(s.device)
         flat = s.reshape(-1).to(ks.dtype)
         idx = torch.searchsorted(ks, flat, right=True).clamp(1, ks.numel() - 1)

@@ -96,3 +96,23 @@ def test_timestep_table_gives_every_state_the_models_sigma_at_its_integer_timest
     assert to_sigma(states).tolist() == [float(v) for v in want]
     reference = TimestepTable(table, final=table[0])  # the paper's last step, t = 0
     assert float(reference(torch.tensor([0.0]))[0]) == float(table[0]) > 0
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_host_interpolation_is_the_device_one_bit_for_bit(seed: int) -> None:
+    """The sampler's track tables take the numpy path (CPU states); the torch path serves device states: the
+    same sigmas from both, at anchors, between them, below the last one, above the top and at 0."""
+    from asyndm.sigma_map import SigmaInterpolator
+
+    generator = torch.Generator().manual_seed(seed)
+    n = 6 + 7 * seed
+    sig = torch.cat([torch.sort(torch.rand(n, generator=generator) * 14 + 0.03, descending=True).values,
+                     torch.zeros(1)])
+    interp = SigmaInterpolator(sig, sigma_top=15.0)
+    track = background_track(n)
+    states = torch.cat([torch.rand(200, generator=generator) * 1001.0, track, torch.tensor([0.0, 1001.0, 1000.0,
+                        0.5, float(track[-1]), 2000.0])]).view(1, -1)
+    host, device = interp._on_host(states), interp._on_device(states)
+    assert host.dtype == device.dtype == torch.float32 and host.shape == states.shape
+    assert torch.equal(host, device)
+    assert torch.equal(interp(states), device)
