@@ -78,7 +78,6 @@ class _Tables:
     def __init__(self, tracks: TrackSet, kind: str, eta: float, model_sampling: Any = None,
                  dtype: torch.dtype | None = None) -> None:
         device = tracks.sigmas.device
-        # The model timesteps of every track's sigmas, once per track set (each call takes its column).
         # The model timesteps and input scales (calculate_input's factor) of every track's sigmas, once per
         # track set: each call takes its column (what the call would compute from the column's sigmas).
         self.timesteps = self.input_scales = None
@@ -222,8 +221,8 @@ def run_on_maps(kind: str, sampler: Any, tracks: TrackSet, extra_args: dict, cal
                 retrack: Retrack | None = None, model_sampling: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The lock step's result for euler / euler_ancestral / dpmpp_2m (see the module doc): one model call per
     step exactly as the lock step makes it, one element-wise update. model_sampling: the model's, whose
-    timesteps of every track's sigmas are then computed once for the run rather than once per call (not
-    with re-partitions, whose track sets last a step or two).
+    timesteps and input scales of every track's sigmas are then computed once for the run rather than once
+    per call (not with re-partitions, whose track sets last a step or two).
     Returns (latent, the carrier's last sigma)."""
     eta, s_noise = _noise_options(sampler)
     x = start(tracks)

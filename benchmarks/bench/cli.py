@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="peak memory: a fresh process per variant (default), this process, or not at all")
     p.add_argument("--memory-steps", type=int, default=2, help="steps of the memory runs (peaks repeat every step)")
     p.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
-                   help="one instrumented run per variant (after the timed runs)")
+                   help="instrumented runs per variant (after the timed runs; see --profile-runs)")
     p.add_argument("--profile-runs", type=int, default=1,
                    help="instrumented runs per variant, taken in turn with the other variants'; each piece is the median")
     p.add_argument("--dispatch", action=argparse.BooleanOptionalAction, default=True,

@@ -79,8 +79,8 @@ class TokenBench(SamplingBench):
 
 def pieces(model: tuple[str, str], hooks: list[tuple[str, str]]) -> list[tuple[str, str]]:
     """A family's profile pieces, (label, what) in report order: its model compute, the per-step maps,
-    its hook pieces, then the sampler's, then ComfyUI's own work around the model."""
-    return [model, *measure.STEP_PIECES, *hooks, *measure.SAMPLER_PIECES, *measure.STOCK_PIECES]
+    its hook pieces, then the sampler's (its set-up and loop last), then ComfyUI's own work around the model."""
+    return [model, *measure.STEP_PIECES, *hooks, *measure.SAMPLER_PIECES, *measure.LOOP_PIECES, *measure.STOCK_PIECES]
 
 
 def install_profile(bench: TokenBench, stack: contextlib.ExitStack, timer: PieceTimer) -> None:

@@ -180,16 +180,18 @@ STOCK_GUIDER_LABEL = "ComfyUI's CFG guider per model call (stock: cond batches, 
 SAMPLER_LOOP_LABEL = "sampler set-up and loop (KSampler: its k-diffusion sampler; pack: AsynSampler.sample)"
 # ComfyUI's own per-call work, the same in every variant and never counted as the pack's. A KSampler run
 # calls it from its sampler, the pack from its sampler and wrapper: timed apart, so the pack's pieces
-# that call it (the apply-model wrapper, the sampler) do not take it in.
+# that call it (the apply-model wrapper, the sampler) do not take it in. Then the sampler itself, which
+# both runs have: the pack's work is what the variant's costs over the KSampler run's.
 STOCK_PIECES = [
     (STOCK_GUIDER_LABEL, "comfy.samplers.CFGGuider.predict_noise minus the model call"),
     (STOCK_APPLY_LABEL, "comfy.model_base.BaseModel._apply_model minus the diffusion model's forward"),
+]
+LOOP_PIECES = [
     (SAMPLER_LOOP_LABEL, "KSAMPLER.sample / AsynSampler.sample minus everything timed inside: set-up, the step "
                          "loop, the per-call glue; the pack's counts where it exceeds the KSampler run's"),
 ]
-STOCK_LABELS = frozenset({STOCK_GUIDER_LABEL, STOCK_APPLY_LABEL})
-# Both runs have one: the pack's work is what the variant's costs over the KSampler run's.
-OVER_KSAMPLER_LABELS = frozenset({SAMPLER_LOOP_LABEL})
+STOCK_LABELS = frozenset(label for label, _ in STOCK_PIECES)
+OVER_KSAMPLER_LABELS = frozenset(label for label, _ in LOOP_PIECES)
 # (label, what) of the sampler-side pieces in the transformer families' report order: the per-step
 # maps before the family's hook pieces, the rest after them (bench/dit.py pieces()).
 STEP_PIECES = [

@@ -122,6 +122,7 @@ PIECES = [  # (label, what) in report order; the pieces are exclusive of each ot
     ("naive: time MLP on every pixel", "naive baseline only"),
     ("naive: index positions", "naive baseline only"),
     *measure.SAMPLER_PIECES,
+    *measure.LOOP_PIECES,
     *measure.STOCK_PIECES,
 ]
 PACK_SUM_TITLE = ("**sum of the pack's pieces** (rows between the UNet and ComfyUI's own pieces, plus emb_layers and "
