@@ -119,10 +119,52 @@ class _Tables:
             self.tables = dpmpp_2m_tables(tracks.sigmas) + self.tables
         self.waiting = to_device(waiting, device) if any(self.any_waiting) else None
         self.index = tracks.index
+        self.calls: list[tuple] | None = None  # per step: call_sigmas' result, when made for the run at once
+        self._columns: dict[int, list[torch.Tensor]] = {}  # id(table) -> its column maps, step by step
+        if self.timesteps is not None and _fits(rows.shape[1], tracks.index):
+            for table in [*self.tables, *([self.waiting] if self.waiting is not None else [])]:
+                self._columns[id(table)] = list(self._all_columns(table).unbind(0))
+
+    def _all_columns(self, table: torch.Tensor) -> torch.Tensor:
+        """(N, B, 1, H, W): every step's column of a (U, N) table, in one gather (the same values)."""
+        return table.t()[:, self.index][:, :, None]
 
     def column(self, table: torch.Tensor, i: int) -> torch.Tensor:
         """(B, 1, H, W): each pixel's entry of step i."""
+        made = self._columns.get(id(table))
+        if made is not None:
+            return made[i]
         return table[:, i][self.index][:, None]
+
+    def make_calls(self, tracks: TrackSet, s_in: torch.Tensor, dtype: torch.dtype) -> None:
+        """Every step's call_sigmas result at once, where this table set has the timesteps and input scales and
+        the maps fit (_fits): a handful of ops for the run instead of a dozen per call. The same values:
+        the same elementwise products and the same gathers, taken over all steps."""
+        if self.timesteps is None or self.input_scales is None or tracks.count == 1 or not self._columns:
+            return
+        n = int(tracks.sigmas.shape[1]) - 1
+        batch = s_in.shape[0]
+        carriers = (tracks.sigmas[0, :n, None] * s_in).unbind(0)  # column[0] * s_in, step by step
+
+        def per_entry(table: torch.Tensor) -> torch.Tensor:  # (U, N + 1) -> (N, U * B): each call's table
+            return table[:, :n, None].expand(-1, -1, batch).transpose(0, 1).reshape(n, -1)
+
+        values = per_entry(tracks.sigmas.to(dtype))
+        timesteps, scales = per_entry(self.timesteps), per_entry(self.input_scales)
+        index = tracks.call_index
+        sigma_maps = values[:, index][:, :, None]  # (N, B, 1, H, W)
+        input_maps = scales[:, index][:, :, None]
+        self.calls = [(carriers[i], sigma_maps[i], (values[i], index, timesteps[i], scales[i], input_maps[i]))
+                      for i in range(n)]
+
+
+# Per-step maps made for a whole run take (N, B, H, W) elements per table: at most this many (16 MiB in float32),
+# else each call makes its own (the same values, a few more ops per step).
+_MAX_RUN_MAP_ELEMENTS = 1 << 22
+
+
+def _fits(columns: int, index: torch.Tensor) -> bool:
+    return columns * index.numel() <= _MAX_RUN_MAP_ELEMENTS
 
 
 def dpmpp_2m_tables(sigmas: torch.Tensor) -> list[torch.Tensor]:
@@ -204,6 +246,8 @@ def call_sigmas(tracks: TrackSet, i: int, s_in: torch.Tensor, dtype: torch.dtype
     """(carrier sigma (B,), sigma map, (table, index[, model timesteps, input scales of the table])) of step
     i's model call, as the lock step makes them: the carrier as its sampler asks it, one table row per
     track and image; the timesteps and scales from `tables`, when it computed them."""
+    if tables is not None and tables.calls is not None:
+        return tables.calls[i]
     column = tracks.sigmas[:, i]
     carrier = column[0] * s_in
     if tracks.count == 1:
@@ -233,6 +277,7 @@ def run_on_maps(kind: str, sampler: Any, tracks: TrackSet, extra_args: dict, cal
     if retrack is not None:  # a new track set at every re-partition: the timesteps of each call's column only
         model_sampling = None
     tables = _Tables(tracks, kind, eta, model_sampling, x.dtype)
+    tables.make_calls(tracks, s_in, x.dtype)
     n = int(tracks.sigmas.shape[1]) - 1
     old: torch.Tensor | None = None  # dpmpp_2m: the previous call's denoised
     for i in kdiff.trange(n, disable=disable_pbar):
@@ -254,9 +299,9 @@ def run_on_maps(kind: str, sampler: Any, tracks: TrackSet, extra_args: dict, cal
 
 
 def agrees_with_comfy(kind: str, sampler: Any) -> bool:
-    """Do these steps give what ComfyUI's function gives, bit for bit, on a small problem (three tracks:
-    the carrier, one that waits two steps, one that holds mid-run (dpmpp_2m: one of its own spacing);
-    the last step to 0)? Run on the CPU in float32 with a denoiser that depends on sigma, the function
+    """Do these steps give what ComfyUI's function gives, bit for bit, on a small problem (two tracks:
+    the carrier, and one that waits a step, then holds mid-run (dpmpp_2m: takes steps of its own
+    spacing); the last step to 0)? Run on the CPU in float32 with a denoiser that depends on sigma, the function
     once per track as the lock step runs it, and the same noise draws. Host maths: it reads no device
     value."""
     with host_maths():
@@ -265,11 +310,9 @@ def agrees_with_comfy(kind: str, sampler: Any) -> bool:
 
 def _agrees_with_comfy(kind: str, sampler: Any) -> bool:
     # A mid-run hold (h = 0) sends the multistep sampler's next step to inf / NaN, its own result too.
-    third = [8.0, 6.5, 4.0, 2.0, 0.2, 0.0] if kind == "dpmpp_2m" else [8.0, 6.0, 6.0, 2.0, 0.2, 0.0]
-    rows = torch.tensor([[8.0, 5.0, 2.5, 1.0, 0.3, 0.0],
-                         [8.0, 8.0, 8.0, 3.0, 0.5, 0.0],
-                         third])
-    index = torch.tensor([[[0, 1, 2], [2, 1, 0]]])
+    second = [8.0, 8.0, 6.5, 4.0, 0.2, 0.0] if kind == "dpmpp_2m" else [8.0, 8.0, 6.0, 6.0, 2.0, 0.0]
+    rows = torch.tensor([[8.0, 5.0, 2.5, 1.0, 0.3, 0.0], second])
+    index = torch.tensor([[[0, 1, 1], [1, 0, 1]]])
     tracks = TrackSet(rows, index, None, rows, index)
     generator = torch.Generator().manual_seed(7)
     x0 = torch.randn(1, 2, 2, 3, generator=generator)

@@ -33,19 +33,23 @@ class StepMaps:
         self.uniform: torch.Tensor | None = None  # (1,) the one sigma of every pixel, when there is one
         self.values: torch.Tensor | None = None  # (U,) the sigma of each unique_t entry, when the caller knows it
         self.input_scales: torch.Tensor | None = None  # (U,) calculate_input's factor at each entry, when known
+        self.input_map: torch.Tensor | None = None  # (B, 1, H, W) input_scales[inverse], when known
 
     def set(self, sigma: torch.Tensor, unique_t: torch.Tensor, inverse: torch.Tensor,
-            values: torch.Tensor | None = None, input_scales: torch.Tensor | None = None) -> None:
+            values: torch.Tensor | None = None, input_scales: torch.Tensor | None = None,
+            input_map: torch.Tensor | None = None) -> None:
         """Record the sigma map and its model timesteps as unique_t[inverse] (see model_timesteps);
         values: the sigmas behind unique_t (sigma == values[inverse]), which lets per-sigma
         coefficients be computed once per entry instead of per pixel; input_scales: calculate_input's
-        factor at each of values, already computed (the sampler's run tables)."""
+        factor at each of values, already computed (the sampler's run tables); input_map: the
+        factors gathered per pixel, already made (input_scales[inverse][:, None])."""
         self.sigma = sigma
         self.unique_t = unique_t
         self.inverse = inverse
         self.uniform = None
         self.values = values
         self.input_scales = None if values is None else input_scales
+        self.input_map = None if self.input_scales is None else input_map
 
     def set_uniform(self, sigma: torch.Tensor, value: torch.Tensor) -> None:
         """Every pixel of every image sits at the one sigma `value` (1,): no per-pixel work is needed."""
@@ -60,6 +64,7 @@ class StepMaps:
         self.uniform = None
         self.values = None
         self.input_scales = None
+        self.input_map = None
 
 
 def model_timesteps(sigma_values: torch.Tensor, index: torch.Tensor,
@@ -85,6 +90,7 @@ class PerPixelApplyModel:
         self._handle: Any = None
         self._captured: list[Any] | None = None  # outputs of the forward in progress (None: not capturing)
         self._fast_denoised: dict[type, bool] = {}  # model sampling class -> denoised_map's maths agree with it
+        self._ones_rows: torch.Tensor | None = None  # see _ones
 
     def close(self) -> None:
         """Remove the output hook (the sampler calls this when its run ends, errors included)."""
@@ -104,6 +110,14 @@ class PerPixelApplyModel:
             self.close()
             self._handle = diffusion_model.register_forward_hook(self._keep_output)
             self._hooked = diffusion_model
+
+    def _ones(self, like: torch.Tensor, rows: int) -> torch.Tensor:
+        """(rows, 1, 1, 1) ones in like's dtype and device, made once per run (calculate_input's factor at the
+        carrier is calculate_input of these)."""
+        ones = self._ones_rows
+        if ones is None or ones.shape[0] != rows or ones.dtype != like.dtype or ones.device != like.device:
+            ones = self._ones_rows = like.new_ones(rows, 1, 1, 1)
+        return ones
 
     def _denoised(self, ms: Any, sigma_rows: torch.Tensor, out: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         """calculate_denoised with a sigma per pixel: x - out * sigma on the map itself where the model's
@@ -141,7 +155,9 @@ class PerPixelApplyModel:
                 sigma_rows = sigma.expand(chunks, -1, -1, -1)
             else:
                 sigma_rows = sigma.repeat(chunks, 1, 1, 1)
-            return sigma_rows.to(x.device), inverse.to(x.device)
+            if sigma_rows.device != x.device:
+                sigma_rows, inverse = sigma_rows.to(x.device), inverse.to(x.device)
+            return sigma_rows, inverse
         sig_parts, inv_parts = [], []
         for o in range(chunks):
             area = self.maps.areas.get(uuids[o])
@@ -160,11 +176,12 @@ class PerPixelApplyModel:
         if values is None or tuple(inverse_rows.shape[-2:]) != tuple(image.shape[-2:]):
             ones = torch.ones_like(image[:, :1])
             return per_pixel(ms.calculate_input, sigma_rows, ones) / ms.calculate_input(t, ones)
-        c_in = self.maps.input_scales
+        c_in, c_map = self.maps.input_scales, self.maps.input_map
         if c_in is None:
             c_in = ms.calculate_input(values.to(image.device), image.new_ones(values.shape[0], 1, 1, 1)).view(-1)
-        c_map = c_in[inverse_rows][:, None]  # (R, 1, H, W): one row per image, shared by its CFG chunks
-        c_carrier = ms.calculate_input(t, image.new_ones(t.shape[0], 1, 1, 1))  # (B', 1, 1, 1)
+        if c_map is None or inverse_rows is not self.maps.inverse:  # none made, or the rows crop the latent (areas)
+            c_map = c_in[inverse_rows][:, None]  # (R, 1, H, W): one row per image, shared by its CFG chunks
+        c_carrier = ms.calculate_input(t, self._ones(image, t.shape[0]))  # (B', 1, 1, 1)
         if c_map.shape[0] != 1 and c_map.shape[0] != c_carrier.shape[0]:
             c_map = c_map.repeat(c_carrier.shape[0] // c_map.shape[0], 1, 1, 1)
         return c_map / c_carrier
@@ -191,7 +208,9 @@ class PerPixelApplyModel:
         self._output_hook(base_model.diffusion_model)
         captured: list[Any] = []
         self._captured = captured
-        self.time_hooks.set_map(None, unique=unique_t.to(x.device), inverse=inverse_rows, rows=x.shape[0])
+        if unique_t.device != x.device:
+            unique_t = unique_t.to(x.device)
+        self.time_hooks.set_map(None, unique=unique_t, inverse=inverse_rows, rows=x.shape[0])
         try:
             executor(x_pre, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
         finally:

@@ -112,8 +112,12 @@ def tracks_from_host_history(host_history: torch.Tensor, carrier: torch.Tensor,
     if host_carrier is None:
         host_carrier = to_host(carrier)
     with host_maths():
-        per_pixel_rows = host_history.float().permute(1, 2, 3, 0).reshape(-1, n)
-        rows, index = unique_rows(per_pixel_rows)
+        if n > 0 and host_history.stride(0) == 0:  # one map for every step (fixed masks): a row per priority
+            levels, index = torch.unique(host_history[0].float() + 0.0, return_inverse=True)
+            rows, index = levels[:, None].expand(-1, n).contiguous(), index.reshape(-1)
+        else:
+            per_pixel_rows = host_history.float().permute(1, 2, 3, 0).reshape(-1, n)
+            rows, index = unique_rows(per_pixel_rows)
         rows, index, _ = _with_background(rows, index)
         states = state_rows(rows)
     return _track_set(rows, index.reshape(host_history.shape[1:]), states, carrier, host_carrier, to_sigma)
@@ -208,14 +212,16 @@ class PixelModel:
             values, index = torch.unique(sigma_map[:, 0], return_inverse=True)
             self.maps.set(sigma_map, *model_timesteps(values, index, self.ms))
             return
-        values, index, *given = table  # given: the entries' model timesteps and input scales, when known
+        values, index, *given = table  # given: the entries' model timesteps, input scales and scale map, when known
         timesteps = given[0] if given else self.ms.timestep(values).float()
-        self.maps.set(sigma_map, timesteps, index, values, given[1] if len(given) > 1 else None)
+        self.maps.set(sigma_map, timesteps, index, values, given[1] if len(given) > 1 else None,
+                      given[2] if len(given) > 2 else None)
 
     def __call__(self, x: torch.Tensor, sigma_map: torch.Tensor | None, carrier: torch.Tensor,
                  model_options: dict | None = None, seed: int | None = None,
                  table: tuple | None = None) -> torch.Tensor:
-        """table: (values (V,), index (B, H, W) long[, model timesteps (V,), input scales (V,) of values]) with
+        """table: (values (V,), index (B, H, W) long[, model timesteps (V,), input scales (V,) of values[, the input
+        scales' map (B, 1, H, W)]]) with
         sigma_map = values[index]: the call's sigmas as a small table (one row per track and image), so no
         distinct values have to be found."""
         self.calls += 1

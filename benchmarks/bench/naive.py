@@ -53,6 +53,9 @@ def _make_naive_hooks_class() -> type:
         def _unet_pre(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
             super()._unet_pre(module, args, kwargs)
             self._pixel_emb: torch.Tensor | None = None
+            if self._inverse is not None:  # the carrier rows reach emb_layers' pre-hooks, which replace them
+                self._emb_is_table = False
+                self._table_hooks(True)
 
         def _emb_pre(self, i: int) -> Any:
             def hook(module: torch.nn.Module, args: tuple) -> tuple | None:

@@ -62,3 +62,23 @@ def test_unique_rows_takes_negative_zero_as_zero():
     rows = torch.tensor([[0.0, 0.5], [-0.0, 0.5], [0.5, 0.0], [0.5, -0.0]])
     got_rows, got_index = unique_rows(rows)
     assert got_rows.tolist() == [[0.0, 0.5], [0.5, 0.0]] and got_index.tolist() == [0, 0, 1, 1]
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_one_map_for_every_step_groups_as_the_whole_history(background):
+    """Fixed masks give every step the same map (an expanded view): grouped by its distinct priorities, the
+    TrackSet is the one that grouping every pixel's whole history gives, bit for bit (-0.0 taken as 0.0)."""
+    steps, (b, h, w) = 9, (2, 5, 6)
+    sampler = AsynSampler("euler", AsynSchedule(curve="bin", k=(0.7, 0.4), mask_source="attention", words=("a", "b")))
+    to_sigma, carrier = _to_sigma(steps)
+    generator = torch.Generator().manual_seed(3)
+    levels = torch.tensor([0.0, -0.0, 0.4, 0.7]) if background else torch.tensor([0.4, 0.7])
+    k_map = levels[torch.randint(0, levels.numel(), (b, h, w), generator=generator)]
+    one_map = k_map.expand(steps, b, h, w)
+    assert one_map.stride(0) == 0
+    got = tracks_from_host_history(one_map, carrier, sampler._state_rows, to_sigma, carrier)
+    want = tracks_from_host_history(one_map.contiguous(), carrier, sampler._state_rows, to_sigma, carrier)
+    for name in FIELDS:
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+        assert getattr(got, name).dtype == getattr(want, name).dtype, name
+    assert got.count == 3  # without a background pixel, the background track is added (holding none)

@@ -244,14 +244,25 @@ def test_table_is_computed_once_per_distinct_timestep(models: dict) -> None:
         with PerPixelTimesteps(dm) as hooks:
             hooks.set_map(t_map)
             _run(p, x, torch.full((2,), CARRIER))
-            # one time-MLP call: the stock carrier rows, then the table's U rows (not H*W) in the same batch
+            # one time-MLP call per forward, the stock one, on the table's U rows (not the B' rows, nor H*W)
+            assert rows == [3]
+            _run(p, x, torch.full((2,), CARRIER))
+            assert rows == [3, 3]
+            assert hooks.table_builds == 2
+        # A patch that reads the embedding on its way to the blocks: the stock B' rows go on into the UNet,
+        # the table's U rows ride in the same call and are kept while the map is the same.
+        rows.clear()
+        options = {"transformer_options": {"patches": {"forward_timestep_embed_patch": [(type(None), None)]}}}
+        with PerPixelTimesteps(dm) as hooks:
+            hooks.set_map(t_map)
+            fused = _run(p, x, torch.full((2,), CARRIER), **options)
             assert rows == [2 + 3]
-            _run(p, x, torch.full((2,), CARRIER))  # same map: the time MLP table is reused
+            _run(p, x, torch.full((2,), CARRIER), **options)  # same map: the table is reused
             assert rows == [5, 2]
             hooks.set_map(t_map)
-            _run(p, x, torch.full((2,), CARRIER))
-            assert rows == [5, 2, 5]
-            assert hooks.table_builds == 2
+            plain = _run(p, x, torch.full((2,), CARRIER))  # no patch: the table is the embedding again
+            assert rows == [5, 2, 3]
+        assert (fused - plain).abs().max().item() < TOL
     finally:
         handle.remove()
 

@@ -141,8 +141,8 @@ class TimeHooks:
             raise ValueError(f"inverse must have the shape of t_rows {tuple(t_rows.shape)}; got {tuple(inverse.shape)}")
         self._clear_map()
         self._rows = rows
-        self._unique = unique.float()
-        self._inverse = inverse.long()
+        self._unique = unique if unique.dtype == torch.float32 else unique.float()
+        self._inverse = inverse if inverse.dtype == torch.int64 else inverse.long()
 
     def t_map(self) -> torch.Tensor | None:
         """The (B', H, W) timestep map that is set (materialised; for checks and baselines)."""

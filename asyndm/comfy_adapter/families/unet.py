@@ -11,6 +11,13 @@ the block's resolution. Nothing in ComfyUI is edited or patched: the hooks are r
 The per-pixel embedding is built from a table over the U distinct timesteps (U is small: one per
 schedule track), not per pixel, so the extra cost is U rows of the time MLP and of every
 ``emb_layers`` plus one gather per ResBlock (per image, shared by its CFG chunks).
+
+The table travels as the UNet's own embedding: the time MLP's stock call runs on the U timesteps
+instead of the B' carrier rows, and its output (SDXL: (U, 1, E), to which the UNet adds its (B', E)
+label) reaches every ResBlock's ``emb_layers``, whose forward hook gathers it per pixel. Where a
+patch reads or rewrites the embedding on its way to the blocks (``emb_patch``,
+``forward_timestep_embed_patch``) the stock rows go on instead, the U rows ride after them in the
+same call, and ``emb_layers`` pre-hooks (installed for those forwards only) swap in the table.
 """
 
 from __future__ import annotations
@@ -107,9 +114,8 @@ class PerPixelTimesteps(TimeHooks):
     embedding before the SDXL label is added) is honoured: each patch is applied to the table,
     once per distinct timestep u, on B' rows that all carry u. A patch that treats rows
     independently therefore gives each pixel what the stock model gives a batch at u (to the rounding
-    of the time MLP: the table's U rows ride in the stock call, after its B' rows, so that the MLP's
-    weights are read once per forward); a patch that mixes rows, or counts its calls, sees U calls
-    per forward instead of one.
+    of the time MLP, whose rows are computed in another batch than the stock call's); a patch that
+    mixes rows, or counts its calls, sees U calls per forward instead of one.
 
     Not covered: gradient checkpointing recomputes blocks in backward without a map (inference
     only); torch.compile graphs traced without these hooks ignore them, which is detected (the
@@ -123,12 +129,16 @@ class PerPixelTimesteps(TimeHooks):
         self.unet = unwrap(diffusion_model)
         self.blocks = unet_resblocks(self.unet)
         self._block_handles: list[Any] = []  # the blocks' size hooks, while installed
+        self._table_handles: list[Any] = []  # the emb_layers pre-hooks, while installed
+        self._has_label = self.unet.num_classes is not None and getattr(self.unet, "label_emb", None) is not None
         self._input_hw = (0, 0)  # the latent size of the forward in progress
         self._sizes_by_input: dict[tuple[int, int], list[Any]] = {}  # UNet input (H, W) -> each block's (h, w)
         # Block index maps, kept while the same index map object comes back (every call of a track set):
         # the reference keeps that object alive, so identity cannot be reused by another tensor.
         self._index_owner: torch.Tensor | None = None
         self._index_cache: dict[tuple, torch.Tensor] = {}
+        # Per block: (map object, table layout, rows, index) of the last gather, see _block_index.
+        self._index_by_block: list[tuple | None] = [None] * len(self.blocks)
         super().__init__()
 
     def attention_observer(self, latent_hw: tuple[int, int], batch: int,
@@ -147,7 +157,6 @@ class PerPixelTimesteps(TimeHooks):
         if unet.num_classes is not None and label is not None:
             self._handles.append(label.register_forward_hook(self._label_post))
         for i, block in enumerate(self.blocks):
-            self._handles.append(block.emb_layers.register_forward_pre_hook(self._emb_pre(i)))
             self._handles.append(block.emb_layers.register_forward_hook(self._emb_post(i)))
         self._size_hooks(True)
 
@@ -162,8 +171,20 @@ class PerPixelTimesteps(TimeHooks):
                 handle.remove()
             self._block_handles = []
 
+    def _table_hooks(self, wanted: bool) -> None:
+        """The emb_layers pre-hooks that swap the B' carrier rows for the table: needed only in forwards where
+        the time embedding cannot itself be the table (patches that read or rewrite it, see _unet_pre)."""
+        if wanted and not self._table_handles:
+            self._table_handles = [block.emb_layers.register_forward_pre_hook(self._emb_pre(i))
+                                   for i, block in enumerate(self.blocks)]
+        elif not wanted:
+            for handle in self._table_handles:
+                handle.remove()
+            self._table_handles = []
+
     def _remove(self) -> None:
         self._size_hooks(False)
+        self._table_hooks(False)
         super()._remove()
 
     def _unet_pre(self, _module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -177,8 +198,13 @@ class PerPixelTimesteps(TimeHooks):
                 "size of this forward"
             )
         options = kwargs.get("transformer_options", args[5] if len(args) > 5 else None) or {}
-        self._emb_patches = list((options.get("patches") or {}).get("emb_patch") or [])
+        patches = options.get("patches") or {}
+        self._emb_patches = list(patches.get("emb_patch") or [])
         self._options = options
+        # The time MLP's output can be the table itself (U rows; SDXL: (U, 1, E), to which the UNet adds
+        # its (B', E) label) unless a patch reads or rewrites the embedding on its way to the blocks.
+        self._emb_is_table = not self._emb_patches and not patches.get("forward_timestep_embed_patch")
+        self._table_hooks(not self._emb_is_table)
         self._x_dtype = x.dtype
         self._fired = [0] * len(self.blocks)
         self._input_hw = (int(x.shape[-2]), int(x.shape[-1]))
@@ -188,6 +214,7 @@ class PerPixelTimesteps(TimeHooks):
         self._label = None
         self._table = None
         self._fused_rows = None
+        self._emb_table = False
         self._in_forward = True
 
     def _unet_post(self, _module: torch.nn.Module, _args: tuple, _output: Any) -> None:
@@ -198,27 +225,36 @@ class PerPixelTimesteps(TimeHooks):
             self._sizes_by_input[self._input_hw] = list(self._sizes)  # every block ran once with its size read
 
     def _time_pre(self, _module: torch.nn.Module, args: tuple) -> tuple | None:
-        """The time MLP takes the table's U sinusoid rows after the B' carrier rows, in the stock call: its
-        weights are read once per forward, as in the stock model (on its own, the table's call reads
-        them again, which costs more than the few rows themselves)."""
+        """The time MLP runs on the table's U sinusoid rows: instead of the B' carrier rows where its output can be
+        the table itself, else after them, in the stock call either way (its weights are read once per forward,
+        as in the stock model; a call of its own would read them again, which costs more than the few rows)."""
         if self._inverse is None or not self._in_forward or self._fused_rows is not None or self._own_call or not args:
             return None
         t_emb = args[0]
-        if not torch.is_tensor(t_emb) or t_emb.ndim != 2 or (self._x_dtype, t_emb.device) in self._base_cache:
+        if not torch.is_tensor(t_emb) or t_emb.ndim != 2 or t_emb.shape[0] != self._rows:
+            return None
+        if not self._emb_is_table and (self._x_dtype, t_emb.device) in self._base_cache:
             return None
         sinusoid = openaimodel.timestep_embedding(self._unique.to(t_emb.device), self.unet.model_channels,
                                                   repeat_only=False).to(t_emb.dtype)
+        if self._emb_is_table:
+            self._fused_rows = 0
+            return (sinusoid,)
         self._fused_rows = t_emb.shape[0]
         return (torch.cat([t_emb, sinusoid]),)
 
     def _time_post(self, _module: torch.nn.Module, _args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-        """Split the fused call: the carrier rows go on into the UNet, the table rows are kept."""
+        """The table goes on into the UNet as its embedding; or the fused call is split: the carrier rows go on,
+        the table rows are kept for the emb_layers pre-hooks."""
         rows = self._fused_rows
         if rows is None:
             return None
         self._fused_rows = None
-        self._base_cache[(self._x_dtype, output.device)] = output[rows:]
         self.table_builds += 1
+        if rows == 0:
+            self._emb_table = True
+            return output[:, None] if self._has_label else output  # SDXL: + label (B', E) gives (U, B', E)
+        self._base_cache[(self._x_dtype, output.device)] = output[rows:]
         return output[:rows]
 
     def _label_post(self, _module: torch.nn.Module, _args: tuple, output: torch.Tensor) -> None:
@@ -247,9 +283,15 @@ class PerPixelTimesteps(TimeHooks):
             if self._inverse is None:
                 return None
             size = self._sizes[i]
-            assert size is not None
+            if size is None or not self._in_forward:
+                raise RuntimeError("PerPixelTimesteps: a ResBlock ran outside a UNet forward while a map was set")
+            if not self._emb_table and not self._table_handles:
+                raise RuntimeError("PerPixelTimesteps: the time MLP did not run on the map's timesteps in this "
+                                   "forward, so the ResBlocks' embedding is not the table")
             self._fired[i] += 1
-            return self._per_pixel(output, size)
+            if self._emb_table and output.ndim == 3:  # (U, B', C) -> (B', U, C): one table per row (SDXL label)
+                output = output.transpose(0, 1)
+            return self._per_pixel(output, size, i)
         return hook
 
     # ------------------------------------------------------------------------------ the table
@@ -307,7 +349,18 @@ class PerPixelTimesteps(TimeHooks):
             self._index_cache[key] = idx
         return idx
 
-    def _per_pixel(self, out_tab: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    def _block_index(self, block: int, size: tuple[int, int], device: torch.device, tables: int) -> torch.Tensor:
+        """_index for a block, remembered per block while the map object, its rows and the table layout stay
+        (every call of a track set): one list lookup per block and call instead of building a key."""
+        kept = self._index_by_block[block]
+        if (kept is not None and kept[0] is self._inverse and kept[1] == tables and kept[2] == self._rows
+                and kept[3].device == device):
+            return kept[3]
+        idx = self._index(size, device, tables)
+        self._index_by_block[block] = (self._inverse, tables, self._rows, idx)
+        return idx
+
+    def _per_pixel(self, out_tab: torch.Tensor, size: tuple[int, int], block: int | None = None) -> torch.Tensor:
         """out_tab (U, C) or (B', U, C) -> (B', C, h, w): each pixel gets its timestep's row.
 
         Rows that share an index map (the CFG chunks of one image) are gathered once and broadcast
@@ -320,11 +373,12 @@ class PerPixelTimesteps(TimeHooks):
             return col.expand(rows, -1, -1, -1) if col.ndim == 3 else col
         h, w = size
         channels = out_tab.shape[-1]
+        tables = 1 if out_tab.ndim == 2 else out_tab.shape[-2]
+        idx = (self._index(size, out_tab.device, tables) if block is None
+               else self._block_index(block, size, out_tab.device, tables))
         if out_tab.ndim == 2:  # one table: gather once per image, broadcast to the CFG chunks
-            idx = self._index(size, out_tab.device, 1)
             by_channel = out_tab.t()  # (C, U), a strided view of the small table
         else:  # SDXL label / emb_patch: every row has its own table
-            idx = self._index(size, out_tab.device, out_tab.shape[-2])
             by_channel = out_tab.permute(2, 0, 1).reshape(channels, -1)  # (C, B' * U)
         picked = self._gather(by_channel, idx, h, w)
         if picked.shape[0] in (1, rows):  # one image: broadcasts over the CFG chunks in `h + emb`
@@ -353,6 +407,8 @@ class PerPixelTimesteps(TimeHooks):
         self._base_cache: dict[tuple, torch.Tensor] = {}
         self._fused_rows: int | None = None  # carrier rows of the time MLP call that also carries the table
         self._own_call = False  # the table's own time MLP call (not to be fused)
+        self._emb_is_table = True  # this forward's time MLP output may be the table itself
+        self._emb_table = False  # ... and is: the ResBlocks' emb is the (U, E) or (U, B', E) table
         self._table: torch.Tensor | None = None
         self._label: torch.Tensor | None = None
         self._emb_patches: list = []
