@@ -289,9 +289,7 @@ class PerPixelTimesteps(TimeHooks):
                 raise RuntimeError("PerPixelTimesteps: the time MLP did not run on the map's timesteps in this "
                                    "forward, so the ResBlocks' embedding is not the table")
             self._fired[i] += 1
-            if self._emb_table and output.ndim == 3:  # (U, B', C) -> (B', U, C): one table per row (SDXL label)
-                output = output.transpose(0, 1)
-            return self._per_pixel(output, size, i)
+            return self._per_pixel(output, size, i, u_major=self._emb_table)
         return hook
 
     # ------------------------------------------------------------------------------ the table
@@ -360,26 +358,32 @@ class PerPixelTimesteps(TimeHooks):
         self._index_by_block[block] = (self._inverse, tables, self._rows, idx)
         return idx
 
-    def _per_pixel(self, out_tab: torch.Tensor, size: tuple[int, int], block: int | None = None) -> torch.Tensor:
-        """out_tab (U, C) or (B', U, C) -> (B', C, h, w): each pixel gets its timestep's row.
+    def _per_pixel(self, out_tab: torch.Tensor, size: tuple[int, int], block: int | None = None, *,
+                   u_major: bool = False) -> torch.Tensor:
+        """out_tab (U, C) or (B', U, C) ((U, B', C) with u_major: the table that was the UNet's embedding, to
+        which SDXL added its label) -> (B', C, h, w): each pixel gets its timestep's row.
 
         Rows that share an index map (the CFG chunks of one image) are gathered once and broadcast
         to the forward's rows, which halves the writes under CFG. One timestep everywhere needs no
         gather at all: it broadcasts like the stock (B', C) embedding.
         """
         rows = self._rows
-        if out_tab.shape[-2] == 1:
-            col = out_tab[..., 0, :, None, None]  # (C, 1, 1) or (B', C, 1, 1)
-            return col.expand(rows, -1, -1, -1) if col.ndim == 3 else col
+        per_row = out_tab.ndim == 3
+        distinct = out_tab.shape[0] if per_row and u_major else out_tab.shape[-2]
+        if distinct == 1:
+            if per_row:
+                return (out_tab[0] if u_major else out_tab[:, 0])[:, :, None, None]  # (B', C, 1, 1)
+            return out_tab[0, :, None, None].expand(rows, -1, -1, -1)
         h, w = size
         channels = out_tab.shape[-1]
-        tables = 1 if out_tab.ndim == 2 else out_tab.shape[-2]
+        tables = distinct if per_row else 1
         idx = (self._index(size, out_tab.device, tables) if block is None
                else self._block_index(block, size, out_tab.device, tables))
-        if out_tab.ndim == 2:  # one table: gather once per image, broadcast to the CFG chunks
+        if not per_row:  # one table: gather once per image, broadcast to the CFG chunks
             by_channel = out_tab.t()  # (C, U), a strided view of the small table
-        else:  # SDXL label / emb_patch: every row has its own table
-            by_channel = out_tab.permute(2, 0, 1).reshape(channels, -1)  # (C, B' * U)
+        else:  # SDXL label / emb_patch: every row has its own table, (C, B' * U) row-major in (B', U)
+            by_channel = out_tab.permute(2, 1, 0) if u_major else out_tab.permute(2, 0, 1)
+            by_channel = by_channel.reshape(channels, -1)
         picked = self._gather(by_channel, idx, h, w)
         if picked.shape[0] in (1, rows):  # one image: broadcasts over the CFG chunks in `h + emb`
             return picked
