@@ -65,6 +65,33 @@ def test_area_conditioning_and_several_conds(models):
     assert torch.isfinite(c).all()
 
 
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_deep_shrink_changes_block_sizes_between_calls(models, family):
+    """Kohya Deep Shrink (PatchModelAddDownscale) downscales inside the UNet for the early sigmas only, so a
+    ResBlock's size changes between calls at the same latent size: every call's per-pixel embedding must take
+    the block's size of that call (a size remembered from an earlier call fails in the block's add)."""
+    from comfy_extras.nodes_model_downscale import PatchModelAddDownscale
+
+    model = models[family]
+    pos, neg = make_conditioning(model, seed=1), make_conditioning(model, seed=2)
+    latent = torch.zeros(1, 4, 16, 16)
+    patched = PatchModelAddDownscale.execute(model, 1, 2.0, 0.0, 0.5, True, "bicubic", "bicubic").args[0]
+    downscaled: list[bool] = []
+    patch = patched.model_options["transformer_options"]["patches"]["input_block_patch_after_skip"][0]
+
+    def watched(h, transformer_options):
+        out = patch(h, transformer_options)
+        if transformer_options["block"][1] == 1:
+            downscaled.append(out.shape[-1] != h.shape[-1])
+        return out
+
+    patched.model_options["transformer_options"]["patches"]["input_block_patch_after_skip"] = [watched]
+    shrunk = asyn(patched, pos, neg, latent, seed=6, steps=6, schedule=fixed_masks(1, 16, 16))
+    assert True in downscaled and False in downscaled  # both regimes ran, in one run
+    plain = asyn(model, pos, neg, latent, seed=6, steps=6, schedule=fixed_masks(1, 16, 16))
+    assert torch.isfinite(shrunk).all() and rel_err(shrunk, plain) > 1e-3  # the patch took part
+
+
 def test_lora_patched_model_still_matches(models):
     import comfy.lora
     import comfy.sd

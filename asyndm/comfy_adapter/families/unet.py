@@ -128,11 +128,8 @@ class PerPixelTimesteps(TimeHooks):
     def __init__(self, diffusion_model: torch.nn.Module) -> None:
         self.unet = unwrap(diffusion_model)
         self.blocks = unet_resblocks(self.unet)
-        self._block_handles: list[Any] = []  # the blocks' size hooks, while installed
         self._table_handles: list[Any] = []  # the emb_layers pre-hooks, while installed
         self._has_label = self.unet.num_classes is not None and getattr(self.unet, "label_emb", None) is not None
-        self._input_hw = (0, 0)  # the latent size of the forward in progress
-        self._sizes_by_input: dict[tuple[int, int], list[Any]] = {}  # UNet input (H, W) -> each block's (h, w)
         # Block index maps, kept while the same index map object comes back (every call of a track set):
         # the reference keeps that object alive, so identity cannot be reused by another tensor.
         self._index_owner: torch.Tensor | None = None
@@ -157,19 +154,10 @@ class PerPixelTimesteps(TimeHooks):
         if unet.num_classes is not None and label is not None:
             self._handles.append(label.register_forward_hook(self._label_post))
         for i, block in enumerate(self.blocks):
+            # Each block's input size, read in every forward: patches can change it from one forward to the next
+            # at the same latent size (Kohya Deep Shrink downscales inside the UNet over a range of sigmas).
+            self._handles.append(block.register_forward_pre_hook(self._block_pre(i)))
             self._handles.append(block.emb_layers.register_forward_hook(self._emb_post(i)))
-        self._size_hooks(True)
-
-    def _size_hooks(self, wanted: bool) -> None:
-        """The ResBlocks' pre-hooks that read each block's input size: needed only in the first forward of
-        a latent size (a UNet's block sizes follow from its input's), so installed for that forward alone."""
-        if wanted and not self._block_handles:
-            self._block_handles = [block.register_forward_pre_hook(self._block_pre(i))
-                                   for i, block in enumerate(self.blocks)]
-        elif not wanted:
-            for handle in self._block_handles:
-                handle.remove()
-            self._block_handles = []
 
     def _table_hooks(self, wanted: bool) -> None:
         """The emb_layers pre-hooks that swap the B' carrier rows for the table: needed only in forwards where
@@ -183,7 +171,6 @@ class PerPixelTimesteps(TimeHooks):
             self._table_handles = []
 
     def _remove(self) -> None:
-        self._size_hooks(False)
         self._table_hooks(False)
         super()._remove()
 
@@ -207,10 +194,7 @@ class PerPixelTimesteps(TimeHooks):
         self._table_hooks(not self._emb_is_table)
         self._x_dtype = x.dtype
         self._fired = [0] * len(self.blocks)
-        self._input_hw = (int(x.shape[-2]), int(x.shape[-1]))
-        known = self._sizes_by_input.get(self._input_hw)
-        self._size_hooks(known is None)
-        self._sizes = list(known) if known is not None else [None] * len(self.blocks)
+        self._sizes = [None] * len(self.blocks)
         self._label = None
         self._table = None
         self._fused_rows = None
@@ -218,11 +202,8 @@ class PerPixelTimesteps(TimeHooks):
         self._in_forward = True
 
     def _unet_post(self, _module: torch.nn.Module, _args: tuple, _output: Any) -> None:
-        used = self._inverse is not None and self._in_forward
         self._end_forward("ResBlocks", "A torch.compile graph traced without these hooks, gradient checkpointing or "
                           "another pack replacing ResBlock.forward bypasses them; disable that for asynchronous sampling.")
-        if used and self._input_hw not in self._sizes_by_input and all(size is not None for size in self._sizes):
-            self._sizes_by_input[self._input_hw] = list(self._sizes)  # every block ran once with its size read
 
     def _time_pre(self, _module: torch.nn.Module, args: tuple) -> tuple | None:
         """The time MLP runs on the table's U sinusoid rows: instead of the B' carrier rows where its output can be
@@ -348,14 +329,14 @@ class PerPixelTimesteps(TimeHooks):
         return idx
 
     def _block_index(self, block: int, size: tuple[int, int], device: torch.device, tables: int) -> torch.Tensor:
-        """_index for a block, remembered per block while the map object, its rows and the table layout stay
-        (every call of a track set): one list lookup per block and call instead of building a key."""
+        """_index for a block, remembered per block while the map object, its rows, the block's size and the table
+        layout stay (every call of a track set): a list lookup per block and call instead of building a key."""
         kept = self._index_by_block[block]
         if (kept is not None and kept[0] is self._inverse and kept[1] == tables and kept[2] == self._rows
-                and kept[3].device == device):
-            return kept[3]
+                and kept[3] == size and kept[4].device == device):
+            return kept[4]
         idx = self._index(size, device, tables)
-        self._index_by_block[block] = (self._inverse, tables, self._rows, idx)
+        self._index_by_block[block] = (self._inverse, tables, self._rows, size, idx)
         return idx
 
     def _per_pixel(self, out_tab: torch.Tensor, size: tuple[int, int], block: int | None = None, *,
