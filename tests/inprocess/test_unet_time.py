@@ -396,3 +396,28 @@ def test_rows_sharing_one_map_give_the_same_forward(models: dict, family: str) -
         with pytest.raises(ValueError, match="does not divide"):
             hooks.set_map(None, unique=unique, inverse=inverse, rows=3)
     assert torch.equal(shared, full)
+
+
+def test_another_timestep_block_keeps_the_stock_embedding(models: dict) -> None:
+    """A timestep block another pack put in the UNet reads the embedding itself: it must get the stock (B', E)
+    rows, never the table, and the ResBlocks still get each pixel's timestep."""
+    p = models["sd15"]
+    dm = p.model.diffusion_model
+    seen: list[tuple[int, ...]] = []
+
+    class Reader(openaimodel.TimestepBlock):
+        def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+            seen.append(tuple(emb.shape))
+            return x
+
+    x = _latent(2, 8, 8, seed=11)
+    t_map = _split_map(2, 8, 8, 200.0, 800.0)
+    t_map[1, :2] = 500.0  # three distinct timesteps for two rows: the table's shape is not the stock one
+    want = _hooked(p, x, t_map)
+    dm.input_blocks[1].append(Reader())
+    try:
+        got = _hooked(p, x, t_map)
+    finally:
+        del dm.input_blocks[1][-1]
+    assert seen == [(2, dm.time_embed[-1].out_features)]
+    assert (got - want).abs().max().item() < TOL

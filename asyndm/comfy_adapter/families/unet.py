@@ -16,7 +16,8 @@ The table travels as the UNet's own embedding: the time MLP's stock call runs on
 instead of the B' carrier rows, and its output (SDXL: (U, 1, E), to which the UNet adds its (B', E)
 label) reaches every ResBlock's ``emb_layers``, whose forward hook gathers it per pixel. Where a
 patch reads or rewrites the embedding on its way to the blocks (``emb_patch``,
-``forward_timestep_embed_patch``) the stock rows go on instead, the U rows ride after them in the
+``forward_timestep_embed_patch``), or a timestep block other than the ResBlocks would read it (another
+pack's module in the UNet), the stock rows go on instead, the U rows ride after them in the
 same call, and ``emb_layers`` pre-hooks (installed for those forwards only) swap in the table.
 """
 
@@ -130,6 +131,12 @@ class PerPixelTimesteps(TimeHooks):
         self.blocks = unet_resblocks(self.unet)
         self._table_handles: list[Any] = []  # the emb_layers pre-hooks, while installed
         self._has_label = self.unet.num_classes is not None and getattr(self.unet, "label_emb", None) is not None
+        # A timestep block other than the ResBlocks (another pack's module) would read the embedding itself:
+        # with one, the embedding stays the stock rows (see _unet_pre).
+        self._other_emb_readers = any(
+            isinstance(m, openaimodel.TimestepBlock)
+            and not isinstance(m, (openaimodel.ResBlock, openaimodel.TimestepEmbedSequential))
+            for m in self.unet.modules())
         # Block index maps, kept while the same index map object comes back (every call of a track set):
         # the reference keeps that object alive, so identity cannot be reused by another tensor.
         self._index_owner: torch.Tensor | None = None
@@ -189,8 +196,10 @@ class PerPixelTimesteps(TimeHooks):
         self._emb_patches = list(patches.get("emb_patch") or [])
         self._options = options
         # The time MLP's output can be the table itself (U rows; SDXL: (U, 1, E), to which the UNet adds
-        # its (B', E) label) unless a patch reads or rewrites the embedding on its way to the blocks.
-        self._emb_is_table = not self._emb_patches and not patches.get("forward_timestep_embed_patch")
+        # its (B', E) label) unless a patch reads or rewrites the embedding on its way to the blocks, or a
+        # timestep block other than the ResBlocks reads it.
+        self._emb_is_table = (not self._emb_patches and not patches.get("forward_timestep_embed_patch")
+                              and not self._other_emb_readers)
         self._table_hooks(not self._emb_is_table)
         self._x_dtype = x.dtype
         self._fired = [0] * len(self.blocks)
