@@ -144,7 +144,9 @@ class _Tables:
             return
         n = int(tracks.sigmas.shape[1]) - 1
         batch = s_in.shape[0]
-        carriers = (tracks.sigmas[0, :n, None] * s_in).unbind(0)  # column[0] * s_in, step by step
+        # column[0] * s_in, step by step: a 0-d sigma times s_in takes s_in's dtype (a row of them would not)
+        carrier_dtype = torch.result_type(tracks.sigmas[0, 0], s_in)
+        carriers = (tracks.sigmas[0, :n, None].to(carrier_dtype) * s_in).unbind(0)
 
         def per_entry(table: torch.Tensor) -> torch.Tensor:  # (U, N + 1) -> (N, U * B): each call's table
             return table[:, :n, None].expand(-1, -1, batch).transpose(0, 1).reshape(n, -1)

@@ -141,7 +141,7 @@ class PerPixelTimesteps(TimeHooks):
         # the reference keeps that object alive, so identity cannot be reused by another tensor.
         self._index_owner: torch.Tensor | None = None
         self._index_cache: dict[tuple, torch.Tensor] = {}
-        # Per block: (map object, table layout, rows, index) of the last gather, see _block_index.
+        # Per block: (map object, table layout, rows, size, index) of the last gather, see _block_index.
         self._index_by_block: list[tuple | None] = [None] * len(self.blocks)
         super().__init__()
 
@@ -168,7 +168,7 @@ class PerPixelTimesteps(TimeHooks):
 
     def _table_hooks(self, wanted: bool) -> None:
         """The emb_layers pre-hooks that swap the B' carrier rows for the table: needed only in forwards where
-        the time embedding cannot itself be the table (patches that read or rewrite it, see _unet_pre)."""
+        the time embedding cannot itself be the table (something else reads or rewrites it, see _unet_pre)."""
         if wanted and not self._table_handles:
             self._table_handles = [block.emb_layers.register_forward_pre_hook(self._emb_pre(i))
                                    for i, block in enumerate(self.blocks)]
