@@ -49,7 +49,13 @@ def adapter_for(diffusion_model: torch.nn.Module) -> PerPixelTimesteps | None:
 
 
 def unet_resblocks(diffusion_model: torch.nn.Module) -> list[openaimodel.ResBlock]:
-    """The ResBlocks that read the time embedding, after refusing what the hooks cannot serve.
+    """The ResBlocks that read the time embedding, after refusing what the hooks cannot serve (_timestep_blocks)."""
+    return _timestep_blocks(diffusion_model)[0]
+
+
+def _timestep_blocks(diffusion_model: torch.nn.Module) -> tuple[list[openaimodel.ResBlock], bool]:
+    """(the ResBlocks that read the time embedding, whether another timestep block would read it too: another
+    pack's module in the UNet), after refusing what the hooks cannot serve; one walk over the modules.
 
     Refused: anything that is not an openaimodel.UNetModel; temporal models (VideoResBlock,
     SpatialVideoTransformer: their time_stack adds the embedding over a frame axis, via
@@ -62,10 +68,15 @@ def unet_resblocks(diffusion_model: torch.nn.Module) -> list[openaimodel.ResBloc
     if getattr(dm, "use_temporal_resblocks", False):
         raise _unsupported("temporal (video) UNets")
     blocks: list[openaimodel.ResBlock] = []
+    other_readers = False
     for name, module in dm.named_modules():
         if isinstance(module, (openaimodel.VideoResBlock, openaimodel.SpatialVideoTransformer)):
             raise _unsupported(f"temporal (video) UNets ({name} is a {type(module).__name__})")
-        if not isinstance(module, openaimodel.ResBlock) or module.emb_layers is None:
+        if not isinstance(module, openaimodel.ResBlock):
+            other_readers = other_readers or (isinstance(module, openaimodel.TimestepBlock)
+                                              and not isinstance(module, openaimodel.TimestepEmbedSequential))
+            continue
+        if module.emb_layers is None:
             continue
         if module.exchange_temb_dims:
             raise _unsupported(f"ResBlocks that exchange time-embedding dims ({name})")
@@ -78,7 +89,7 @@ def unet_resblocks(diffusion_model: torch.nn.Module) -> list[openaimodel.ResBloc
         blocks.append(module)
     if not blocks:
         raise _unsupported("a UNet without time-conditioned ResBlocks")
-    return blocks
+    return blocks, other_readers
 
 
 def block_index_map(inverse: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -128,15 +139,11 @@ class PerPixelTimesteps(TimeHooks):
 
     def __init__(self, diffusion_model: torch.nn.Module) -> None:
         self.unet = unwrap(diffusion_model)
-        self.blocks = unet_resblocks(self.unet)
-        self._table_handles: list[Any] = []  # the emb_layers pre-hooks, while installed
-        self._has_label = self.unet.num_classes is not None and getattr(self.unet, "label_emb", None) is not None
         # A timestep block other than the ResBlocks (another pack's module) would read the embedding itself:
         # with one, the embedding stays the stock rows (see _unet_pre).
-        self._other_emb_readers = any(
-            isinstance(m, openaimodel.TimestepBlock)
-            and not isinstance(m, (openaimodel.ResBlock, openaimodel.TimestepEmbedSequential))
-            for m in self.unet.modules())
+        self.blocks, self._other_emb_readers = _timestep_blocks(self.unet)
+        self._table_handles: list[Any] = []  # the emb_layers pre-hooks, while installed
+        self._has_label = self.unet.num_classes is not None and getattr(self.unet, "label_emb", None) is not None
         # Block index maps, kept while the same index map object comes back (every call of a track set):
         # the reference keeps that object alive, so identity cannot be reused by another tensor.
         self._index_owner: torch.Tensor | None = None
@@ -348,7 +355,7 @@ class PerPixelTimesteps(TimeHooks):
         self._index_by_block[block] = (self._inverse, tables, self._rows, size, idx)
         return idx
 
-    def _per_pixel(self, out_tab: torch.Tensor, size: tuple[int, int], block: int | None = None, *,
+    def _per_pixel(self, out_tab: torch.Tensor, size: tuple[int, int], block: int, *,
                    u_major: bool = False) -> torch.Tensor:
         """out_tab (U, C) or (B', U, C) ((U, B', C) with u_major: the table that was the UNet's embedding, to
         which SDXL added its label) -> (B', C, h, w): each pixel gets its timestep's row.
@@ -367,8 +374,7 @@ class PerPixelTimesteps(TimeHooks):
         h, w = size
         channels = out_tab.shape[-1]
         tables = distinct if per_row else 1
-        idx = (self._index(size, out_tab.device, tables) if block is None
-               else self._block_index(block, size, out_tab.device, tables))
+        idx = self._block_index(block, size, out_tab.device, tables)
         if not per_row:  # one table: gather once per image, broadcast to the CFG chunks
             by_channel = out_tab.t()  # (C, U), a strided view of the small table
         else:  # SDXL label / emb_patch: every row has its own table, (C, B' * U) row-major in (B', U)
