@@ -43,6 +43,7 @@ import comfy.k_diffusion.sampling as kdiff
 import comfy.samplers
 import torch
 
+from .model_wrapper import CallTable
 from .thread_state import ThreadState
 from .track_model import TrackSet
 
@@ -577,7 +578,7 @@ class _LockstepRun:
             values = torch.cat(sigmas_now).to(x_in.dtype)  # (U * B,): track-major, one sigma per track and image
             index = self.tracks.call_index
             sigma_map = values[index][:, None]
-            table = (values, index)
+            table = CallTable(values, index)
         call = len(self.outputs)
         joins = self.retrack is not None or any(inst is None for inst in self.instances)
 

@@ -32,6 +32,7 @@ import torch
 
 from .host import host_maths, to_device
 from .lockstep import CARRIER_HOLDS, Retrack, StartLatent, hold_prefix
+from .model_wrapper import CallTable
 from .track_model import TrackSet
 
 __all__ = ["agrees_with_comfy", "map_kind", "run_on_maps"]
@@ -119,7 +120,8 @@ class _Tables:
             self.tables = dpmpp_2m_tables(tracks.sigmas) + self.tables
         self.waiting = to_device(waiting, device) if any(self.any_waiting) else None
         self.index = tracks.index
-        self.calls: list[tuple] | None = None  # per step: call_sigmas' result, when made for the run at once
+        self.calls: list[tuple[torch.Tensor, torch.Tensor, CallTable]] | None = None  # per step: call_sigmas'
+        # result, when made for the run at once
         self._columns: dict[int, list[torch.Tensor]] = {}  # id(table) -> its column maps, step by step
         if self.timesteps is not None and _fits(rows.shape[1], tracks.index):
             for table in [*self.tables, *([self.waiting] if self.waiting is not None else [])]:
@@ -156,7 +158,7 @@ class _Tables:
         index = tracks.call_index
         sigma_maps = values[:, index][:, :, None]  # (N, B, 1, H, W)
         input_maps = scales[:, index][:, :, None]
-        self.calls = [(carriers[i], sigma_maps[i], (values[i], index, timesteps[i], scales[i], input_maps[i]))
+        self.calls = [(carriers[i], sigma_maps[i], CallTable(values[i], index, timesteps[i], scales[i], input_maps[i]))
                       for i in range(n)]
 
 
@@ -244,10 +246,10 @@ def _noise_options(sampler: Any) -> tuple[float, float]:
 
 
 def call_sigmas(tracks: TrackSet, i: int, s_in: torch.Tensor, dtype: torch.dtype,
-                tables: _Tables | None = None) -> tuple[torch.Tensor, torch.Tensor | None, tuple | None]:
-    """(carrier sigma (B,), sigma map, (table, index[, model timesteps, input scales of the table])) of step
-    i's model call, as the lock step makes them: the carrier as its sampler asks it, one table row per
-    track and image; the timesteps and scales from `tables`, when it computed them."""
+                tables: _Tables | None = None) -> tuple[torch.Tensor, torch.Tensor | None, CallTable | None]:
+    """(carrier sigma (B,), sigma map, its CallTable) of step i's model call, as the lock step makes them: the
+    carrier as its sampler asks it, one table entry per track and image; the timesteps and input scales from
+    `tables`, when it computed them (and the maps, when it made them for the run)."""
     if tables is not None and tables.calls is not None:
         return tables.calls[i]
     column = tracks.sigmas[:, i]
@@ -257,9 +259,10 @@ def call_sigmas(tracks: TrackSet, i: int, s_in: torch.Tensor, dtype: torch.dtype
     batch = s_in.shape[0]
     values = column[:, None].expand(-1, batch).reshape(-1).to(dtype)
     if tables is None or tables.timesteps is None or tables.input_scales is None:
-        return carrier, values[tracks.call_index][:, None], (values, tracks.call_index)
-    per_entry = [table[:, i, None].expand(-1, batch).reshape(-1) for table in (tables.timesteps, tables.input_scales)]
-    return carrier, values[tracks.call_index][:, None], (values, tracks.call_index, *per_entry)
+        return carrier, values[tracks.call_index][:, None], CallTable(values, tracks.call_index)
+    timesteps, scales = (table[:, i, None].expand(-1, batch).reshape(-1) for table in (tables.timesteps,
+                                                                                       tables.input_scales))
+    return carrier, values[tracks.call_index][:, None], CallTable(values, tracks.call_index, timesteps, scales)
 
 
 def run_on_maps(kind: str, sampler: Any, tracks: TrackSet, extra_args: dict, callback: Callable | None,

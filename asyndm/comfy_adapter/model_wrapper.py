@@ -9,7 +9,7 @@ the map. Everything between the sampler and this point stays untouched.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import comfy.model_sampling
 import comfy.samplers
@@ -17,9 +17,21 @@ import torch
 
 from .per_pixel import per_pixel
 
-__all__ = ["StepMaps", "PerPixelApplyModel", "AreaRecorder", "WRAPPER_KEY", "model_timesteps"]
+__all__ = ["CallTable", "StepMaps", "PerPixelApplyModel", "AreaRecorder", "WRAPPER_KEY", "model_timesteps"]
 
 WRAPPER_KEY = "asyndm_per_pixel"
+
+
+class CallTable(NamedTuple):
+    """A model call's sigmas as a small table, sigma map = values[index] (one entry per track and image), so no
+    distinct values have to be found; with what the caller already computed of it, per entry: the model
+    timesteps and calculate_input's factors, and those factors gathered per pixel."""
+
+    values: torch.Tensor  # (V,)
+    index: torch.Tensor  # (B, H, W) long
+    timesteps: torch.Tensor | None = None  # (V,)
+    input_scales: torch.Tensor | None = None  # (V,)
+    input_map: torch.Tensor | None = None  # (B, 1, H, W) input_scales[index][:, None]
 
 
 class StepMaps:

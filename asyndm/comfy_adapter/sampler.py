@@ -36,7 +36,7 @@ from .families import time_adapter
 from .host import HostCopy, host_maths, to_device, to_host
 from .lockstep import REFUSED, refusal, run_lockstep
 from .map_steps import agrees_with_comfy, map_kind, run_on_maps
-from .model_wrapper import WRAPPER_KEY, AreaRecorder, PerPixelApplyModel, StepMaps
+from .model_wrapper import WRAPPER_KEY, AreaRecorder, CallTable, PerPixelApplyModel, StepMaps
 from .per_pixel import per_pixel
 from .tokens import KEY as TOKENS_KEY
 from .track_model import PixelModel, TrackSet, retracked, tracks_from_host_history
@@ -627,7 +627,7 @@ class _ObservedModel:
 
     def __call__(self, x: torch.Tensor, sigma_map: torch.Tensor | None, carrier: torch.Tensor,
                  model_options: dict | None = None, seed: int | None = None,
-                 table: tuple | None = None) -> torch.Tensor:
+                 table: CallTable | None = None) -> torch.Tensor:
         comfy.model_management.throw_exception_if_processing_interrupted()
         if self.observer is None:
             return self.model(x, sigma_map, carrier, model_options, seed=seed, table=table)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .host import host_maths, model_call_queued, to_device, to_host
-from .model_wrapper import StepMaps, model_timesteps
+from .model_wrapper import CallTable, StepMaps, model_timesteps
 from .per_pixel import per_pixel
 
 __all__ = ["TrackSet", "PixelModel", "retracked", "tracks_from_host_history", "unique_rows"]
@@ -204,7 +204,7 @@ class PixelModel:
         self.sigmas = sigmas
         self.calls = 0
 
-    def _set_maps(self, sigma_map: torch.Tensor | None, table: tuple | None) -> None:
+    def _set_maps(self, sigma_map: torch.Tensor | None, table: CallTable | None) -> None:
         if sigma_map is None:  # every pixel at the carrier: the stock call, untouched
             self.maps.clear()
             return
@@ -212,18 +212,13 @@ class PixelModel:
             values, index = torch.unique(sigma_map[:, 0], return_inverse=True)
             self.maps.set(sigma_map, *model_timesteps(values, index, self.ms))
             return
-        values, index, *given = table  # given: the entries' model timesteps, input scales and scale map, when known
-        timesteps = given[0] if given else self.ms.timestep(values).float()
-        self.maps.set(sigma_map, timesteps, index, values, given[1] if len(given) > 1 else None,
-                      given[2] if len(given) > 2 else None)
+        timesteps = table.timesteps if table.timesteps is not None else self.ms.timestep(table.values).float()
+        self.maps.set(sigma_map, timesteps, table.index, table.values, table.input_scales, table.input_map)
 
     def __call__(self, x: torch.Tensor, sigma_map: torch.Tensor | None, carrier: torch.Tensor,
                  model_options: dict | None = None, seed: int | None = None,
-                 table: tuple | None = None) -> torch.Tensor:
-        """table: (values (V,), index (B, H, W) long[, model timesteps (V,), input scales (V,) of values[, the input
-        scales' map (B, 1, H, W)]]) with
-        sigma_map = values[index]: the call's sigmas as a small table (one row per track and image), so no
-        distinct values have to be found."""
+                 table: CallTable | None = None) -> torch.Tensor:
+        """table: the call's sigmas as a small table, sigma_map = table.values[table.index] (see CallTable)."""
         self.calls += 1
         self._set_maps(sigma_map, table)
         try:
