@@ -368,7 +368,7 @@ class _LockstepRun:
         old_tracks, old_instances = self.tracks, list(self.instances)
         self.tracks = tracks
         self.x0 = self.start(tracks) if old else self.x0
-        self.starts = [hold_prefix(row) for row in tracks.rows]
+        self.starts = list(tracks.holds)
         if self.starts[0]:
             raise ValueError(CARRIER_HOLDS)
         self.hold_sigma = tracks.sigmas[:, 0]

@@ -77,7 +77,7 @@ class _Tables:
     steps some running track draws noise or lands on 0."""
 
     def __init__(self, tracks: TrackSet, kind: str, eta: float, model_sampling: Any = None,
-                 dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | None = None, stock_uniform: bool = False) -> None:
         device = tracks.sigmas.device
         # The model timesteps and input scales (calculate_input's factor) of every track's sigmas, once per
         # track set: each call takes its column (what the call would compute from the column's sigmas).
@@ -91,11 +91,14 @@ class _Tables:
         with host_maths():
             rows = tracks.host
             n = int(rows.shape[1]) - 1
-            starts = torch.tensor([hold_prefix(row) for row in tracks.rows])
+            starts = torch.tensor(tracks.holds)
             if int(starts[0]):
                 raise ValueError(CARRIER_HOLDS)
             steps = torch.arange(n)
             waiting = starts[:, None] > steps[None, :]  # (U, N): the track's instance has not started
+            # Steps whose model call has every track at one sigma: KSampler's own call (stock_uniform, see run_on_maps).
+            self.uniform = ((rows[:, :n] == rows[:1, :n]).all(dim=0).tolist() if stock_uniform
+                            else [False] * n)
             self.any_waiting = waiting.any(dim=0).tolist()
             self.draws = [False] * n
             self.all_land = self.some_land = [False] * n
@@ -158,7 +161,8 @@ class _Tables:
         index = tracks.call_index
         sigma_maps = values[:, index][:, :, None]  # (N, B, 1, H, W)
         input_maps = scales[:, index][:, :, None]
-        self.calls = [(carriers[i], sigma_maps[i], CallTable(values[i], index, timesteps[i], scales[i], input_maps[i]))
+        self.calls = [(carriers[i], None, None) if self.uniform[i] else
+                      (carriers[i], sigma_maps[i], CallTable(values[i], index, timesteps[i], scales[i], input_maps[i]))
                       for i in range(n)]
 
 
@@ -254,7 +258,7 @@ def call_sigmas(tracks: TrackSet, i: int, s_in: torch.Tensor, dtype: torch.dtype
         return tables.calls[i]
     column = tracks.sigmas[:, i]
     carrier = column[0] * s_in
-    if tracks.count == 1:
+    if tracks.count == 1 or (tables is not None and tables.uniform[i]):
         return carrier, None, None
     batch = s_in.shape[0]
     values = column[:, None].expand(-1, batch).reshape(-1).to(dtype)
@@ -267,11 +271,15 @@ def call_sigmas(tracks: TrackSet, i: int, s_in: torch.Tensor, dtype: torch.dtype
 
 def run_on_maps(kind: str, sampler: Any, tracks: TrackSet, extra_args: dict, callback: Callable | None,
                 start: StartLatent, disable_pbar: bool, pixel_model: Callable[..., torch.Tensor],
-                retrack: Retrack | None = None, model_sampling: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+                retrack: Retrack | None = None, model_sampling: Any = None,
+                stock_uniform: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The lock step's result for euler / euler_ancestral / dpmpp_2m (see the module doc): one model call per
     step exactly as the lock step makes it, one element-wise update. model_sampling: the model's, whose
     timesteps and input scales of every track's sigmas are then computed once for the run rather than once
-    per call (not with re-partitions, whose track sets last a step or two).
+    per call (not with re-partitions, whose track sets last a step or two). stock_uniform: a call whose pixels
+    all sit at one sigma (known on the host) is KSampler's own call, with no sigma map; the lock step cannot tell
+    such a call apart, so the two routes then differ by the time embedding's rounding at those calls (its table
+    has one row per track there, the stock call one per batch row).
     Returns (latent, the carrier's last sigma)."""
     eta, s_noise = _noise_options(sampler)
     x = start(tracks)
@@ -281,7 +289,7 @@ def run_on_maps(kind: str, sampler: Any, tracks: TrackSet, extra_args: dict, cal
     s_in = x.new_ones([x.shape[0]])
     if retrack is not None:  # a new track set at every re-partition: the timesteps of each call's column only
         model_sampling = None
-    tables = _Tables(tracks, kind, eta, model_sampling, x.dtype)
+    tables = _Tables(tracks, kind, eta, model_sampling, x.dtype, stock_uniform)
     tables.make_calls(tracks, s_in, x.dtype)
     n = int(tracks.sigmas.shape[1]) - 1
     old: torch.Tensor | None = None  # dpmpp_2m: the previous call's denoised
@@ -293,7 +301,7 @@ def run_on_maps(kind: str, sampler: Any, tracks: TrackSet, extra_args: dict, cal
             assert retrack is not None
             new = retrack.finish(reading, tracks)
             if new is not None:  # sigmas from step i + 2 on changed; step i's call and sigma stand
-                tracks, tables = new, _Tables(new, kind, eta, model_sampling, x.dtype)
+                tracks, tables = new, _Tables(new, kind, eta, model_sampling, x.dtype, stock_uniform)
         sigma = tracks.sigma_map(i) if sigma_map is None else sigma_map  # the same values either way
         if callback is not None:
             callback(i, denoised, x, n)

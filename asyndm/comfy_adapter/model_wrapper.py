@@ -242,15 +242,14 @@ def denoised_is_restated(model_sampling: Any) -> bool:
     fn = getattr(type(model_sampling), "calculate_denoised", None)
     if fn is not comfy.model_sampling.EPS.calculate_denoised and fn is not comfy.model_sampling.CONST.calculate_denoised:
         return False
-    with torch.device("cpu"):
-        sigma = torch.tensor([0.03, 1.7, 14.6, 0.0]).view(1, 1, 2, 2)
-        grid = torch.arange(16, dtype=torch.float32).view(1, 4, 2, 2)
-        out, x = torch.sin(grid) * 1.3, torch.cos(grid) * 2.1
-        try:
-            want = per_pixel(model_sampling.calculate_denoised, sigma, out, x)
-        except Exception:  # noqa: BLE001 - a changed method that cannot run per pixel: not the restated maths
-            return False
-        return bool(torch.equal(want, x - out * sigma))
+    sigma = torch.tensor([0.03, 1.7, 14.6, 0.0], device="cpu").view(1, 1, 2, 2)
+    grid = torch.arange(16, dtype=torch.float32, device="cpu").view(1, 4, 2, 2)
+    out, x = torch.sin(grid) * 1.3, torch.cos(grid) * 2.1
+    try:
+        want = per_pixel(model_sampling.calculate_denoised, sigma, out, x)
+    except Exception:  # noqa: BLE001 - a changed method that cannot run per pixel: not the restated maths
+        return False
+    return bool(torch.equal(want, x - out * sigma))
 
 
 class AreaRecorder:

@@ -168,6 +168,13 @@ def _image_args(fn: Callable[[dict], Any]) -> Callable[[dict], Any]:
 class AsynSampler(comfy.samplers.Sampler):
     """Asynchronous sampling as a ComfyUI SAMPLER (usable by SamplerCustom / SamplerCustomAdvanced)."""
 
+    # A model call whose pixels all sit at one sigma (before the first step every key pixel waits at the top with
+    # the background; every track ends on the carrier's last sigma) runs as KSampler's own call where the sampler
+    # runs on sigma maps (map_steps.py). The lock step cannot see that on the host and makes its table call of one
+    # row per track there, so the two routes differ by the time embedding's rounding at those calls; with this off
+    # they compute the same bits (the tests that compare the routes turn it off).
+    stock_uniform_calls: bool = True
+
     def __init__(self, sampler_name: str, schedule: AsynSchedule | None, *, eta: float | None = None,
                  reference: bool = False, s_noise: float = 1.0, base: comfy.samplers.KSAMPLER | None = None) -> None:
         """sampler_name: one of ComfyUI's samplers; base: a SAMPLER to make asynchronous instead (options kept)."""
@@ -565,7 +572,7 @@ class AsynSampler(comfy.samplers.Sampler):
         try:
             if kind is not None:  # euler / euler_ancestral / dpmpp_2m: one element-wise update, no instance per track
                 x, final_sigma = run_on_maps(kind, base, tracks, extra_args, callback, start, self.disable_pbar,
-                                             observed, retrack, ms)
+                                             observed, retrack, ms, self.stock_uniform_calls)
             else:
                 x, final_sigma = run_lockstep(base, model_wrap, tracks, extra_args, callback, start,
                                               self.disable_pbar, observed, retrack)

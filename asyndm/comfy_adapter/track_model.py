@@ -61,6 +61,16 @@ class TrackSet:
         """Each track's sigmas as Python numbers (to compare and look up tracks on the host)."""
         return self._once("rows", lambda: [tuple(row) for row in self.host.tolist()])
 
+    @property
+    def holds(self) -> list[int]:
+        """Every track's lockstep.hold_prefix (how many leading steps it holds still at its first sigma), from the
+        host sigmas in one pass rather than a Python loop per track (a re-partition asks every step)."""
+        def make() -> list[int]:
+            rows = self.host.to(torch.float64).numpy()
+            same = rows[:, 1:-1] == rows[:, :1]  # sigma m + 1 == sigma 0, for m = 0 .. N - 2
+            return np.cumprod(same, axis=1).sum(axis=1).tolist()
+        return self._once("holds", make)
+
     def mask(self, j: int) -> torch.Tensor:
         """(B, 1, H, W) bool: the pixels of track j (built once per track set)."""
         masks = self._once("masks", lambda: [(self.index == k)[:, None] for k in range(self.count)])
@@ -132,24 +142,42 @@ def retracked(tracks: TrackSet, first: int, k_map: torch.Tensor,
     history, the same TrackSet, built from the track table and one integer key per pixel (its track
     and its new priority) rather than from every pixel's whole history. The states before `first`
     are the old track's; state_rows(histories, first, states before first) runs the recurrence on
-    (state_rows(histories): from the top)."""
+    (state_rows(histories): from the top). The grouping runs in numpy: a re-partition comes every
+    step, on a few dozen tracks, where a torch dispatch per operation would cost more than the work."""
     assert tracks.history is not None and tracks.states is not None and tracks.host_index is not None
     with host_maths():
-        levels, level = torch.unique(k_map.float() + 0.0, return_inverse=True)  # + 0.0: one zero
-        key = tracks.host_index * levels.numel() + level
-        pairs, pair = torch.unique(key.reshape(-1), return_inverse=True)  # (old track, new priority) in use
-        old = pairs // levels.numel()
-        rows = tracks.history[old]  # indexing copies
-        rows[:, first:] = levels[pairs % levels.numel()][:, None]
-        before = tracks.states[old]
-        states = torch.cat([before[:, :first], state_rows(rows, first, before[:, first - 1])], dim=1)
+        levels, level = np.unique(k_map.numpy().astype(np.float32) + np.float32(0.0), return_inverse=True)
+        key = tracks.host_index.numpy().reshape(-1) * levels.size + level.reshape(-1)
+        used = np.zeros(tracks.count * levels.size, dtype=bool)
+        used[key] = True
+        pairs = np.flatnonzero(used)  # (old track, new priority) in use, in key order
+        pair = (np.cumsum(used) - 1)[key]
+        old = pairs // levels.size
+        rows = tracks.history.numpy()[old]  # fancy indexing copies
+        rows[:, first:] = levels[pairs % levels.size][:, None]
+        before = tracks.states.numpy()[old]
+        after = state_rows(torch.from_numpy(rows), first, torch.from_numpy(before[:, first - 1])).numpy()
+        states = np.concatenate([before[:, :first], after], axis=1)
         # Old tracks with the same beginning may now share a history: one track each, in torch.unique's order.
-        rows, rank = torch.unique(rows, dim=0, return_inverse=True)
-        states = states[torch.empty(rows.shape[0], dtype=torch.long).scatter_(0, rank, torch.arange(rank.numel()))]
-        rows, index, background = _with_background(rows, rank[pair])
+        rows, rank, keep = _distinct_rows(rows)
+        states = states[keep]
+        with_bg, index, background = _with_background(torch.from_numpy(rows), torch.from_numpy(rank[pair]))
+        states_t = torch.from_numpy(states)
         if background:
-            states = torch.cat([state_rows(rows[:1]), states])
-    return _track_set(rows, index.reshape(k_map.shape), states, carrier, host_carrier, to_sigma)
+            states_t = torch.cat([state_rows(with_bg[:1]), states_t])
+    return _track_set(with_bg, index.reshape(k_map.shape), states_t, carrier, host_carrier, to_sigma)
+
+
+def _distinct_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The distinct rows of a small (P, n) float array in torch.unique(dim=0)'s (lexicographic) order, each
+    row's rank among them, and one row index per distinct row."""
+    order = np.lexsort(rows.T[::-1])  # column 0 the primary key; stable
+    ordered = rows[order]
+    new = np.ones(rows.shape[0], dtype=bool)
+    new[1:] = (ordered[1:] != ordered[:-1]).any(axis=1)
+    rank = np.empty(rows.shape[0], dtype=np.int64)
+    rank[order] = np.cumsum(new) - 1
+    return ordered[new], rank, order[new]
 
 
 def _with_background(rows: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:

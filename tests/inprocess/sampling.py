@@ -11,11 +11,11 @@ from asyndm.schedule_spec import AsynSchedule
 
 
 def stock(model, positive, negative, latent, *, seed=0, steps=4, cfg=4.0, sampler="euler", scheduler="normal",
-          denoise=1.0, noise_mask=None):
+          denoise=1.0, noise_mask=None, callback=None):
     """ComfyUI's own KSampler path (comfy.sample.sample)."""
     noise = comfy.sample.prepare_noise(latent, seed)
     return comfy.sample.sample(model, noise, steps, cfg, sampler, scheduler, positive, negative, latent,
-                               denoise=denoise, noise_mask=noise_mask, seed=seed)
+                               denoise=denoise, noise_mask=noise_mask, callback=callback, seed=seed)
 
 
 def asyn(model, positive, negative, latent, *, schedule=None, seed=0, steps=4, cfg=4.0, sampler="euler",
@@ -56,11 +56,13 @@ def hook_state(module: torch.nn.Module) -> list[tuple[str, int, int]]:
 
 
 class TokenTimesteps:
-    """The timestep of every image token at each forward of a transformer (patch 2): the adapter's
-    token map while one is set, else the stock row's. Remove .handle when done."""
+    """The timestep of every image token at each forward of a transformer (patches of `patch` latent pixels a
+    side): the adapter's token map while one is set, else the stock row's (a run's calls with every pixel at
+    one sigma are KSampler's own). Remove .handle when done."""
 
-    def __init__(self, monkeypatch, model, adapter_class: type) -> None:
+    def __init__(self, monkeypatch, model, adapter_class: type, patch: int = 2) -> None:
         self.steps: list[torch.Tensor] = []
+        self.patch = patch
         self.adapter: list = []
         original = adapter_class.set_map
 
@@ -75,7 +77,8 @@ class TokenTimesteps:
         x, timesteps = args[0], args[1]
         per_token = self.adapter[0].token_timesteps() if self.adapter else None
         if per_token is None:
-            per_token = timesteps.float()[:, None].expand(-1, ((x.shape[-2] + 1) // 2) * ((x.shape[-1] + 1) // 2))
+            p = self.patch
+            per_token = timesteps.float()[:, None].expand(-1, (-(-x.shape[-2] // p)) * (-(-x.shape[-1] // p)))
         self.steps.append(per_token.clone())
 
 

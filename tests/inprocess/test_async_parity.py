@@ -27,21 +27,24 @@ def adapter():
 
 
 class Recorder:
-    """Records the per-pixel timestep rows handed to the UNet's time hooks."""
+    """Records the timestep rows every UNet forward of the run uses: the per-pixel rows handed to the time hooks,
+    or, where every pixel sits at one sigma and the sampler makes KSampler's own call, its timesteps per row."""
 
     def __init__(self, monkeypatch, adapter) -> None:
         self.maps: list[torch.Tensor] = []
         cls = unet_hooks_class()
-        original = cls.set_map
+        original = cls._unet_pre
 
-        def set_map(hooks, t_rows, *args, **kwargs):
-            out = original(hooks, t_rows, *args, **kwargs)
+        def unet_pre(hooks, module, args, kwargs):
             t_map = hooks.t_map()
-            if t_map is not None:
-                self.maps.append(t_map.detach().clone())
-            return out
+            if t_map is None:
+                x = args[0] if args else kwargs["x"]
+                t = args[1] if len(args) > 1 else kwargs["timesteps"]
+                t_map = t.float().view(-1, 1, 1).expand(x.shape[0], *x.shape[-2:])
+            self.maps.append(t_map.detach().clone())
+            return original(hooks, module, args, kwargs)
 
-        monkeypatch.setattr(cls, "set_map", set_map)
+        monkeypatch.setattr(cls, "_unet_pre", unet_pre)
 
 
 def run_node(pack_nodes, model, conds, latent, *, schedule=None, steps=6, sampler="ddim", eta=1.0, reference=True,

@@ -169,7 +169,7 @@ def test_a_drawn_mask_reaches_flux2_as_the_schedules_token_map(model, monkeypatc
     pos, neg = conds(edit=True)
     steps = 4
     schedule = fixed_masks(1, SIZE, SIZE)  # top half, bin, k = 0.8
-    rec = TokenTimesteps(monkeypatch, model, PerTokenTimestepsFlux2)
+    rec = TokenTimesteps(monkeypatch, model, PerTokenTimestepsFlux2, patch=1)
     try:
         a = asyn(model, pos, neg, latent(), seed=4, steps=steps, cfg=3.5, scheduler="simple", schedule=schedule)
     finally:
@@ -269,7 +269,7 @@ def test_flux2_key_words_sample_asynchronously(model, flux2_tokens, monkeypatch,
     pos[0][1][KEY] = tokens
     kw = dict(seed=7, steps=4, cfg=3.5, scheduler="simple")
     plain = stock(model, pos, neg, latent(), **kw)
-    recorded = TokenTimesteps(monkeypatch, model, PerTokenTimestepsFlux2)
+    recorded = TokenTimesteps(monkeypatch, model, PerTokenTimestepsFlux2, patch=1)
     try:
         schedule = AsynSchedule(curve="bin", k=(0.7, 0.7), mask_source="attention", words=("rabbit", "teddy bear"))
         got = asyn(model, pos, neg, latent(), schedule=schedule, **kw)

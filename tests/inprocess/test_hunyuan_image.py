@@ -177,7 +177,7 @@ def test_a_drawn_mask_reaches_hunyuan_image_as_the_schedules_token_map(model, mo
     pos, neg = conds()
     steps = 4
     schedule = fixed_masks(1, SIZE, SIZE)  # top half, bin, k = 0.8
-    rec = TokenTimesteps(monkeypatch, model, PerTokenTimestepsHunyuanImage)
+    rec = TokenTimesteps(monkeypatch, model, PerTokenTimestepsHunyuanImage, patch=1)
     try:
         a = asyn(model, pos, neg, latent(), seed=4, steps=steps, cfg=3.5, scheduler="simple", schedule=schedule)
     finally:
@@ -285,7 +285,7 @@ def test_hunyuan_image_dynamic_masks_follow_the_image_to_text_attention(model, t
     made = []
     init = AsynSampler.__init__
     monkeypatch.setattr(AsynSampler, "__init__", lambda self, *a, **k: (init(self, *a, **k), made.append(self))[0])
-    rec = TokenTimesteps(monkeypatch, model, PerTokenTimestepsHunyuanImage)
+    rec = TokenTimesteps(monkeypatch, model, PerTokenTimestepsHunyuanImage, patch=1)
     schedule = AsynSchedule(curve="bin", k=(0.7,), mask_source="attention", words=("rabbit",), threshold=1.0)
     try:
         out = asyn(spy, pos, pos, latent(), seed=3, steps=4, cfg=1.0, scheduler="simple", schedule=schedule)

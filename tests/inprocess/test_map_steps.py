@@ -15,7 +15,7 @@ import torch
 from asyndm.comfy_adapter.map_steps import agrees_with_comfy, map_kind
 from asyndm.schedule_spec import AsynSchedule
 from tests import model_factory as mf
-from tests.inprocess.sampling import asyn, fixed_masks
+from tests.inprocess.sampling import asyn, fixed_masks, rel_err, stock
 
 MAP_SAMPLERS = [("euler", None), ("ddim", 0.0), ("ddim", 1.0), ("euler_ancestral", None), ("dpmpp_2m", None)]
 
@@ -35,6 +35,18 @@ def _sampler_modules() -> list:
 def _lockstep_only(monkeypatch):
     for module in _sampler_modules():
         monkeypatch.setattr(module, "map_kind", lambda *args, **kwargs: None)
+
+
+def _uniform_calls_as_ksampler(monkeypatch, on: bool) -> None:
+    for module in _sampler_modules():
+        monkeypatch.setattr(module.AsynSampler, "stock_uniform_calls", on)
+
+
+@pytest.fixture(autouse=True)
+def _same_calls_on_both_routes(monkeypatch):
+    """The routes are compared with the same table call everywhere: the map route's KSampler calls where every
+    pixel sits at one sigma (which the lock step cannot see) are tested on their own below."""
+    _uniform_calls_as_ksampler(monkeypatch, False)
 
 
 @pytest.mark.parametrize(("name", "eta"), MAP_SAMPLERS)
@@ -150,3 +162,39 @@ def test_map_steps_with_a_batch_inpainting_and_img2img(tiny_sd15, monkeypatch, n
     in_lock_step = asyn(model, pos, neg, latent, **kw)
     assert torch.equal(on_maps, in_lock_step)
     assert not torch.equal(on_maps, asyn(model, pos, neg, latent, **{**kw, "schedule": None}))
+
+
+@pytest.mark.parametrize("name", ["euler", "euler_ancestral", "dpmpp_2m"])
+def test_a_call_with_every_pixel_at_one_sigma_is_ksamplers_own(tiny_sd15, monkeypatch, name):
+    """Before the first step every pixel sits at the top sigma (key pixels wait there) and the last step starts
+    every track from the carrier's sigma: the map route makes those two calls as KSampler's own, so the first
+    denoised is KSampler's bit for bit, and the rest of the run differs from the table calls only by the time
+    embedding's rounding."""
+    model, pos, neg = tiny_sd15
+    latent = torch.zeros(1, 4, 8, 8)
+    kw = dict(seed=5, steps=6, cfg=3.0, sampler=name, scheduler="normal")
+    sigma_maps: list[bool] = []
+    module = next(m for m in sys.modules.values() if getattr(m, "__name__", "") == "asyndm.comfy_adapter.track_model")
+    real_call = module.PixelModel.__call__
+
+    def spy(self, x, sigma_map, *args, **kwargs):
+        sigma_maps.append(sigma_map is not None)
+        return real_call(self, x, sigma_map, *args, **kwargs)
+
+    def first_denoised(run):
+        seen: list[torch.Tensor] = []
+        out = run(callback=lambda step, x0, x, total: seen.append(x0.clone()) if step == 0 else None)
+        return seen[0], out
+
+    want, _ = first_denoised(lambda callback: stock(model, pos, neg, latent, callback=callback, **kw))
+    _uniform_calls_as_ksampler(monkeypatch, True)
+    monkeypatch.setattr(module.PixelModel, "__call__", spy)
+    got, on = first_denoised(lambda callback: asyn(model, pos, neg, latent, schedule=fixed_masks(1, 8, 8),
+                                                   callback=callback, **kw))
+    assert sigma_maps == [False, True, True, True, True, False]
+    assert torch.equal(got, want)
+    _uniform_calls_as_ksampler(monkeypatch, False)
+    sigma_maps.clear()
+    off = asyn(model, pos, neg, latent, schedule=fixed_masks(1, 8, 8), **kw)
+    assert sigma_maps == [True] * 6
+    assert torch.isfinite(on).all() and rel_err(on, off) < 1e-4, rel_err(on, off)

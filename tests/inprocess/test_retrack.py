@@ -82,3 +82,22 @@ def test_one_map_for_every_step_groups_as_the_whole_history(background):
         assert torch.equal(getattr(got, name), getattr(want, name)), name
         assert getattr(got, name).dtype == getattr(want, name).dtype, name
     assert got.count == 3  # without a background pixel, the background track is added (holding none)
+
+
+def test_every_tracks_hold_is_hold_prefix():
+    """TrackSet.holds (one pass over the host sigmas) is hold_prefix of each track: leading repeats of the first
+    sigma, at most N - 1 (the last step always runs), repeats later in the row not counted."""
+    from asyndm.comfy_adapter.lockstep import hold_prefix
+    from asyndm.comfy_adapter.track_model import TrackSet
+
+    rows = torch.tensor([[9.0, 7.0, 5.0, 3.0, 0.0],
+                         [9.0, 9.0, 5.0, 5.0, 0.0],
+                         [9.0, 9.0, 9.0, 9.0, 0.0],
+                         [9.0, 9.0, 9.0, 9.0, 9.0],
+                         [4.0, 7.0, 4.0, 4.0, 0.0],
+                         [9.0, 9.0, 9.0, 2.0, 0.0]])
+    for n in (1, 2, 4):
+        table = rows[:, : n + 1].contiguous()
+        tracks = TrackSet(table, torch.zeros(1, 2, 2, dtype=torch.long), host_sigmas=table)
+        assert tracks.holds == [hold_prefix(row) for row in table.tolist()], n
+    assert TrackSet(rows, torch.zeros(1, 1, 1, dtype=torch.long), host_sigmas=rows).holds == [0, 1, 3, 3, 0, 2]

@@ -69,7 +69,7 @@ def _timestep_blocks(diffusion_model: torch.nn.Module) -> tuple[list[openaimodel
         raise _unsupported("temporal (video) UNets")
     blocks: list[openaimodel.ResBlock] = []
     other_readers = False
-    for name, module in dm.named_modules():
+    for name, module in _embedding_paths(dm):
         if isinstance(module, (openaimodel.VideoResBlock, openaimodel.SpatialVideoTransformer)):
             raise _unsupported(f"temporal (video) UNets ({name} is a {type(module).__name__})")
         if not isinstance(module, openaimodel.ResBlock):
@@ -90,6 +90,29 @@ def _timestep_blocks(diffusion_model: torch.nn.Module) -> tuple[list[openaimodel
     if not blocks:
         raise _unsupported("a UNet without time-conditioned ResBlocks")
     return blocks, other_readers
+
+
+def _embedding_paths(dm: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """(name, module) of every module the time embedding can reach, in named_modules' order: the UNet's
+    blocks and what they hold, except the insides of the stock modules that take no embedding (spatial
+    transformers, up- and downsamplers) and of ResBlocks. Those hold most of a UNet's modules, and this
+    walk runs once per sampling run."""
+    found: list[tuple[str, torch.nn.Module]] = []
+    closed = (openaimodel.ResBlock, openaimodel.Upsample, openaimodel.Downsample)
+
+    def walk(prefix: str, module: torch.nn.Module) -> None:
+        found.append((prefix, module))
+        if isinstance(module, closed) or (isinstance(module, openaimodel.SpatialTransformer)
+                                          and not isinstance(module, openaimodel.SpatialVideoTransformer)):
+            return
+        for name, child in module.named_children():
+            walk(f"{prefix}.{name}" if prefix else name, child)
+
+    for name in ("input_blocks", "middle_block", "output_blocks"):
+        top = getattr(dm, name, None)
+        if isinstance(top, torch.nn.Module):
+            walk(name, top)
+    return found
 
 
 def block_index_map(inverse: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
