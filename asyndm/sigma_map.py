@@ -31,6 +31,14 @@ def background_track(
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if dtype in (torch.float32, torch.float64):  # numpy: the same IEEE operations in the same dtype, no dispatch each
+        kind = np.float32 if dtype == torch.float32 else np.float64
+        value, target_value = kind(num_train_timesteps + offset), kind(offset)
+        values = np.empty(num_steps, dtype=kind)
+        for i in range(num_steps):
+            value = value + (target_value - value) / kind(num_steps - i)
+            values[i] = value
+        return torch.from_numpy(values)
     s = torch.tensor(float(num_train_timesteps + offset), dtype=dtype)
     target = float(offset)
     out = []

@@ -24,6 +24,20 @@ def test_background_track_is_the_linear_schedule(n: int) -> None:
     assert track[-1].item() == pytest.approx(1.0, abs=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("num_train_timesteps", "offset"), [(1000, 1), (999, 0), (4096, 3)])
+def test_background_track_is_the_samplers_recurrence_bit_for_bit(dtype, num_train_timesteps, offset) -> None:
+    """The track is the recurrence s <- s + (offset - s) / remaining on torch scalars of the dtype (as the
+    sampler's states take it), computed without a torch op per step."""
+    for n in (1, 2, 9, 10, 33, 50, 200):
+        s, want = torch.tensor(float(num_train_timesteps + offset), dtype=dtype), []
+        for i in range(n):
+            s = s + (float(offset) - s) / (n - i)
+            want.append(s)
+        got = background_track(n, num_train_timesteps=num_train_timesteps, offset=offset, dtype=dtype)
+        assert got.dtype == dtype and torch.equal(got, torch.stack(want)), n
+
+
 def test_paper_timesteps_for_50_steps() -> None:
     assert background_track(50)[:3].tolist() == [981.0, 961.0, 941.0]
 
