@@ -160,12 +160,13 @@ def retracked(tracks: TrackSet, first: int, k_map: torch.Tensor,
         states = np.concatenate([before[:, :first], after], axis=1)
         # Old tracks with the same beginning may now share a history: one track each, in torch.unique's order.
         rows, rank, keep = _distinct_rows(rows)
-        states = states[keep]
-        with_bg, index, background = _with_background(torch.from_numpy(rows), torch.from_numpy(rank[pair]))
-        states_t = torch.from_numpy(states)
-        if background:
-            states_t = torch.cat([state_rows(with_bg[:1]), states_t])
-    return _track_set(with_bg, index.reshape(k_map.shape), states_t, carrier, host_carrier, to_sigma)
+        states, index = states[keep], rank[pair]
+        if rows[0].any():  # no pixel left in the background: its track is added, holding none (_with_background)
+            rows = np.concatenate([np.zeros_like(rows[:1]), rows])
+            states = np.concatenate([state_rows(torch.from_numpy(rows[:1])).numpy(), states])
+            index = index + 1
+    return _track_set(torch.from_numpy(rows), torch.from_numpy(index).reshape(k_map.shape), torch.from_numpy(states),
+                      carrier, host_carrier, to_sigma)
 
 
 def _distinct_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
