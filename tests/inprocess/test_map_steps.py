@@ -12,6 +12,7 @@ import comfy.samplers
 import pytest
 import torch
 
+from asyndm.comfy_adapter import track_model
 from asyndm.comfy_adapter.map_steps import agrees_with_comfy, map_kind
 from asyndm.schedule_spec import AsynSchedule
 from tests import model_factory as mf
@@ -174,8 +175,7 @@ def test_a_call_with_every_pixel_at_one_sigma_is_ksamplers_own(tiny_sd15, monkey
     latent = torch.zeros(1, 4, 8, 8)
     kw = dict(seed=5, steps=6, cfg=3.0, sampler=name, scheduler="normal")
     sigma_maps: list[bool] = []
-    module = next(m for m in sys.modules.values() if getattr(m, "__name__", "") == "asyndm.comfy_adapter.track_model")
-    real_call = module.PixelModel.__call__
+    real_call = track_model.PixelModel.__call__
 
     def spy(self, x, sigma_map, *args, **kwargs):
         sigma_maps.append(sigma_map is not None)
@@ -188,7 +188,7 @@ def test_a_call_with_every_pixel_at_one_sigma_is_ksamplers_own(tiny_sd15, monkey
 
     want, _ = first_denoised(lambda callback: stock(model, pos, neg, latent, callback=callback, **kw))
     _uniform_calls_as_ksampler(monkeypatch, True)
-    monkeypatch.setattr(module.PixelModel, "__call__", spy)
+    monkeypatch.setattr(track_model.PixelModel, "__call__", spy)
     got, on = first_denoised(lambda callback: asyn(model, pos, neg, latent, schedule=fixed_masks(1, 8, 8),
                                                    callback=callback, **kw))
     assert sigma_maps == [False, True, True, True, True, False]
