@@ -42,7 +42,6 @@ class StepMaps:
         self.unique_t: torch.Tensor | None = None  # (U,) distinct model timesteps
         self.inverse: torch.Tensor | None = None  # (B, H, W) long index into unique_t
         self.areas: dict[Any, tuple[int, int, int, int]] = {}  # cond uuid -> (h, w, y, x) crop
-        self.uniform: torch.Tensor | None = None  # (1,) the one sigma of every pixel, when there is one
         self.values: torch.Tensor | None = None  # (U,) the sigma of each unique_t entry, when the caller knows it
         self.input_scales: torch.Tensor | None = None  # (U,) calculate_input's factor at each entry, when known
         self.input_map: torch.Tensor | None = None  # (B, 1, H, W) input_scales[inverse], when known
@@ -58,22 +57,14 @@ class StepMaps:
         self.sigma = sigma
         self.unique_t = unique_t
         self.inverse = inverse
-        self.uniform = None
         self.values = values
         self.input_scales = None if values is None else input_scales
         self.input_map = None if self.input_scales is None else input_map
-
-    def set_uniform(self, sigma: torch.Tensor, value: torch.Tensor) -> None:
-        """Every pixel of every image sits at the one sigma `value` (1,): no per-pixel work is needed."""
-        self.clear()
-        self.sigma = sigma
-        self.uniform = value
 
     def clear(self) -> None:
         self.sigma = None
         self.unique_t = None
         self.inverse = None
-        self.uniform = None
         self.values = None
         self.input_scales = None
         self.input_map = None
@@ -203,10 +194,6 @@ class PerPixelApplyModel:
         if self.maps.sigma is None:
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
         self.calls += 1
-        if self.maps.uniform is not None:
-            # One sigma everywhere: the stock call at that sigma, with KSampler's shapes and operations.
-            sigma = self.maps.uniform.to(device=t.device, dtype=t.dtype).repeat(t.shape[0])
-            return executor(x, sigma, c_concat, c_crossattn, control, transformer_options, **kwargs)
         base_model = executor.class_obj
         ms = base_model.model_sampling
         one_frame = x.ndim == 5 and x.shape[2] == 1  # a video format's one frame (Qwen-Image): maths on the image
