@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import inspect
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from types import MappingProxyType
 from typing import Any, Protocol
 
@@ -47,7 +47,7 @@ from .model_wrapper import CallTable
 from .thread_state import ThreadState
 from .track_model import TrackSet
 
-__all__ = ["LockstepError", "BROWNIAN_SAMPLERS", "REFUSED", "hold_prefix", "refusal", "run_lockstep"]
+__all__ = ["LockstepError", "BROWNIAN_SAMPLERS", "REFUSED", "refusal", "run_lockstep"]
 
 # What the run calls as the model: (x, sigma map or None, carrier sigma, model_options, seed) -> denoised.
 PixelModel = Callable[..., torch.Tensor]
@@ -84,7 +84,7 @@ def refusal(function: Callable, tracks: TrackSet) -> str | None:
     if tracks.count < 2:
         return None
     why = REFUSED.get(name)
-    if why is None and name == "sample_sa_solver_pece" and any(hold_prefix(row) for row in tracks.rows):
+    if why is None and name == "sample_sa_solver_pece" and any(tracks.holds):
         why = _PECE
     return why
 
@@ -266,18 +266,6 @@ class _SharedGaussian:
             return draws[k]
 
         return sample
-
-
-def hold_prefix(sigmas: Sequence[float] | torch.Tensor) -> int:
-    """How many leading steps a track holds still (sigmas[0] == ... == sigmas[m]): its pixels wait
-    at their first sigma, and its sampler run starts at step m on sigmas[m:]. Give the host's
-    numbers (TrackSet.rows): a tensor is read back whole."""
-    values = sigmas.tolist() if torch.is_tensor(sigmas) else list(sigmas)
-    n = len(values) - 1
-    m = 0
-    while m < n - 1 and values[m + 1] == values[0]:
-        m += 1
-    return m
 
 
 class Retrack(Protocol):

@@ -31,7 +31,7 @@ import comfy.model_sampling
 import torch
 
 from .host import host_maths, to_device
-from .lockstep import CARRIER_HOLDS, Retrack, StartLatent, hold_prefix
+from .lockstep import CARRIER_HOLDS, Retrack, StartLatent
 from .model_wrapper import CallTable
 from .track_model import TrackSet
 
@@ -352,7 +352,7 @@ def _agrees_with_comfy(kind: str, sampler: Any) -> bool:
 
     results = []
     for j in range(rows.shape[0]):
-        m = hold_prefix(tracks.rows[j])
+        m = tracks.holds[j]
         proxy = Proxy(m)
         opts = dict(options)
         if kind == "euler_ancestral":

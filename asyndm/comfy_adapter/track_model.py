@@ -63,8 +63,9 @@ class TrackSet:
 
     @property
     def holds(self) -> list[int]:
-        """Every track's lockstep.hold_prefix (how many leading steps it holds still at its first sigma), from the
-        host sigmas in one pass rather than a Python loop per track (a re-partition asks every step)."""
+        """How many leading steps each track holds still (sigmas[0] == ... == sigmas[m], m at most N - 1: the last
+        step always runs): its pixels wait at their first sigma, and its sampler run starts at step m on
+        sigmas[m:]. From the host sigmas, in one pass over the table (a re-partition asks every step)."""
         def make() -> list[int]:
             rows = self.host.to(torch.float64).numpy()
             same = rows[:, 1:-1] == rows[:, :1]  # sigma m + 1 == sigma 0, for m = 0 .. N - 2

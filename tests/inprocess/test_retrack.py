@@ -84,10 +84,17 @@ def test_one_map_for_every_step_groups_as_the_whole_history(background):
     assert got.count == 3  # without a background pixel, the background track is added (holding none)
 
 
-def test_every_tracks_hold_is_hold_prefix():
-    """TrackSet.holds (one pass over the host sigmas) is hold_prefix of each track: leading repeats of the first
-    sigma, at most N - 1 (the last step always runs), repeats later in the row not counted."""
-    from asyndm.comfy_adapter.lockstep import hold_prefix
+def _hold(row: list[float]) -> int:
+    """Leading steps a row of N + 1 sigmas holds still, counted one by one: at most N - 1."""
+    n, m = len(row) - 1, 0
+    while m < n - 1 and row[m + 1] == row[0]:
+        m += 1
+    return m
+
+
+def test_every_tracks_hold_counts_the_leading_repeats():
+    """TrackSet.holds (one pass over the host sigmas) is each track's leading repeats of its first sigma, at most
+    N - 1 (the last step always runs), repeats later in the row not counted."""
     from asyndm.comfy_adapter.track_model import TrackSet
 
     rows = torch.tensor([[9.0, 7.0, 5.0, 3.0, 0.0],
@@ -99,5 +106,5 @@ def test_every_tracks_hold_is_hold_prefix():
     for n in (1, 2, 4):
         table = rows[:, : n + 1].contiguous()
         tracks = TrackSet(table, torch.zeros(1, 2, 2, dtype=torch.long), host_sigmas=table)
-        assert tracks.holds == [hold_prefix(row) for row in table.tolist()], n
+        assert tracks.holds == [_hold(row) for row in table.tolist()], n
     assert TrackSet(rows, torch.zeros(1, 1, 1, dtype=torch.long), host_sigmas=rows).holds == [0, 1, 3, 3, 0, 2]
