@@ -129,7 +129,8 @@ def tracks_from_host_history(host_history: torch.Tensor, carrier: torch.Tensor,
         else:
             per_pixel_rows = host_history.float().permute(1, 2, 3, 0).reshape(-1, n)
             rows, index = unique_rows(per_pixel_rows)
-        rows, index, _ = _with_background(rows, index)
+        with_bg, index_bg, _ = _with_background(rows.numpy(), index.numpy())
+        rows, index = torch.from_numpy(with_bg), torch.from_numpy(index_bg)
         states = state_rows(rows)
     return _track_set(rows, index.reshape(host_history.shape[1:]), states, carrier, host_carrier, to_sigma)
 
@@ -161,11 +162,10 @@ def retracked(tracks: TrackSet, first: int, k_map: torch.Tensor,
         states = np.concatenate([before[:, :first], after], axis=1)
         # Old tracks with the same beginning may now share a history: one track each, in torch.unique's order.
         rows, rank, keep = _distinct_rows(rows)
-        states, index = states[keep], rank[pair]
-        if rows[0].any():  # no pixel left in the background: its track is added, holding none (_with_background)
-            rows = np.concatenate([np.zeros_like(rows[:1]), rows])
+        rows, index, background = _with_background(rows, rank[pair])
+        states = states[keep]
+        if background:
             states = np.concatenate([state_rows(torch.from_numpy(rows[:1])).numpy(), states])
-            index = index + 1
     return _track_set(torch.from_numpy(rows), torch.from_numpy(index).reshape(k_map.shape), torch.from_numpy(states),
                       carrier, host_carrier, to_sigma)
 
@@ -182,12 +182,12 @@ def _distinct_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return ordered[new], rank, order[new]
 
 
-def _with_background(rows: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+def _with_background(rows: np.ndarray, index: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
     """Track 0 is the background (k = 0 throughout): with no background pixel it is added, holding none,
     because it still runs the carrier. (rows, index, whether it was added)."""
-    if not bool((rows[0] != 0).any()):
+    if not rows[0].any():  # -0.0 counts as 0
         return rows, index, False
-    return torch.cat([rows.new_zeros(1, rows.shape[1]), rows]), index + 1, True
+    return np.concatenate([np.zeros_like(rows[:1]), rows]), index + 1, True
 
 
 def _track_set(rows: torch.Tensor, host_index: torch.Tensor, states: torch.Tensor, carrier: torch.Tensor,
