@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .checks import all_true, as_count, check_fraction, check_positive_int, describe_shape, require_float_tensor
 
-__all__ = ["item_masks", "initial_item_masks"]
+__all__ = ["item_masks", "initial_item_masks", "priority_map"]
 
 
 def _size(size: Sequence[int]) -> tuple[int, int]:
@@ -98,6 +98,26 @@ def item_masks(
     if (gh, gw) != (height, width):
         masks = F.interpolate(masks, size=(height, width), mode="nearest")
     return masks
+
+
+def priority_map(attn: torch.Tensor, k: torch.Tensor, *, threshold: float, size: Sequence[int],
+                 grid: Sequence[int]) -> torch.Tensor:
+    """(B, H, W): each pixel's priority, the k of the item item_masks gives it (0: background), which is what
+    (item_masks(attn, k, ...) * k).amax(items) gives, bit for bit: of the items a pixel is in, the largest k
+    (the tie rule picks among equal k, so it does not change the value). k: (items,) float32 on attn's
+    device. Unchecked values (it reads nothing back): for the sampler, on the maps it made, every step."""
+    b, pixels, items = attn.shape
+    gh, gw = _size(grid)
+    if gh * gw != pixels or k.shape != (items,):
+        raise ValueError(f"attention of shape {tuple(attn.shape)} does not fit grid {gh}x{gw} and {tuple(k.shape)} k")
+    reference = attn.mean(dim=1, keepdim=True)
+    if threshold != 1.0:  # x * 1.0 is x: one op fewer at the usual threshold
+        reference = reference * float(threshold)
+    picked = ((attn >= reference) * k.to(attn.dtype)).amax(dim=-1)  # (B, hw): the largest k of the pixel's items
+    height, width = _size(size)
+    if (gh, gw) == (height, width):
+        return picked.view(b, gh, gw)
+    return F.interpolate(picked.view(b, 1, gh, gw), size=(height, width), mode="nearest")[:, 0]
 
 
 def initial_item_masks(

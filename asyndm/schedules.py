@@ -25,7 +25,7 @@ from .checks import (
     require_float_tensor,
 )
 
-__all__ = ["SCHEDULE_CURVES", "step", "next_state", "history_states", "timestep_maps"]
+__all__ = ["SCHEDULE_CURVES", "step", "next_state", "history_states", "numpy_history_states", "timestep_maps"]
 
 SCHEDULE_CURVES = ("linear", "bin", "lin", "exp")
 
@@ -288,13 +288,22 @@ def history_states(
 
 def _host_history_states(s: torch.Tensor, k: torch.Tensor, first: int, curve: str, *, n: int, t: int,
                          target: float) -> torch.Tensor:
-    """history_states for "bin" and "linear" on CPU tensors, in numpy: the same IEEE operations in the same
-    order and dtype as _curve (Python numbers taken in the array's dtype, as torch takes them), without a
-    torch dispatch per operation on these few-element rows (a re-partition runs this every step)."""
+    """history_states for "bin" and "linear" on CPU tensors, in numpy (numpy_history_states), checked."""
     states_in = s.detach().numpy()
     ks = k.detach().numpy()
     if not (np.isfinite(states_in).all() and ((ks >= 0) & (ks <= 1)).all()):
         _diagnose(s, 1, k)
+    return torch.from_numpy(numpy_history_states(states_in, ks, first, curve, n=n, t=t, target=target))
+
+
+def numpy_history_states(states_in: np.ndarray, ks: np.ndarray, first: int, curve: str, *, n: int, t: int,
+                         target: float) -> np.ndarray:
+    """history_states for "bin" and "linear" on numpy rows, unchecked (states finite, k in [0, 1]): the same
+    IEEE operations in the same order and dtype as _curve (Python numbers taken in the array's dtype, as torch
+    takes them), without a torch dispatch per operation on these few-element rows (a re-partition runs this
+    every step, on rows it made from checked ones)."""
+    if curve not in ("bin", "linear"):
+        raise ValueError(f"numpy_history_states runs the bin and linear curves, not {curve!r}")
     kind = states_in.dtype.type
     tgt, bend = kind(target), kind(t / (n * n))
     out = np.empty((states_in.shape[0], n + 1 - first), dtype=states_in.dtype)
@@ -307,7 +316,7 @@ def _host_history_states(s: torch.Tensor, k: torch.Tensor, first: int, curve: st
         out[:, col] = np.minimum(nxt, cur)
         cur = out[:, col]
     out[:, -1] = 0
-    return torch.from_numpy(out)
+    return out
 
 
 def timestep_maps(

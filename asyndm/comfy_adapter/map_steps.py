@@ -28,6 +28,7 @@ from typing import Any
 
 import comfy.k_diffusion.sampling as kdiff
 import comfy.model_sampling
+import numpy as np
 import torch
 
 from .host import host_maths, to_device
@@ -88,40 +89,41 @@ class _Tables:
             self.timesteps = model_sampling.timestep(flat).float().view(sigmas.shape)
             ones = sigmas.new_ones(flat.shape[0], 1, 1, 1)
             self.input_scales = model_sampling.calculate_input(flat, ones).view(sigmas.shape)
-        with host_maths():
+        with host_maths():  # the flags in numpy: a re-partition makes a table set every step
             rows = tracks.host
+            host = (rows if rows.dtype in (torch.float32, torch.float64) else rows.double()).numpy()  # exact either way
             n = int(rows.shape[1]) - 1
-            starts = torch.tensor(tracks.holds)
-            if int(starts[0]):
+            starts = np.array(tracks.holds)
+            if starts[0]:
                 raise ValueError(CARRIER_HOLDS)
-            steps = torch.arange(n)
+            steps = np.arange(n)
             waiting = starts[:, None] > steps[None, :]  # (U, N): the track's instance has not started
             # Steps whose model call has every track at one sigma: KSampler's own call (stock_uniform, see run_on_maps).
-            self.uniform = ((rows[:, :n] == rows[:1, :n]).all(dim=0).tolist() if stock_uniform
+            self.uniform = ((host[:, :n] == host[:1, :n]).all(axis=0).tolist() if stock_uniform
                             else [False] * n)
-            self.any_waiting = waiting.any(dim=0).tolist()
+            self.any_waiting = waiting.any(axis=0).tolist()
             self.draws = [False] * n
             self.all_land = self.some_land = [False] * n
             if kind == "euler_ancestral":
                 down, up = ancestral_tables(rows, eta)
                 running = ~waiting
-                lands = down == 0
-                self.draws = ((~lands) & running).any(dim=0).tolist()  # an instance calls its noise sampler
-                self.all_land = (lands | waiting).all(dim=0).tolist()
-                self.some_land = (lands & running).any(dim=0).tolist()
+                lands = (down == 0).numpy()
+                self.draws = ((~lands) & running).any(axis=0).tolist()  # an instance calls its noise sampler
+                self.all_land = (lands | waiting).all(axis=0).tolist()
+                self.some_land = (lands & running).any(axis=0).tolist()
                 tables = [down, up]
             elif kind == "dpmpp_2m":
                 # First order where the instance has no previous denoised yet (its first step) or lands on 0.
-                first = (starts[:, None] == steps[None, :]) | (rows[:, 1:] == 0)
-                self.all_first = (first | waiting).all(dim=0).tolist()
-                self.some_first = (first & ~waiting).any(dim=0).tolist()
-                tables = [first]
+                first = (starts[:, None] == steps[None, :]) | (host[:, 1:] == 0)
+                self.all_first = (first | waiting).all(axis=0).tolist()
+                self.some_first = (first & ~waiting).any(axis=0).tolist()
+                tables = [torch.from_numpy(first)]
             else:
                 tables = [rows[:, 1:]]
         self.tables = [to_device(t.contiguous(), device) for t in tables]
         if kind == "dpmpp_2m":
             self.tables = dpmpp_2m_tables(tracks.sigmas) + self.tables
-        self.waiting = to_device(waiting, device) if any(self.any_waiting) else None
+        self.waiting = to_device(torch.from_numpy(waiting), device) if any(self.any_waiting) else None
         self.index = tracks.index
         self.calls: list[tuple[torch.Tensor, torch.Tensor, CallTable]] | None = None  # per step: call_sigmas'
         # result, when made for the run at once

@@ -21,13 +21,14 @@ import comfy.model_management
 import comfy.model_sampling
 import comfy.patcher_extension
 import comfy.samplers
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..masks import initial_item_masks, item_masks
+from ..masks import initial_item_masks, item_masks, priority_map
 from ..schedule_spec import AsynSchedule
 from ..schedule_table import table_step
-from ..schedules import history_states
+from ..schedules import history_states, numpy_history_states
 from ..schedules import step as schedule_step
 from ..sigma_map import SigmaInterpolator, TimestepTable, background_track, track_on_table
 from ..timesteps import round_clamp
@@ -439,6 +440,9 @@ class AsynSampler(comfy.samplers.Sampler):
     def _priorities_from_attention(self, attn: torch.Tensor, size: tuple[int, int], grid: tuple[int, int],
                                    validate: bool = True) -> torch.Tensor:
         k = self._k_vector(attn.device)
+        if not validate:  # the dynamic masks' every-step map: the same values in fewer ops
+            return patch_constant(priority_map(attn.float(), k, threshold=self.schedule.threshold, size=size,
+                                               grid=grid), self.patch_size)
         masks = item_masks(attn.float(), k, threshold=self.schedule.threshold, size=size, grid=grid, validate=validate)
         return patch_constant((masks * k.view(1, -1, 1, 1)).amax(dim=1), self.patch_size)
 
@@ -489,6 +493,15 @@ class AsynSampler(comfy.samplers.Sampler):
             states.append(s)
         states.append(torch.zeros_like(s))
         return torch.stack(states, dim=1)
+
+    def _numpy_state_rows(self, history: np.ndarray, first: int, start: np.ndarray) -> np.ndarray | None:
+        """_state_rows_from on numpy rows, for the curves numpy_history_states runs (None for the others and for
+        learned tables): a re-partition's rows come from checked ones, so they are not checked again."""
+        curve = self.schedule.curve
+        if self.schedule.table is not None or curve not in ("bin", "linear"):
+            return None
+        return numpy_history_states(start, history.astype(start.dtype, copy=False), first, curve,
+                                    n=int(history.shape[1]), t=self.num_train_timesteps, target=float(self.offset))
 
     def _to_sigma(self, model_wrap: Any, sigmas: torch.Tensor) -> tuple[_HostSigmas, bool]:
         """(state -> sigma for this run, KSampler's max_denoise for these sigmas). The function works on
@@ -672,6 +685,9 @@ class _DynamicMasks:
         self.size = size
         self.seen = 0
         self.tracks: TrackSet | None = None
+        # every priority a pixel can take (0 and the items' k, as float32 like the maps): a re-partition finds each
+        # pixel's among them rather than sorting the pixels
+        self.levels = np.unique(np.array([0.0, *sampler.schedule.k], dtype=np.float32))
 
     def begin(self, begun: int) -> tuple[int, HostCopy] | None:
         """At a rendezvous (`begun` carrier steps begun): the priorities from the latest attention, on
@@ -694,13 +710,14 @@ class _DynamicMasks:
         first, copy = reading
         k_map = copy.wait()
         with host_maths():
-            if torch.equal(self.history[first:], k_map.expand_as(self.history[first:])):
+            # Every reading writes its map to all later steps, so history[first:] is one map: the latest prediction.
+            if torch.equal(self.history[first], k_map):
                 return None  # the masks predicted every pixel's priorities as they are: same histories
             self.history[first:] = k_map
         if first >= len(self.sigmas) - 1:
             return None  # only the preview's last map changed
         new = retracked(tracks, first, k_map, self.sampler._state_rows, self.to_sigma, self.sigmas,
-                        self.to_sigma.host_carrier)
+                        self.to_sigma.host_carrier, levels=self.levels, numpy_states=self.sampler._numpy_state_rows)
         if new.same_partition(tracks):
             return None
         self.tracks = new

@@ -21,7 +21,10 @@ from .host import host_maths, model_call_queued, to_device, to_host
 from .model_wrapper import CallTable, StepMaps, model_timesteps
 from .per_pixel import per_pixel
 
-__all__ = ["TrackSet", "PixelModel", "retracked", "tracks_from_host_history", "unique_rows"]
+__all__ = ["NumpyStates", "TrackSet", "PixelModel", "retracked", "tracks_from_host_history", "unique_rows"]
+
+# (histories (U, N), first, states before first (U,)) -> the states from first on (U, N + 1 - first), or None
+NumpyStates = Callable[[np.ndarray, int, np.ndarray], "np.ndarray | None"]
 
 
 @dataclass(frozen=True)
@@ -138,36 +141,51 @@ def tracks_from_host_history(host_history: torch.Tensor, carrier: torch.Tensor,
 def retracked(tracks: TrackSet, first: int, k_map: torch.Tensor,
               state_rows: Callable[..., torch.Tensor],
               to_sigma: Callable[[torch.Tensor], torch.Tensor], carrier: torch.Tensor,
-              host_carrier: torch.Tensor) -> TrackSet:
+              host_carrier: torch.Tensor, *, levels: np.ndarray | None = None,
+              numpy_states: NumpyStates | None = None) -> TrackSet:
     """The tracks once every pixel takes the priority k_map (B, H, W, on the CPU) from step `first` on,
     its history before `first` being its track's: what tracks_from_host_history gives for the new
     history, the same TrackSet, built from the track table and one integer key per pixel (its track
     and its new priority) rather than from every pixel's whole history. The states before `first`
     are the old track's; state_rows(histories, first, states before first) runs the recurrence on
     (state_rows(histories): from the top). The grouping runs in numpy: a re-partition comes every
-    step, on a few dozen tracks, where a torch dispatch per operation would cost more than the work."""
+    step, on a few dozen tracks, where a torch dispatch per operation would cost more than the work.
+    levels: the sorted priorities k_map may hold (else found with np.unique); numpy_states: state_rows
+    on numpy rows, or None where it does not apply (then state_rows runs)."""
     assert tracks.history is not None and tracks.states is not None and tracks.host_index is not None
     with host_maths():
-        levels, level = np.unique(k_map.numpy().astype(np.float32) + np.float32(0.0), return_inverse=True)
-        key = tracks.host_index.numpy().reshape(-1) * levels.size + level.reshape(-1)
+        levels, level = _levels_of(k_map.numpy().astype(np.float32, copy=False).reshape(-1), levels)
+        key = tracks.host_index.numpy().reshape(-1) * levels.size + level
         used = np.zeros(tracks.count * levels.size, dtype=bool)
         used[key] = True
         pairs = np.flatnonzero(used)  # (old track, new priority) in use, in key order
         pair = (np.cumsum(used) - 1)[key]
-        old = pairs // levels.size
+        old, new_level = np.divmod(pairs, levels.size)
         rows = tracks.history.numpy()[old]  # fancy indexing copies
-        rows[:, first:] = levels[pairs % levels.size][:, None]
-        before = tracks.states.numpy()[old]
-        after = state_rows(torch.from_numpy(rows), first, torch.from_numpy(before[:, first - 1])).numpy()
-        states = np.concatenate([before[:, :first], after], axis=1)
+        rows[:, first:] = levels[new_level][:, None]
+        states = tracks.states.numpy()[old]
+        after = numpy_states(rows, first, states[:, first - 1]) if numpy_states is not None else None
+        if after is None:
+            after = state_rows(torch.from_numpy(rows), first, torch.from_numpy(states[:, first - 1])).numpy()
+        states[:, first:] = after
         # Old tracks with the same beginning may now share a history: one track each, in torch.unique's order.
         rows, rank, keep = _distinct_rows(rows)
         rows, index, background = _with_background(rows, rank[pair])
         states = states[keep]
-        if background:
-            states = np.concatenate([state_rows(torch.from_numpy(rows[:1])).numpy(), states])
+        if background:  # track 0 of every track set is the background, with the background's states
+            states = np.concatenate([tracks.states.numpy()[:1], states])
     return _track_set(torch.from_numpy(rows), torch.from_numpy(index).reshape(k_map.shape), torch.from_numpy(states),
                       carrier, host_carrier, to_sigma)
+
+
+def _levels_of(k: np.ndarray, levels: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """(the priorities, each pixel's index among them): from the given sorted levels when they hold every value of
+    k (three vector ops), else np.unique's (a sort of the pixels); -0.0 is 0.0 either way."""
+    if levels is not None and levels.size:
+        level = np.searchsorted(levels, k)
+        if (levels[np.minimum(level, levels.size - 1)] == k).all():
+            return levels, level
+    return np.unique(k + np.float32(0.0), return_inverse=True)
 
 
 def _distinct_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

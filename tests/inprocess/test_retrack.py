@@ -5,6 +5,7 @@ histories are grouped as torch.unique groups them (track_model.unique_rows)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -40,6 +41,13 @@ def test_retracked_is_the_whole_regrouping_bit_for_bit(curve, background):
         history[first:] = new_k
         want = tracks_from_host_history(history[:steps], carrier, sampler._state_rows, to_sigma, carrier)
         got = retracked(tracks, first, new_k, sampler._state_rows, to_sigma, carrier, carrier)
+        # the run's fast paths: the priorities found among the known levels (or, with a level missing from
+        # them, sorted after all), the states in numpy where the curve allows it
+        for known in ([0.0, 0.4, 0.7], [0.0, 0.7]):
+            fast = retracked(tracks, first, new_k, sampler._state_rows, to_sigma, carrier, carrier,
+                             levels=np.array(known, dtype=np.float32), numpy_states=sampler._numpy_state_rows)
+            for name in FIELDS:
+                assert torch.equal(getattr(fast, name), getattr(want, name)), (name, known)
         for name in FIELDS:
             assert torch.equal(getattr(got, name), getattr(want, name)), name
         assert bool((got.history[0] == 0).all()) and got.count > 1

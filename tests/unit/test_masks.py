@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from asyndm.masks import initial_item_masks, item_masks
+from asyndm.masks import initial_item_masks, item_masks, priority_map
 
 SETTINGS = settings(max_examples=40, deadline=None)
 
@@ -61,6 +61,37 @@ def test_item_masks_match_reference(b: int, items: int, gh: int, gw: int, scale:
     assert got.shape == (b, items, *size)
     assert np.array_equal(got.numpy(), want)
     assert (got.sum(dim=1) <= 1).all()
+
+
+@SETTINGS
+@given(
+    b=st.integers(1, 2),
+    items=st.integers(1, 4),
+    gh=st.integers(1, 6),
+    gw=st.integers(1, 6),
+    scale=st.integers(1, 4),
+    thr=st.sampled_from([0.0, 0.5, 1.0, 1.7]),
+    seed=st.integers(0, 2**16),
+    data=st.data(),
+)
+def test_priority_map_is_each_pixels_k_from_the_reference_masks(b: int, items: int, gh: int, gw: int, scale: int,
+                                                                 thr: float, seed: int, data: st.DataObject) -> None:
+    """The dynamic masks' every-step map: the k of the item the plain-loop rule gives each pixel, 0 elsewhere."""
+    k = data.draw(st.lists(st.sampled_from([0.0, 0.3, 0.7, 0.7, 1.0]), min_size=items, max_size=items))
+    g = torch.Generator().manual_seed(seed)
+    attn = torch.rand(b, gh * gw, items, generator=g, dtype=torch.float32)
+    attn = torch.where(attn < 0.3, torch.zeros_like(attn), attn)  # ties and exact-mean values
+    size = (gh * scale + data.draw(st.integers(0, 2)), gw * scale)
+    kvec = torch.tensor(k, dtype=torch.float32)
+    got = priority_map(attn, kvec, threshold=thr, size=size, grid=(gh, gw))
+    masks = ref_item_masks(attn.numpy(), k, thr, gh, gw, size)  # float64 means: compare where float32 agrees
+    want = (masks * np.asarray(kvec.numpy(), dtype=np.float64)[None, :, None, None]).max(axis=1)
+    assert got.shape == (b, *size) and got.dtype == torch.float32
+    same = torch.equal(item_masks(attn, kvec, threshold=thr, size=size, grid=(gh, gw)), torch.from_numpy(masks).float())
+    if same:
+        assert np.array_equal(got.numpy().astype(np.float64), want)
+    assert torch.equal(got, (item_masks(attn, kvec, threshold=thr, size=size, grid=(gh, gw)) * kvec.view(1, -1, 1, 1))
+                       .amax(dim=1))
 
 
 def test_highest_priority_wins_and_ties_go_to_the_first() -> None:
