@@ -216,7 +216,8 @@ def _track_set(rows: torch.Tensor, host_index: torch.Tensor, states: torch.Tenso
         host_sigmas = to_sigma(states.reshape(-1)).reshape(states.shape).to(carrier.dtype)
         host_sigmas[0] = host_carrier  # the background follows the user's sigmas exactly
     sigmas = to_device(host_sigmas, carrier.device)
-    sigmas[0] = carrier
+    if host_carrier.dtype != carrier.dtype:  # else row 0 is already the carrier, bit for bit (its exact copy)
+        sigmas[0] = carrier
     return TrackSet(sigmas, to_device(host_index, carrier.device), states, host_sigmas, host_index, history=rows)
 
 
