@@ -81,7 +81,7 @@ class AttentionObserver:
         self._previous_override: Any = None
         self._replaced: set = set()  # the attn2 blocks another pack replaces (no attention call to read)
         self._armed: tuple | None = None  # (n, context, plan) of the attn2 call about to run
-        self._columns: dict[tuple, torch.Tensor] = {}  # (uuid, device, context length, heads) -> (L, items) weights
+        self._columns: dict[tuple, torch.Tensor] = {}  # (uuid, device, context length) -> (L, items) column weights
         self.reset()
 
     def install(self, model_options: dict) -> None:
@@ -201,33 +201,30 @@ class AttentionObserver:
         self._pending = []
         for (q_shape, _, heads, uuid, _, _), pairs in groups.items():
             layers = len(pairs)
-            qs = torch.cat([q for q, _ in pairs]) if layers > 1 else pairs[0][0]
-            ks = torch.cat([k for _, k in pairs]) if layers > 1 else pairs[0][1]
-            qs, ks = (t if t.dtype == torch.float32 else t.float() for t in (qs, ks))
+            qs = (torch.cat([q for q, _ in pairs]) if layers > 1 else pairs[0][0]).float()
+            ks = (torch.cat([k for _, k in pairs]) if layers > 1 else pairs[0][1]).float()
             rows, hw, width = qs.shape
             dim_head = width // heads
             qs = qs.view(rows, hw, heads, dim_head).transpose(1, 2)
             ks = ks.view(rows, ks.shape[1], heads, dim_head).transpose(1, 2)
-            probs = torch.softmax(qs @ ks.transpose(-1, -2) / math.sqrt(dim_head), dim=-1)  # (rows, heads, hw, L)
-            # the weights carry 1 / heads: the head mean is in the one sum over layers and heads
-            per_item = probs @ self._column_weights(uuid, probs.device, probs.shape[-1], heads)  # (rows, heads, hw, items)
-            summed = per_item.view(layers, q_shape[0], heads, hw, -1).sum(dim=(0, 2))
+            probs = torch.softmax(qs @ ks.transpose(-1, -2) / math.sqrt(dim_head), dim=-1).mean(dim=1)  # (rows, hw, L)
+            per_item = probs @ self._column_weights(uuid, probs.device, probs.shape[-1])  # (rows, hw, items)
+            summed = per_item.view(layers, q_shape[0], hw, -1).sum(dim=0) if layers > 1 else per_item
             self.total = summed if self.total is None else self.total + summed
             self.count += layers
 
-    def _column_weights(self, uuid: Any, device: torch.device, length: int, heads: int) -> torch.Tensor:
-        key = (uuid, device, length, heads)
+    def _column_weights(self, uuid: Any, device: torch.device, length: int) -> torch.Tensor:
+        key = (uuid, device, length)
         if key not in self._columns:
-            self._columns[key] = column_weights(self.columns_by_uuid[uuid], length, device, share=heads)
+            self._columns[key] = column_weights(self.columns_by_uuid[uuid], length, device)
         return self._columns[key]
 
 
-def column_weights(items: list[list[int]], length: int, device: torch.device, share: int = 1) -> torch.Tensor:
-    """(L, items) float32: 1 / (share * item's token count) at each item's token columns, so that one matmul
+def column_weights(items: list[list[int]], length: int, device: torch.device) -> torch.Tensor:
+    """(L, items) float32: 1 / (item's token count) at each item's token columns, so that one matmul
     averages every item's columns (no index list per call: indexing a device tensor with a Python
-    list uploads the list each time), and a sum over `share` rows (heads) then averages them too. Observers
-    make it once per prompt, device and context length."""
+    list uploads the list each time). Observers make it once per prompt, device and context length."""
     table = torch.zeros(length, len(items), dtype=torch.float32)
     for i, cols in enumerate(items):
-        table[cols, i] = 1.0 / (share * len(cols))
+        table[cols, i] = 1.0 / len(cols)
     return to_device(table, device)
