@@ -38,17 +38,13 @@ def ref_item_masks(attn: np.ndarray, k: list[float], thr: float, gh: int, gw: in
     return out
 
 
+# The attention problems both mask tests draw: batch, items, grid, upsampling factor, seed
+PROBLEMS = {"b": st.integers(1, 2), "items": st.integers(1, 4), "gh": st.integers(1, 6), "gw": st.integers(1, 6),
+            "scale": st.integers(1, 4), "seed": st.integers(0, 2**16), "data": st.data()}
+
+
 @SETTINGS
-@given(
-    b=st.integers(1, 2),
-    items=st.integers(1, 4),
-    gh=st.integers(1, 6),
-    gw=st.integers(1, 6),
-    scale=st.integers(1, 4),
-    thr=st.floats(0.0, 2.0),
-    seed=st.integers(0, 2**16),
-    data=st.data(),
-)
+@given(thr=st.floats(0.0, 2.0), **PROBLEMS)
 def test_item_masks_match_reference(b: int, items: int, gh: int, gw: int, scale: int, thr: float, seed: int,
                                     data: st.DataObject) -> None:
     k = data.draw(st.lists(st.sampled_from([0.0, 0.3, 0.7, 0.7, 1.0]), min_size=items, max_size=items))
@@ -64,16 +60,7 @@ def test_item_masks_match_reference(b: int, items: int, gh: int, gw: int, scale:
 
 
 @SETTINGS
-@given(
-    b=st.integers(1, 2),
-    items=st.integers(1, 4),
-    gh=st.integers(1, 6),
-    gw=st.integers(1, 6),
-    scale=st.integers(1, 4),
-    thr=st.sampled_from([0.0, 0.5, 1.0, 1.7]),
-    seed=st.integers(0, 2**16),
-    data=st.data(),
-)
+@given(thr=st.sampled_from([0.0, 0.5, 1.0, 1.7]), **PROBLEMS)
 def test_priority_map_is_each_pixels_k_from_the_reference_masks(b: int, items: int, gh: int, gw: int, scale: int,
                                                                  thr: float, seed: int, data: st.DataObject) -> None:
     """The dynamic masks' every-step map: the k of the item the plain-loop rule gives each pixel, 0 elsewhere."""
