@@ -52,6 +52,15 @@ def _k_tensor(k: Sequence[float] | torch.Tensor, items: int, like: torch.Tensor)
     return vec
 
 
+def _members(attn: torch.Tensor, threshold: float) -> torch.Tensor:
+    """(B, hw, items) bool: the pixel is in the item where its attention is at least threshold times the item's
+    mean over pixels (method.md's rule)."""
+    reference = attn.mean(dim=1, keepdim=True)
+    if threshold != 1.0:  # x * 1.0 is x: one op fewer at the usual threshold
+        reference = reference * threshold
+    return attn >= reference
+
+
 def item_masks(
     attn: torch.Tensor,
     k: Sequence[float] | torch.Tensor,
@@ -88,7 +97,7 @@ def item_masks(
     if items == 0:
         return attn.new_zeros(b, 0, height, width)
 
-    member = attn >= thr * attn.mean(dim=1, keepdim=True)  # (B, hw, items)
+    member = _members(attn, thr)  # (B, hw, items)
     # Non-members rank below every member (k >= 0), so argmax picks the best item a pixel is in;
     # argmax returns the first of equal maxima, which is the tie rule.
     rank = torch.where(member, kvec.to(attn.dtype).view(1, 1, -1), torch.full_like(attn, -1.0))
@@ -110,10 +119,7 @@ def priority_map(attn: torch.Tensor, k: torch.Tensor, *, threshold: float, size:
     gh, gw = _size(grid)
     if gh * gw != pixels or k.shape != (items,):
         raise ValueError(f"attention of shape {tuple(attn.shape)} does not fit grid {gh}x{gw} and {tuple(k.shape)} k")
-    reference = attn.mean(dim=1, keepdim=True)
-    if threshold != 1.0:  # x * 1.0 is x: one op fewer at the usual threshold
-        reference = reference * float(threshold)
-    picked = ((attn >= reference) * k.to(attn.dtype)).amax(dim=-1)  # (B, hw): the largest k of the pixel's items
+    picked = (_members(attn, float(threshold)) * k.to(attn.dtype)).amax(dim=-1)  # (B, hw): the largest k of its items
     height, width = _size(size)
     if (gh, gw) == (height, width):
         return picked.view(b, gh, gw)

@@ -25,9 +25,11 @@ from .checks import (
     require_float_tensor,
 )
 
-__all__ = ["SCHEDULE_CURVES", "step", "next_state", "history_states", "numpy_history_states", "timestep_maps"]
+__all__ = ["SCHEDULE_CURVES", "NUMPY_CURVES", "step", "next_state", "history_states", "numpy_history_states",
+           "timestep_maps"]
 
 SCHEDULE_CURVES = ("linear", "bin", "lin", "exp")
+NUMPY_CURVES = ("bin", "linear")  # the curves numpy_history_states runs
 
 Remaining = int | torch.Tensor
 Priority = float | torch.Tensor
@@ -267,7 +269,7 @@ def history_states(
                          f"{describe_shape(s)}")
     first = as_count("first", first, minimum=0)
     k = history.to(s.dtype)
-    if curve in ("bin", "linear") and s.device.type == "cpu" and k.device.type == "cpu":
+    if curve in NUMPY_CURVES and s.device.type == "cpu" and k.device.type == "cpu":
         return _host_history_states(s, k, first, curve, n=n, t=t, target=tgt)
     if not all_true([torch.isfinite(s), (k >= 0) & (k <= 1)]):
         _diagnose(s, 1, k)
@@ -302,7 +304,7 @@ def numpy_history_states(states_in: np.ndarray, ks: np.ndarray, first: int, curv
     IEEE operations in the same order and dtype as _curve (Python numbers taken in the array's dtype, as torch
     takes them), without a torch dispatch per operation on these few-element rows (a re-partition runs this
     every step, on rows it made from checked ones)."""
-    if curve not in ("bin", "linear"):
+    if curve not in NUMPY_CURVES:
         raise ValueError(f"numpy_history_states runs the bin and linear curves, not {curve!r}")
     kind = states_in.dtype.type
     tgt, bend = kind(target), kind(t / (n * n))

@@ -119,8 +119,10 @@ class _Tables:
                 self.some_first = (first & ~waiting).any(axis=0).tolist()
                 tables = [torch.from_numpy(first)]
             else:
-                tables = []  # the next sigmas: a view of the device's own table (no copy, no upload)
-        self.tables = [to_device(t.contiguous(), device) for t in tables] or [tracks.sigmas[:, 1:]]
+                tables = None
+        # euler's one table, the next sigmas, is a view of the device's own sigmas (no copy, no upload)
+        self.tables = ([tracks.sigmas[:, 1:]] if tables is None else
+                       [to_device(t.contiguous(), device) for t in tables])
         if kind == "dpmpp_2m":
             self.tables = dpmpp_2m_tables(tracks.sigmas) + self.tables
         self.waiting = to_device(torch.from_numpy(waiting), device) if any(self.any_waiting) else None

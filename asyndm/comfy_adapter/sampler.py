@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from ..masks import initial_item_masks, item_masks, priority_map
 from ..schedule_spec import AsynSchedule
 from ..schedule_table import table_step
-from ..schedules import history_states, numpy_history_states
+from ..schedules import NUMPY_CURVES, history_states, numpy_history_states
 from ..schedules import step as schedule_step
 from ..sigma_map import SigmaInterpolator, TimestepTable, background_track, track_on_table
 from ..timesteps import round_clamp
@@ -498,7 +498,7 @@ class AsynSampler(comfy.samplers.Sampler):
         """_state_rows_from on numpy rows, for the curves numpy_history_states runs (None for the others and for
         learned tables): a re-partition's rows come from checked ones, so they are not checked again."""
         curve = self.schedule.curve
-        if self.schedule.table is not None or curve not in ("bin", "linear"):
+        if self.schedule.table is not None or curve not in NUMPY_CURVES:
             return None
         return numpy_history_states(start, history.astype(start.dtype, copy=False), first, curve,
                                     n=int(history.shape[1]), t=self.num_train_timesteps, target=float(self.offset))
