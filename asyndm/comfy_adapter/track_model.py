@@ -85,6 +85,8 @@ class TrackSet:
         """(B, H, W) long: each pixel's entry in a model call's (U * B,) table of per-track, per-image
         sigmas (track-major), so that a call's sigma map is one gather and needs no torch.unique."""
         def make() -> torch.Tensor:
+            if self.index.shape[0] == 1:  # one image: the entries are the tracks (index * 1 + 0, without the two ops)
+                return self.index
             batch = torch.arange(self.index.shape[0], device=self.index.device).view(-1, 1, 1)
             return self.index * self.index.shape[0] + batch
         return self._once("call_index", make)
