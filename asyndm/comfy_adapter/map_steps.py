@@ -36,7 +36,7 @@ from .lockstep import CARRIER_HOLDS, Retrack, StartLatent
 from .model_wrapper import CallTable
 from .track_model import TrackSet
 
-__all__ = ["agrees_with_comfy", "checked_agreement", "map_kind", "run_on_maps"]
+__all__ = ["agrees_with_comfy", "map_kind", "run_on_maps"]
 
 _EULER_OPTIONS = frozenset({"s_churn", "s_tmin", "s_tmax", "s_noise"})
 _ANCESTRAL_OPTIONS = frozenset({"eta", "s_noise", "noise_sampler"})
@@ -313,47 +313,6 @@ def run_on_maps(kind: str, sampler: Any, tracks: TrackSet, extra_args: dict, cal
         x = _update(kind, i, tables, x, denoised, sigma, noise, s_noise, old)
         old = denoised
     return x, tracks.sigmas[0, -1].clone()
-
-
-# agrees_with_comfy's verdicts, kept for the process (a verdict, never a patch or a model): (kind, options, id of
-# the function) -> (the function's maths, the verdict); see checked_agreement. Bounded: cleared when full.
-_VERDICTS: dict[tuple, tuple[tuple, bool]] = {}
-_MAX_VERDICTS = 64
-_ABSENT = object()
-
-
-def _maths_of(fn: Any) -> tuple:
-    """What a sampler function's result depends on besides its arguments: the function and those it wraps
-    (torch.no_grad's wrapper wraps ComfyUI's samplers), each one's code and defaults, and the objects their
-    global names refer to (ComfyUI's helpers, such as to_d). Compared by identity: a release or a pack that
-    replaces any of them makes a new verdict."""
-    maths: list[Any] = []
-    seen: set[int] = set()
-    while fn is not None and id(fn) not in seen:
-        seen.add(id(fn))
-        code, scope = getattr(fn, "__code__", None), getattr(fn, "__globals__", None)
-        maths += [fn, code, getattr(fn, "__defaults__", None), getattr(fn, "__kwdefaults__", None)]
-        if code is not None and scope is not None:
-            maths += [scope.get(name, _ABSENT) for name in code.co_names]
-        fn = getattr(fn, "__wrapped__", None)
-    return tuple(maths)
-
-
-def checked_agreement(kind: str, sampler: Any) -> bool:
-    """agrees_with_comfy(kind, sampler), run once per sampler function, options and maths for the process rather
-    than once per run: the check costs about a hundred small ops, which every run on the maps used to pay."""
-    fn = sampler.sampler_function
-    options = tuple(sorted((k, repr(v)) for k, v in (sampler.extra_options or {}).items()))
-    key = (kind, options, id(fn))
-    maths = _maths_of(fn)
-    kept = _VERDICTS.get(key)
-    if kept is not None and len(kept[0]) == len(maths) and all(a is b for a, b in zip(kept[0], maths, strict=True)):
-        return kept[1]
-    verdict = agrees_with_comfy(kind, sampler)
-    if len(_VERDICTS) >= _MAX_VERDICTS:
-        _VERDICTS.clear()
-    _VERDICTS[key] = (maths, verdict)
-    return verdict
 
 
 def agrees_with_comfy(kind: str, sampler: Any) -> bool:

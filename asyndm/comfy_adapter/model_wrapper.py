@@ -17,8 +17,7 @@ import torch
 
 from .per_pixel import per_pixel
 
-__all__ = ["CallTable", "StepMaps", "PerPixelApplyModel", "AreaRecorder", "WRAPPER_KEY", "checked_restatement",
-           "model_timesteps"]
+__all__ = ["CallTable", "StepMaps", "PerPixelApplyModel", "AreaRecorder", "WRAPPER_KEY", "model_timesteps"]
 
 WRAPPER_KEY = "asyndm_per_pixel"
 
@@ -93,6 +92,7 @@ class PerPixelApplyModel:
         self._hooked: torch.nn.Module | None = None  # the diffusion model whose output hook is installed
         self._handle: Any = None
         self._captured: list[Any] | None = None  # outputs of the forward in progress (None: not capturing)
+        self._fast_denoised: dict[type, bool] = {}  # model sampling class -> denoised_map's maths agree with it
         self._ones_rows: torch.Tensor | None = None  # see _ones
 
     def close(self) -> None:
@@ -124,10 +124,12 @@ class PerPixelApplyModel:
 
     def _denoised(self, ms: Any, sigma_rows: torch.Tensor, out: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         """calculate_denoised with a sigma per pixel: x - out * sigma on the map itself where the model's
-        sampling is ComfyUI's EPS or CONST (flow) and still computes exactly that (checked once per model sampling
-        class and method for the process: checked_restatement);
+        sampling is ComfyUI's EPS or CONST (flow) and still computes exactly that (checked once per run);
         else ComfyUI's method with every pixel as a batch row."""
-        if out.ndim == 4 and checked_restatement(ms):
+        cls = type(ms)
+        if cls not in self._fast_denoised:
+            self._fast_denoised[cls] = denoised_is_restated(ms)
+        if self._fast_denoised[cls] and out.ndim == 4:
             return image - out * sigma_rows
         return per_pixel(ms.calculate_denoised, sigma_rows, out, image)
 
@@ -218,27 +220,6 @@ class PerPixelApplyModel:
         out = captured[0][:, :, 0] if one_frame else captured[0]
         denoised = self._denoised(ms, sigma_rows, out.float(), image)
         return denoised.unsqueeze(2) if one_frame else denoised
-
-
-# denoised_is_restated's verdicts, kept for the process: model sampling class -> (its calculate_denoised, verdict).
-_RESTATED: dict[type, tuple[Any, bool]] = {}
-_MAX_RESTATED = 64
-
-
-def checked_restatement(model_sampling: Any) -> bool:
-    """denoised_is_restated(model_sampling), run once per model sampling class and calculate_denoised function for
-    the process rather than once per run (a dozen small ops that every run used to pay)."""
-    method = getattr(model_sampling, "calculate_denoised", None)
-    fn = getattr(method, "__func__", method)
-    cls = type(model_sampling)
-    kept = _RESTATED.get(cls)
-    if kept is not None and kept[0] is fn:
-        return kept[1]
-    verdict = denoised_is_restated(model_sampling)
-    if len(_RESTATED) >= _MAX_RESTATED:
-        _RESTATED.clear()
-    _RESTATED[cls] = (fn, verdict)
-    return verdict
 
 
 def denoised_is_restated(model_sampling: Any) -> bool:

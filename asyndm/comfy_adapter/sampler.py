@@ -36,7 +36,7 @@ from .errors import SUPPORTED_FAMILIES, UnsupportedModelError
 from .families import time_adapter
 from .host import HostCopy, host_maths, to_device, to_host
 from .lockstep import REFUSED, refusal, run_lockstep
-from .map_steps import checked_agreement, map_kind, run_on_maps
+from .map_steps import agrees_with_comfy, map_kind, run_on_maps
 from .model_wrapper import WRAPPER_KEY, AreaRecorder, CallTable, PerPixelApplyModel, StepMaps
 from .per_pixel import per_pixel
 from .tokens import KEY as TOKENS_KEY
@@ -211,6 +211,7 @@ class AsynSampler(comfy.samplers.Sampler):
         self.patch_size = 1
         self.model_calls = 0
         self._k_vectors: dict[torch.device, torch.Tensor] = {}
+        self._map_checks: dict[tuple, bool] = {}  # (sampler function, options) -> map_steps agrees with it
         self._background_states: dict[tuple, torch.Tensor] = {}  # (steps, device, T, offset) -> its (1, N + 1) states
 
     # ----------------------------------------------------------------------------------------
@@ -373,12 +374,14 @@ class AsynSampler(comfy.samplers.Sampler):
     def _map_kind(self, base: comfy.samplers.KSAMPLER, ms: Any, noise: torch.Tensor, tracks: TrackSet) -> str | None:
         """Which sampler runs on per-pixel sigma maps (map_steps.py) instead of the lock step, or None: ComfyUI's
         own euler / euler_ancestral / dpmpp_2m, on a latent of the sigmas' dtype (the maps then do the
-        instances' arithmetic exactly), whose maths the run-time check finds unchanged (checked once per sampler function,
-        options and maths for the process: map_steps.checked_agreement)."""
+        instances' arithmetic exactly), whose maths the run-time check finds unchanged (checked once per sampler)."""
         kind = map_kind(base, ms)
         if kind is None or noise.dtype != tracks.sigmas.dtype:
             return None
-        return kind if checked_agreement(kind, base) else None
+        key = (base.sampler_function, tuple(sorted((k, repr(v)) for k, v in base.extra_options.items())))
+        if key not in self._map_checks:
+            self._map_checks[key] = agrees_with_comfy(kind, base)
+        return kind if self._map_checks[key] else None
 
     def _k_vector(self, device: torch.device) -> torch.Tensor:
         """The items' priorities as a float32 tensor on `device` (made once per device: a copy to a GPU is an op)."""

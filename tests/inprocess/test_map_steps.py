@@ -12,8 +12,8 @@ import comfy.samplers
 import pytest
 import torch
 
-from asyndm.comfy_adapter import map_steps, model_wrapper, track_model
-from asyndm.comfy_adapter.map_steps import agrees_with_comfy, checked_agreement, map_kind
+from asyndm.comfy_adapter import track_model
+from asyndm.comfy_adapter.map_steps import agrees_with_comfy, map_kind
 from asyndm.schedule_spec import AsynSchedule
 from tests import model_factory as mf
 from tests.inprocess.sampling import asyn, fixed_masks, rel_err, stock
@@ -121,57 +121,6 @@ def test_the_run_time_check_accepts_comfyuis_dpmpp_2m_and_refuses_first_order_on
         return x
 
     assert not agrees_with_comfy("dpmpp_2m", comfy.samplers.KSAMPLER(first_order_only))
-
-
-def test_the_check_runs_once_per_function_options_and_maths(monkeypatch):
-    """The verdict is kept for the process, but a new one is made for other options, another function, or when a
-    helper the function reads (kdiff.to_d) is replaced; a replacement with other maths is refused."""
-    ran = []
-
-    def counted(kind, sampler):
-        ran.append((kind, sampler.sampler_function.__name__))
-        return agrees_with_comfy(kind, sampler)
-
-    monkeypatch.setattr(map_steps, "agrees_with_comfy", counted)
-    monkeypatch.setattr(map_steps, "_VERDICTS", {})
-    euler = comfy.samplers.ksampler("euler")
-    assert checked_agreement("euler", euler) and checked_agreement("euler", comfy.samplers.ksampler("euler"))
-    assert ran == [("euler", "sample_euler")]
-    assert checked_agreement("euler_ancestral", comfy.samplers.ksampler("euler_ancestral", {"eta": 0.5}))
-    assert checked_agreement("euler_ancestral", comfy.samplers.ksampler("euler_ancestral", {"eta": 0.5}))
-    assert checked_agreement("euler_ancestral", comfy.samplers.ksampler("euler_ancestral", {"eta": 0.7}))
-    assert len(ran) == 3
-
-    same_to_d = kdiff.to_d
-    monkeypatch.setattr(kdiff, "to_d", lambda x, sigma, denoised: same_to_d(x, sigma, denoised))
-    assert checked_agreement("euler", euler) and len(ran) == 4  # a replaced helper: checked again (same maths)
-    monkeypatch.setattr(kdiff, "to_d", lambda x, sigma, denoised: same_to_d(x, sigma, denoised) * 0.5)
-    assert not checked_agreement("euler", euler) and len(ran) == 5
-    assert not checked_agreement("euler", euler) and len(ran) == 5  # the refusal is kept as well
-    monkeypatch.setattr(kdiff, "to_d", same_to_d)
-    assert checked_agreement("euler", euler) and len(ran) == 6
-
-
-def test_the_denoised_check_runs_once_per_class_and_method(monkeypatch):
-    """The apply-model wrapper's check of calculate_denoised is kept per model sampling class, and made again (and
-    refused) when an instance's calculate_denoised is another function."""
-    ran = []
-    check = model_wrapper.denoised_is_restated
-
-    def counted(ms):
-        ran.append(type(ms))
-        return check(ms)
-
-    monkeypatch.setattr(model_wrapper, "denoised_is_restated", counted)
-    monkeypatch.setattr(model_wrapper, "_RESTATED", {})
-    ms = mf.build_sd15(model_channels=32).model.model_sampling
-    assert model_wrapper.checked_restatement(ms) and model_wrapper.checked_restatement(ms)
-    assert len(ran) == 1
-    halved = ms.calculate_denoised
-    monkeypatch.setattr(ms, "calculate_denoised", lambda sigma, out, x: halved(sigma, out, x) * 0.5, raising=False)
-    assert not model_wrapper.checked_restatement(ms) and len(ran) == 2
-    monkeypatch.undo()
-    assert "calculate_denoised" not in vars(ms)
 
 
 def test_only_comfyuis_own_functions_with_known_options_run_on_maps():
