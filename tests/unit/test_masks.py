@@ -74,11 +74,10 @@ def test_priority_map_is_each_pixels_k_from_the_reference_masks(b: int, items: i
     masks = ref_item_masks(attn.numpy(), k, thr, gh, gw, size)  # float64 means: compare where float32 agrees
     want = (masks * np.asarray(kvec.numpy(), dtype=np.float64)[None, :, None, None]).max(axis=1)
     assert got.shape == (b, *size) and got.dtype == torch.float32
-    same = torch.equal(item_masks(attn, kvec, threshold=thr, size=size, grid=(gh, gw)), torch.from_numpy(masks).float())
-    if same:
+    ours = item_masks(attn, kvec, threshold=thr, size=size, grid=(gh, gw))
+    if torch.equal(ours, torch.from_numpy(masks).float()):
         assert np.array_equal(got.numpy().astype(np.float64), want)
-    assert torch.equal(got, (item_masks(attn, kvec, threshold=thr, size=size, grid=(gh, gw)) * kvec.view(1, -1, 1, 1))
-                       .amax(dim=1))
+    assert torch.equal(got, (ours * kvec.view(1, -1, 1, 1)).amax(dim=1))
 
 
 def test_highest_priority_wins_and_ties_go_to_the_first() -> None:
