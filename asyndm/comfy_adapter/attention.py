@@ -81,7 +81,8 @@ class AttentionObserver:
         self._previous_override: Any = None
         self._replaced: set = set()  # the attn2 blocks another pack replaces (no attention call to read)
         self._armed: tuple | None = None  # (n, context, plan) of the attn2 call about to run
-        self._columns: dict[tuple, torch.Tensor] = {}  # (uuid, device, context length) -> (L, items) column weights
+        self._columns: dict[tuple, torch.Tensor] = {}  # (uuid, device, context length, heads) -> (items, L) weights
+        self._zeros: dict[torch.device, torch.Tensor] = {}
         self.reset()
 
     def install(self, model_options: dict) -> None:
@@ -99,7 +100,8 @@ class AttentionObserver:
         self.total: torch.Tensor | None = None
         self.count = 0
         self._armed = None
-        self._pending: list[tuple[torch.Tensor, torch.Tensor, int, Any]] = []  # (q rows, k rows, heads, uuid)
+        # (q, k, the conditional chunk's rows, heads, uuid): sliced when scored, with the other layers
+        self._pending: list[tuple[torch.Tensor, torch.Tensor, slice, int, Any]] = []
 
     def mean(self) -> torch.Tensor | None:
         """(B, h*w, items) average of what was seen since the last reset, or None."""
@@ -107,7 +109,7 @@ class AttentionObserver:
         self._score_pending()
         if self.total is None or self.count == 0:
             return None
-        return self.total / self.count
+        return (self.total / self.count).permute(1, 2, 0)  # kept (items, B, h*w): see _score_pending
 
     def __call__(self, n: torch.Tensor, context: torch.Tensor, value: Any, extra_options: dict) -> tuple:
         self._flush()
@@ -182,41 +184,55 @@ class AttentionObserver:
             k = module.to_k(context[sl])
             self._score(q, k, (module, [(slice(None), _uuid)], plan[2]))
 
-    @torch.no_grad()
     def _score(self, q: torch.Tensor, k: torch.Tensor, plan: tuple) -> None:
         """Keep the conditional rows of (B', hw, heads * d) q and (B', L, heads * d) k for scoring at
         `mean`: the observed layers (all at the capture grid) are scored together, in one batch."""
         _, conds, heads = plan
         for sl, uuid in conds:
-            self._pending.append((q[sl], k[sl], heads, uuid))
+            self._pending.append((q, k, sl, heads, uuid))
 
     @torch.no_grad()
     def _score_pending(self) -> None:
         """Add the key words' attention of every kept layer: softmax(q k^T / sqrt(d)) averaged over heads,
-        each item's token columns averaged by one matmul. Layers of one shape are stacked, so the ops
-        do not grow with the number of observed layers."""
-        groups: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        for q, k, heads, uuid in self._pending:
-            groups.setdefault((tuple(q.shape), tuple(k.shape), heads, uuid, q.dtype, k.dtype), []).append((q, k))
+        each item's token columns averaged. Layers of one shape are scored together, so the ops do not grow
+        with the number of observed layers: their heads stacked into one batch (the copy that puts each
+        head's rows together), one batched product with the 1/sqrt(d) scale, one softmax, and one product
+        with the column weights (the head mean folded into them) taken on the transposed side, which
+        keeps the product's output small. The total is kept as (items, B, h*w), the layout it comes in."""
+        groups: dict[tuple, list[tuple[torch.Tensor, torch.Tensor, slice]]] = {}
+        for q, k, sl, heads, uuid in self._pending:
+            rows = len(range(*sl.indices(q.shape[0])))
+            key = (rows, q.shape[1], q.shape[2], k.shape[1], heads, uuid, q.dtype, k.dtype)
+            groups.setdefault(key, []).append((q, k, sl))
         self._pending = []
-        for (q_shape, _, heads, uuid, _, _), pairs in groups.items():
-            layers = len(pairs)
-            qs = (torch.cat([q for q, _ in pairs]) if layers > 1 else pairs[0][0]).float()
-            ks = (torch.cat([k for _, k in pairs]) if layers > 1 else pairs[0][1]).float()
-            rows, hw, width = qs.shape
+        for (rows, hw, width, length, heads, uuid, _, _), kept in groups.items():
+            layers = len(kept)
             dim_head = width // heads
-            qs = qs.view(rows, hw, heads, dim_head).transpose(1, 2)
-            ks = ks.view(rows, ks.shape[1], heads, dim_head).transpose(1, 2)
-            probs = torch.softmax(qs @ ks.transpose(-1, -2) / math.sqrt(dim_head), dim=-1).mean(dim=1)  # (rows, hw, L)
-            per_item = probs @ self._column_weights(uuid, probs.device, probs.shape[-1])  # (rows, hw, items)
-            summed = per_item.view(layers, q_shape[0], hw, -1).sum(dim=0) if layers > 1 else per_item
+            # (layers, rows, heads, hw, d) and (layers, rows, heads, L, d) of the conditional rows, each in one copy
+            qs = torch.stack([q[sl].view(rows, hw, heads, dim_head).transpose(1, 2) for q, _, sl in kept]).float()
+            ks = torch.stack([k[sl].view(rows, length, heads, dim_head).transpose(1, 2) for _, k, sl in kept]).float()
+            scores = torch.baddbmm(self._zero(qs.device), qs.view(-1, hw, dim_head),
+                                   ks.view(-1, length, dim_head).transpose(1, 2), beta=0.0,
+                                   alpha=1.0 / math.sqrt(dim_head))
+            probs = torch.softmax(scores, dim=-1)  # (layers * rows * heads, hw, L)
+            weights = self._column_weights(uuid, probs.device, length, heads)  # (items, L)
+            per_item = (weights @ probs.view(-1, length).t()).view(-1, layers, rows, heads, hw)
+            summed = per_item.sum(dim=(1, 3))  # (items, rows, hw)
             self.total = summed if self.total is None else self.total + summed
             self.count += layers
 
-    def _column_weights(self, uuid: Any, device: torch.device, length: int) -> torch.Tensor:
-        key = (uuid, device, length)
+    def _zero(self, device: torch.device) -> torch.Tensor:
+        """A 0-d float32 zero on `device`: baddbmm's ignored input (beta 0), made once per device."""
+        if device not in self._zeros:
+            self._zeros[device] = torch.zeros((), device=device)
+        return self._zeros[device]
+
+    def _column_weights(self, uuid: Any, device: torch.device, length: int, heads: int) -> torch.Tensor:
+        """(items, L): column_weights transposed, divided by the number of heads (their mean)."""
+        key = (uuid, device, length, heads)
         if key not in self._columns:
-            self._columns[key] = column_weights(self.columns_by_uuid[uuid], length, device)
+            table = column_weights(self.columns_by_uuid[uuid], length, torch.device("cpu")) / heads
+            self._columns[key] = to_device(table.t().contiguous(), device)
         return self._columns[key]
 
 
