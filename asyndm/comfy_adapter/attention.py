@@ -100,7 +100,7 @@ class AttentionObserver:
         self.total: torch.Tensor | None = None
         self.count = 0
         self._armed = None
-        # (q, k, the conditional chunk's rows, heads, uuid): sliced when scored, with the other layers
+        # (q, k, the conditional chunk's rows, heads, uuid): the rows are taken when scored, for all layers at once
         self._pending: list[tuple[torch.Tensor, torch.Tensor, slice, int, Any]] = []
 
     def mean(self) -> torch.Tensor | None:
@@ -194,29 +194,32 @@ class AttentionObserver:
     @torch.no_grad()
     def _score_pending(self) -> None:
         """Add the key words' attention of every kept layer: softmax(q k^T / sqrt(d)) averaged over heads,
-        each item's token columns averaged. Layers of one shape are scored together, so the ops do not grow
-        with the number of observed layers: their heads stacked into one batch (the copy that puts each
-        head's rows together), one batched product with the 1/sqrt(d) scale, one softmax, and one product
-        with the column weights (the head mean folded into them) taken on the transposed side, which
-        keeps the product's output small. The total is kept as (items, B, h*w), the layout it comes in."""
-        groups: dict[tuple, list[tuple[torch.Tensor, torch.Tensor, slice]]] = {}
+        each item's token columns averaged. Layers of one shape are scored together, in ops that do not
+        grow with the number of observed layers: their q (and k) concatenated, the conditional rows' heads
+        put together in one copy, one batched product with the 1/sqrt(d) scale, one softmax, and one
+        product with the column weights (the head mean folded into them) taken from the transposed side,
+        which keeps the product's output small. The total is kept as (items, B, h*w), the layout it comes in."""
+        groups: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         for q, k, sl, heads, uuid in self._pending:
-            rows = len(range(*sl.indices(q.shape[0])))
-            key = (rows, q.shape[1], q.shape[2], k.shape[1], heads, uuid, q.dtype, k.dtype)
-            groups.setdefault(key, []).append((q, k, sl))
+            key = (tuple(q.shape), tuple(k.shape), sl.indices(q.shape[0]), heads, uuid, q.dtype, k.dtype)
+            groups.setdefault(key, []).append((q, k))
         self._pending = []
-        for (rows, hw, width, length, heads, uuid, _, _), kept in groups.items():
+        for (q_shape, k_shape, (first, stop, step), heads, uuid, _, _), kept in groups.items():
             layers = len(kept)
+            total, hw, width = q_shape
+            length = k_shape[1]
             dim_head = width // heads
-            # (layers, rows, heads, hw, d) and (layers, rows, heads, L, d) of the conditional rows, each in one copy
-            qs = torch.stack([q[sl].view(rows, hw, heads, dim_head).transpose(1, 2) for q, _, sl in kept]).float()
-            ks = torch.stack([k[sl].view(rows, length, heads, dim_head).transpose(1, 2) for _, k, sl in kept]).float()
-            scores = torch.baddbmm(self._zero(qs.device), qs.view(-1, hw, dim_head),
-                                   ks.view(-1, length, dim_head).transpose(1, 2), beta=0.0,
+            qs = torch.cat([q for q, _ in kept]) if layers > 1 else kept[0][0]  # (layers * B', hw, heads * d)
+            ks = torch.cat([k for _, k in kept]) if layers > 1 else kept[0][1]
+            rows = slice(first, stop, step)
+            # (layers * rows * heads, hw, d) and (..., L, d): the conditional rows, head-major, one copy each
+            qs = qs.reshape(layers, total, hw, heads, dim_head)[:, rows].transpose(2, 3).reshape(-1, hw, dim_head)
+            ks = ks.reshape(layers, total, length, heads, dim_head)[:, rows].transpose(2, 3).reshape(-1, length, dim_head)
+            scores = torch.baddbmm(self._zero(qs.device), qs.float(), ks.float().transpose(1, 2), beta=0.0,
                                    alpha=1.0 / math.sqrt(dim_head))
             probs = torch.softmax(scores, dim=-1)  # (layers * rows * heads, hw, L)
             weights = self._column_weights(uuid, probs.device, length, heads)  # (items, L)
-            per_item = (weights @ probs.view(-1, length).t()).view(-1, layers, rows, heads, hw)
+            per_item = (weights @ probs.view(-1, length).t()).view(weights.shape[0], layers, -1, heads, hw)
             summed = per_item.sum(dim=(1, 3))  # (items, rows, hw)
             self.total = summed if self.total is None else self.total + summed
             self.count += layers
