@@ -438,8 +438,11 @@ class AsynSampler(comfy.samplers.Sampler):
         return time_hooks.attention_observer(tuple(noise.shape[-2:]), noise.shape[0], columns_by_uuid)
 
     def _priorities_from_attention(self, attn: torch.Tensor, size: tuple[int, int], grid: tuple[int, int],
-                                   validate: bool = True) -> torch.Tensor:
-        k = self._k_vector(attn.device)
+                                   validate: bool = True, levels: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, H, W) priority map of the key words' attention. levels (unvalidated only): each item's index among
+        the sorted priorities, given in place of its k, so that the map holds every pixel's level (the largest
+        k is the largest level: the same pixels win) and the host needs no search to group the pixels."""
+        k = self._k_vector(attn.device) if levels is None else levels
         if not validate:  # the dynamic masks' every-step map: the same values in fewer ops
             return patch_constant(priority_map(attn.float(), k, threshold=self.schedule.threshold, size=size,
                                                grid=grid), self.patch_size)
@@ -685,9 +688,12 @@ class _DynamicMasks:
         self.size = size
         self.seen = 0
         self.tracks: TrackSet | None = None
-        # every priority a pixel can take (0 and the items' k, as float32 like the maps): a re-partition finds each
-        # pixel's among them rather than sorting the pixels
+        # every priority a pixel can take (0 and the items' k, as float32 like the maps), and each item's index among
+        # them: the device's map holds every pixel's index (its level), which the host turns into priorities
         self.levels = np.unique(np.array([0.0, *sampler.schedule.k], dtype=np.float32))
+        self.item_levels = torch.from_numpy(np.searchsorted(self.levels, np.array(sampler.schedule.k, dtype=np.float32))
+                                            .astype(np.float32))
+        self._item_levels: dict[torch.device, torch.Tensor] = {}
 
     def begin(self, begun: int) -> tuple[int, HostCopy] | None:
         """At a rendezvous (`begun` carrier steps begun): the priorities from the latest attention, on
@@ -702,14 +708,19 @@ class _DynamicMasks:
         attn = self.observed.last
         if attn is None:
             return None
-        k_map = self.sampler._priorities_from_attention(attn, self.size, observer.grid, validate=False)
-        return first, HostCopy(k_map)
+        if attn.device not in self._item_levels:
+            self._item_levels[attn.device] = to_device(self.item_levels, attn.device)
+        level_map = self.sampler._priorities_from_attention(attn, self.size, observer.grid, validate=False,
+                                                            levels=self._item_levels[attn.device])
+        return first, HostCopy(level_map)
 
     def finish(self, reading: tuple[int, HostCopy], tracks: TrackSet) -> TrackSet | None:
         """After the next model call was queued: the new partition, or None when it is unchanged."""
         first, copy = reading
-        k_map = copy.wait()
+        level_map = copy.wait()
         with host_maths():
+            level = level_map.numpy().astype(np.intp).reshape(-1)  # small whole numbers, exact in float32
+            k_map = torch.from_numpy(self.levels[level].reshape(level_map.shape))  # what the k would have given
             # Every reading writes its map to all later steps, so history[first:] is one map: the latest prediction.
             if torch.equal(self.history[first], k_map):
                 return None  # the masks predicted every pixel's priorities as they are: same histories
@@ -717,7 +728,8 @@ class _DynamicMasks:
         if first >= len(self.sigmas) - 1:
             return None  # only the preview's last map changed
         new = retracked(tracks, first, k_map, self.sampler._state_rows, self.to_sigma, self.sigmas,
-                        self.to_sigma.host_carrier, levels=self.levels, numpy_states=self.sampler._numpy_state_rows)
+                        self.to_sigma.host_carrier, levels=self.levels, numpy_states=self.sampler._numpy_state_rows,
+                        level=level)
         if new.same_partition(tracks):
             return None
         self.tracks = new

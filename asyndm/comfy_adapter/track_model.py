@@ -144,7 +144,7 @@ def retracked(tracks: TrackSet, first: int, k_map: torch.Tensor,
               state_rows: Callable[..., torch.Tensor],
               to_sigma: Callable[[torch.Tensor], torch.Tensor], carrier: torch.Tensor,
               host_carrier: torch.Tensor, *, levels: np.ndarray | None = None,
-              numpy_states: NumpyStates | None = None) -> TrackSet:
+              numpy_states: NumpyStates | None = None, level: np.ndarray | None = None) -> TrackSet:
     """The tracks once every pixel takes the priority k_map (B, H, W, on the CPU) from step `first` on,
     its history before `first` being its track's: what tracks_from_host_history gives for the new
     history, the same TrackSet, built from the track table and one integer key per pixel (its track
@@ -153,10 +153,12 @@ def retracked(tracks: TrackSet, first: int, k_map: torch.Tensor,
     (state_rows(histories): from the top). The grouping runs in numpy: a re-partition comes every
     step, on a few dozen tracks, where a torch dispatch per operation would cost more than the work.
     levels: the sorted priorities k_map may hold (else found with np.unique); numpy_states: state_rows
-    on numpy rows, or None where it does not apply (then state_rows runs)."""
+    on numpy rows, or None where it does not apply (then state_rows runs); level: each pixel's index among
+    the given levels (k_map == levels[level], flattened), when the caller has it."""
     assert tracks.history is not None and tracks.states is not None and tracks.host_index is not None
     with host_maths():
-        levels, level = _levels_of(k_map.numpy().astype(np.float32, copy=False).reshape(-1), levels)
+        if level is None or levels is None:
+            levels, level = _levels_of(k_map.numpy().astype(np.float32, copy=False).reshape(-1), levels)
         key = tracks.host_index.numpy().reshape(-1) * levels.size + level
         used = np.zeros(tracks.count * levels.size, dtype=bool)
         used[key] = True

@@ -86,7 +86,11 @@ def test_dynamic_masks_follow_the_lag_rule(monkeypatch, adapter, pack_nodes, sd1
 
     def spy(self, attn, size, grid, **kwargs):
         out = original(self, attn, size, grid, **kwargs)
-        seen.append(out.clone())
+        if kwargs.get("levels") is not None:  # the map holds each pixel's index among the sorted priorities
+            levels = torch.tensor(sorted({0.0, *self.schedule.k}), dtype=torch.float32)
+            seen.append(levels[out.long()])
+        else:
+            seen.append(out.clone())
         return out
 
     monkeypatch.setattr(adapter.AsynSampler, "_priorities_from_attention", spy)
