@@ -40,11 +40,11 @@ NODE_SHORT, NODE_LONG = 6, 12
 # step), whose ops grow with the number of tracks: that bound is the measured figure plus about 10 %, named.
 NODE_BOUNDS = {
     "drawn": 80,  # measured 49 (69 before the time MLP's table rode in the stock call)
-    "static": 90,  # NOT a target of the issue's: measured 74, the pre-pass's observer and the asynchronous pass
-    "dynamic": 150,  # measured 115 (euler), 100 (euler_ancestral) and 122 (dpmpp_2m), beyond their KSampler's
+    "static": 90,  # NOT a target of the issue's: measured 33 (74 before the ninth round), the pre-pass's observer and the asynchronous pass
+    "dynamic": 150,  # measured 91 (euler), 74 (euler_ancestral) and 98 (dpmpp_2m), beyond their KSampler's
     "dynamic-ancestral": 150,
     "dynamic-2m": 150,
-    "dynamic-lockstep": 790,  # NOT the 150: heun in the lock step, measured 715 (about 10 tracks)
+    "dynamic-lockstep": 790,  # NOT the 150: heun in the lock step, measured 650 (715 before; about 10 tracks)
 }
 SETUP_READS = 20  # the pack's host reads outside the loop (input checks, sigma tables): measured 10 and 17
 # The small family models of test_every_sampler, a drawn key item (two tracks): measured + ~15 %.
