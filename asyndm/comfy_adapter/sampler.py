@@ -691,13 +691,14 @@ class _DynamicMasks:
         # every priority a pixel can take (0 and the items' k, as float32 like the maps), and each item's index among
         # them: the device's map holds every pixel's index (its level), which the host turns into priorities
         self.levels = np.unique(np.array([0.0, *sampler.schedule.k], dtype=np.float32))
-        self.item_levels = torch.from_numpy(np.searchsorted(self.levels, np.array(sampler.schedule.k, dtype=np.float32))
-                                            .astype(np.float32))
-        self._item_levels: dict[torch.device, torch.Tensor] = {}
+        k = np.array(sampler.schedule.k, dtype=np.float32)
+        self.item_level = torch.from_numpy(np.searchsorted(self.levels, k).astype(np.float32))  # (items,) on the CPU
+        self._item_level_on: dict[torch.device, torch.Tensor] = {}  # the same, per device (uploaded once)
 
     def begin(self, begun: int) -> tuple[int, HostCopy] | None:
         """At a rendezvous (`begun` carrier steps begun): the priorities from the latest attention, on
-        the device, and their copy to the host started; None when there is nothing to re-read."""
+        the device as every pixel's level (its index in `levels`), and their copy to the host started;
+        None when there is nothing to re-read."""
         if begun <= self.seen:
             return None
         self.seen = begun
@@ -708,10 +709,10 @@ class _DynamicMasks:
         attn = self.observed.last
         if attn is None:
             return None
-        if attn.device not in self._item_levels:
-            self._item_levels[attn.device] = to_device(self.item_levels, attn.device)
+        if attn.device not in self._item_level_on:
+            self._item_level_on[attn.device] = to_device(self.item_level, attn.device)
         level_map = self.sampler._priorities_from_attention(attn, self.size, observer.grid, validate=False,
-                                                            levels=self._item_levels[attn.device])
+                                                            levels=self._item_level_on[attn.device])
         return first, HostCopy(level_map)
 
     def finish(self, reading: tuple[int, HostCopy], tracks: TrackSet) -> TrackSet | None:
