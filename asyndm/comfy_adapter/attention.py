@@ -185,8 +185,9 @@ class AttentionObserver:
             self._score(q, k, (module, [(slice(None), _uuid)], plan[2]))
 
     def _score(self, q: torch.Tensor, k: torch.Tensor, plan: tuple) -> None:
-        """Keep the conditional rows of (B', hw, heads * d) q and (B', L, heads * d) k for scoring at
-        `mean`: the observed layers (all at the capture grid) are scored together, in one batch."""
+        """Keep (B', hw, heads * d) q and (B', L, heads * d) k with the slice of their conditional rows, for scoring
+        at `mean`: the observed layers (all at the capture grid) are scored together, in one batch, and their
+        rows are taken there, once for all of them (no op per layer here)."""
         _, conds, heads = plan
         for sl, uuid in conds:
             self._pending.append((q, k, sl, heads, uuid))
