@@ -295,7 +295,8 @@ def _host_history_states(s: torch.Tensor, k: torch.Tensor, first: int, curve: st
     ks = k.detach().numpy()
     if not (np.isfinite(states_in).all() and ((ks >= 0) & (ks <= 1)).all()):
         _diagnose(s, 1, k)
-    return torch.from_numpy(numpy_history_states(states_in, ks, first, curve, n=n, t=t, target=target))
+    return torch.from_numpy(np.ascontiguousarray(numpy_history_states(states_in, ks, first, curve, n=n, t=t,
+                                                                      target=target)))
 
 
 def numpy_history_states(states_in: np.ndarray, ks: np.ndarray, first: int, curve: str, *, n: int, t: int,
@@ -308,17 +309,21 @@ def numpy_history_states(states_in: np.ndarray, ks: np.ndarray, first: int, curv
         raise ValueError(f"numpy_history_states runs the bin and linear curves, not {curve!r}")
     kind = states_in.dtype.type
     tgt, bend = kind(target), kind(t / (n * n))
-    out = np.empty((states_in.shape[0], n + 1 - first), dtype=states_in.dtype)
+    out = np.empty((n + 1 - first, states_in.shape[0]), dtype=states_in.dtype)  # a state column per row: contiguous
     cur = states_in
+    # The curve's k * bend of every step at once (the same products), and which steps have a key row: taken out of
+    # the loop, whose numpy calls are the cost on these few-element rows.
+    keyed = (ks[:, first:n] > 0).any(axis=0).tolist() if curve == "bin" else [False] * (n - first)
+    bent = ks[:, first:n].T * bend if any(keyed) else None
     for col, i in enumerate(range(first, n)):
         r = kind(n - i)
         nxt = cur + (tgt - cur) / r  # the linear step
-        if curve == "bin" and (ks[:, i] > 0).any():  # k = 0 rows: an added exact zero, the linear step
-            nxt = nxt + ks[:, i] * bend * (r - kind(1))
-        out[:, col] = np.minimum(nxt, cur)
-        cur = out[:, col]
-    out[:, -1] = 0
-    return out
+        if keyed[col]:  # k = 0 rows: an added exact zero, the linear step
+            assert bent is not None
+            nxt = nxt + bent[col] * (r - kind(1))
+        cur = np.minimum(nxt, cur, out=out[col])
+    out[-1] = 0
+    return out.T
 
 
 def timestep_maps(

@@ -111,6 +111,7 @@ class SigmaInterpolator:
         self.log_kv = torch.log(self.kv)
         self.final = sig[-1]
         self.out_dtype = carrier_sigmas.dtype
+        self._host_knots: tuple[np.ndarray, ...] | None = None  # numpy views of the CPU knots (_on_host), made once
 
     def __call__(self, s: torch.Tensor) -> torch.Tensor:
         """Sigma for each state in ``s`` (any shape), in the carrier sigmas' dtype."""
@@ -122,21 +123,23 @@ class SigmaInterpolator:
         """_on_device's operations, one for one, in numpy on CPU states (the sampler's track tables live on the
         host and a re-partition asks every step): the same IEEE arithmetic in the same dtypes, and torch's own
         exp, so the same values bit for bit, without a torch dispatch per operation on a few dozen states."""
-        ks, kv, log_kv = self.ks.numpy(), self.kv.numpy(), self.log_kv.numpy()
-        flat = s.detach().reshape(-1).to(self.ks.dtype).numpy()
+        if self._host_knots is None:
+            self._host_knots = (self.ks.numpy(), self.kv.numpy(), self.log_kv.numpy(), self.final.numpy())
+        ks, kv, log_kv, final = self._host_knots
+        flat = s.detach().reshape(-1).numpy().astype(ks.dtype, copy=False)
         idx = np.clip(np.searchsorted(ks, flat, side="right"), 1, ks.shape[0] - 1)
-        lo_s, hi_s = ks[idx - 1], ks[idx]
-        lo_v, hi_v = kv[idx - 1], kv[idx]
+        below = idx - 1
+        lo_s, hi_s = ks[below], ks[idx]
+        lo_v, hi_v = kv[below], kv[idx]
         w = np.clip(((flat - lo_s) / (hi_s - lo_s)).astype(np.float64), 0.0, 1.0)
-        lo_log = log_kv[idx - 1]
+        lo_log = log_kv[below]
         interp = torch.exp(torch.from_numpy(lo_log + w * (log_kv[idx] - lo_log))).numpy()
         out = np.where(flat == lo_s, lo_v, np.where(flat == hi_s, hi_v, interp))
         last_s = ks[0]
-        final = self.final.numpy()
         frac = np.clip((flat / last_s).astype(np.float64), 0.0, 1.0)
         out = np.where(flat < last_s, final + frac * (kv[0] - final), out)
-        out = np.where(flat >= ks[-1], kv[-1], out)
-        return torch.from_numpy(np.ascontiguousarray(out)).reshape(s.shape).to(self.out_dtype)
+        out = np.where(flat >= ks[-1], kv[-1], out)  # np.where makes a new contiguous array
+        return torch.from_numpy(out).reshape(s.shape).to(self.out_dtype)
 
     def _on_device(self, s: torch.Tensor) -> torch.Tensor:
         ks, kv, log_kv = self.ks.to(s.device), self.kv.to(s.device), self.log_kv.to(s.device)

@@ -33,7 +33,9 @@ class TrackSet:
     (background); index: (B, H, W) long, each pixel's track; host_sigmas: the same sigmas on the CPU
     (every decision about tracks reads these, never the device's); states: (U, N + 1) the AsynDM
     states behind the sigmas (CPU); host_index: index on the CPU; history: (U, N) the priority
-    history each track's states follow (CPU), when the tracks were made from priorities."""
+    history each track's states follow (CPU), when the tracks were made from priorities;
+    constant_from: a column from which every history row repeats one value, when known (a re-partition's
+    rows are the old prefix, then the new priority to the end)."""
 
     sigmas: torch.Tensor
     index: torch.Tensor
@@ -41,6 +43,7 @@ class TrackSet:
     host_sigmas: torch.Tensor | None = None
     host_index: torch.Tensor | None = None
     history: torch.Tensor | None = None
+    constant_from: int | None = None
     _derived: dict = field(default_factory=dict, compare=False, repr=False)  # values made once per track set
 
     def _once(self, key: str, make: Callable[[], Any]) -> Any:
@@ -102,13 +105,16 @@ class TrackSet:
         return self.states[:, column].cpu()[index]
 
     def same_partition(self, other: TrackSet) -> bool:
-        """The same tracks holding the same pixels (compared on the host copies)."""
-        if self.rows != other.rows:
+        """The same tracks holding the same pixels (compared on the host copies; the pixels first, which settles
+        it without making either set's rows)."""
+        if self.count != other.count:
             return False
-        if self.host_index is None or other.host_index is None:
-            return torch.equal(self.index, other.index)
+        if self.host_index is None or other.host_index is None:  # the device's pixels only when the rows agree
+            return self.rows == other.rows and torch.equal(self.index, other.index)
         with host_maths():
-            return torch.equal(self.host_index, other.host_index)
+            if not torch.equal(self.host_index, other.host_index):
+                return False
+        return self.rows == other.rows
 
 
 def tracks_from_host_history(host_history: torch.Tensor, carrier: torch.Tensor,
@@ -128,16 +134,19 @@ def tracks_from_host_history(host_history: torch.Tensor, carrier: torch.Tensor,
     if host_carrier is None:
         host_carrier = to_host(carrier)
     with host_maths():
+        constant_from = None
         if n > 0 and host_history.stride(0) == 0:  # one map for every step (fixed masks): a row per priority
             levels, index = torch.unique(host_history[0].float() + 0.0, return_inverse=True)
             rows, index = levels[:, None].expand(-1, n).contiguous(), index.reshape(-1)
+            constant_from = 0
         else:
             per_pixel_rows = host_history.float().permute(1, 2, 3, 0).reshape(-1, n)
             rows, index = unique_rows(per_pixel_rows)
         with_bg, index_bg, _ = _with_background(rows.numpy(), index.numpy())
         rows, index = torch.from_numpy(with_bg), torch.from_numpy(index_bg)
         states = state_rows(rows)
-    return _track_set(rows, index.reshape(host_history.shape[1:]), states, carrier, host_carrier, to_sigma)
+    return _track_set(rows, index.reshape(host_history.shape[1:]), states, carrier, host_carrier, to_sigma,
+                      constant_from)
 
 
 def retracked(tracks: TrackSet, first: int, k_map: torch.Tensor,
@@ -172,14 +181,19 @@ def retracked(tracks: TrackSet, first: int, k_map: torch.Tensor,
         if after is None:
             after = state_rows(torch.from_numpy(rows), first, torch.from_numpy(states[:, first - 1])).numpy()
         states[:, first:] = after
-        # Old tracks with the same beginning may now share a history: one track each, in torch.unique's order.
-        rows, rank, keep = _distinct_rows(rows)
-        rows, index, background = _with_background(rows, rank[pair])
-        states = states[keep]
+        if tracks.constant_from is not None and tracks.constant_from < first:
+            # The old rows repeat their value from before `first`, so they differ before it, and torch.unique's
+            # (lexicographic) order of the new rows is the pairs' (old track, new priority) order: every pair is
+            # its own track, already in place.
+            index = pair
+        else:  # old tracks with the same beginning may now share a history: one track each, in torch.unique's order
+            rows, rank, keep = _distinct_rows(rows)
+            index, states = rank[pair], states[keep]
+        rows, index, background = _with_background(rows, index)
         if background:  # track 0 of every track set is the background, with the background's states
             states = np.concatenate([tracks.states.numpy()[:1], states])
     return _track_set(torch.from_numpy(rows), torch.from_numpy(index).reshape(k_map.shape), torch.from_numpy(states),
-                      carrier, host_carrier, to_sigma)
+                      carrier, host_carrier, to_sigma, first)
 
 
 def _levels_of(k: np.ndarray, levels: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
@@ -213,16 +227,18 @@ def _with_background(rows: np.ndarray, index: np.ndarray) -> tuple[np.ndarray, n
 
 
 def _track_set(rows: torch.Tensor, host_index: torch.Tensor, states: torch.Tensor, carrier: torch.Tensor,
-               host_carrier: torch.Tensor, to_sigma: Callable[[torch.Tensor], torch.Tensor]) -> TrackSet:
+               host_carrier: torch.Tensor, to_sigma: Callable[[torch.Tensor], torch.Tensor],
+               constant_from: int | None = None) -> TrackSet:
     """The TrackSet of these host tables: sigmas from the states, the background on the carrier exactly,
-    uploaded without a stream sync."""
+    uploaded without a stream sync. constant_from: as TrackSet's, when the caller knows it."""
     with host_maths():
         host_sigmas = to_sigma(states.reshape(-1)).reshape(states.shape).to(carrier.dtype)
         host_sigmas[0] = host_carrier  # the background follows the user's sigmas exactly
     sigmas = to_device(host_sigmas, carrier.device)
     if host_carrier.dtype != carrier.dtype:  # else row 0 is already the carrier, bit for bit (its exact copy)
         sigmas[0] = carrier
-    return TrackSet(sigmas, to_device(host_index, carrier.device), states, host_sigmas, host_index, history=rows)
+    return TrackSet(sigmas, to_device(host_index, carrier.device), states, host_sigmas, host_index, history=rows,
+                    constant_from=constant_from)
 
 
 def unique_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
