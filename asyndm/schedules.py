@@ -313,7 +313,9 @@ def numpy_history_states(states_in: np.ndarray, ks: np.ndarray, first: int, curv
     cur = states_in
     # The curve's k * bend of every step at once (the same products), and which steps have a key row: taken out of
     # the loop, whose numpy calls are the cost on these few-element rows.
-    keyed: list[bool] = (ks[:, first:n] > 0).any(axis=0).tolist() if curve == "bin" else [False] * (n - first)
+    keyed: list[bool] = [False] * (n - first)
+    if curve == "bin":
+        keyed = list((ks[:, first:n] > 0).any(axis=0).tolist())
     bent = ks[:, first:n].T * bend if any(keyed) else None
     for col, i in enumerate(range(first, n)):
         r = kind(n - i)
