@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import cast
 
 import numpy as np
 import torch
@@ -315,7 +316,7 @@ def numpy_history_states(states_in: np.ndarray, ks: np.ndarray, first: int, curv
     # the loop, whose numpy calls are the cost on these few-element rows.
     keyed: list[bool] = [False] * (n - first)
     if curve == "bin":
-        keyed = list((ks[:, first:n] > 0).any(axis=0).tolist())
+        keyed = cast("list[bool]", (ks[:, first:n] > 0).any(axis=0).tolist())
     bent = ks[:, first:n].T * bend if any(keyed) else None
     for col, i in enumerate(range(first, n)):
         r = kind(n - i)
