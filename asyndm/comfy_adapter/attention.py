@@ -112,13 +112,13 @@ class AttentionObserver:
         return (self.total / self.count).permute(1, 2, 0)  # kept (items, B, h*w): see _score_pending
 
     def __call__(self, n: torch.Tensor, context: torch.Tensor, value: Any, extra_options: dict) -> tuple:
-        self._flush()
+        if self._armed is not None:
+            self._flush()
         if self.enabled and self.num_items:
-            plan = self._plan(n, extra_options)
-            if plan is not None:
-                block = extra_options.get("block")
-                key = (block[0], block[1], extra_options.get("block_index", 0)) if block is not None else None
-                if key in self._replaced or (block is not None and block in self._replaced):
+            found = self._plan(n, extra_options)
+            if found is not None:
+                plan, replaced = found
+                if replaced:
                     self._score_recomputed(n, context, plan)
                 else:
                     self._armed = (n, context, plan)
@@ -147,18 +147,20 @@ class AttentionObserver:
             self._armed = None
             self._score_recomputed(n, context, plan)
 
-    def _plan(self, n: torch.Tensor, extra_options: dict) -> tuple | None:
-        """(module, [(row slice, uuid)] of the conditional chunks, heads) for an observed attn2 call, else None."""
+    def _plan(self, n: torch.Tensor, extra_options: dict) -> tuple[tuple, bool] | None:
+        """((module, [(row slice, uuid)] of the conditional chunks, heads), whether another pack replaced the layer's
+        attn2) for an observed attn2 call, else None."""
         shape = extra_options.get("activations_shape")
-        original = extra_options.get("original_shape")
         if shape is None or tuple(shape[-2:]) != self.grid:
             return None
+        original = extra_options.get("original_shape")
         if original is not None and tuple(original[-2:]) != self.latent_hw:
             return None  # an area-conditioned crop: its pixels are not the whole image
         block = extra_options.get("block")
         if block is None:
             return None
-        module = self.modules.get((block[0], block[1], extra_options.get("block_index", 0)))
+        key = (block[0], block[1], extra_options.get("block_index", 0))
+        module = self.modules.get(key)
         if module is None:
             return None
         cond_or_uncond = extra_options.get("cond_or_uncond", [0])
@@ -173,7 +175,8 @@ class AttentionObserver:
                  if cond_or_uncond[o] == 0 and self.columns_by_uuid.get(uuids[o]) is not None]
         if not conds:
             return None
-        return module, conds, int(extra_options["n_heads"])
+        replaced = key in self._replaced or block in self._replaced
+        return (module, conds, int(extra_options["n_heads"])), replaced
 
     @torch.no_grad()
     def _score_recomputed(self, n: torch.Tensor, context: torch.Tensor, plan: tuple) -> None:
