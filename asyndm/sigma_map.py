@@ -126,7 +126,7 @@ class SigmaInterpolator:
         if self._host_knots is None:
             self._host_knots = (self.ks.numpy(), self.kv.numpy(), self.log_kv.numpy(), self.final.numpy())
         ks, kv, log_kv, final = self._host_knots
-        flat = s.detach().reshape(-1).numpy().astype(ks.dtype, copy=False)
+        flat = s.detach().reshape(-1).to(self.ks.dtype).numpy()  # no copy where s has the knots' dtype
         idx = np.clip(np.searchsorted(ks, flat, side="right"), 1, ks.shape[0] - 1)
         below = idx - 1
         lo_s, hi_s = ks[below], ks[idx]
