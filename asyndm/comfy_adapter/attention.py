@@ -216,10 +216,12 @@ class AttentionObserver:
             qs = torch.cat([q for q, _ in kept]) if layers > 1 else kept[0][0]  # (layers * B', hw, heads * d)
             ks = torch.cat([k for _, k in kept]) if layers > 1 else kept[0][1]
             rows = slice(first, stop, step)
-            # (layers * rows * heads, hw, d) and (..., L, d): the conditional rows, head-major, one copy each
-            qs = qs.reshape(layers, total, hw, heads, dim_head)[:, rows].transpose(2, 3).reshape(-1, hw, dim_head)
-            ks = ks.reshape(layers, total, length, heads, dim_head)[:, rows].transpose(2, 3).reshape(-1, length, dim_head)
-            scores = torch.baddbmm(self._zero(qs.device), qs.float(), ks.float().transpose(1, 2), beta=0.0,
+            # (layers * rows * heads, hw, d) and (..., L, d) in float32: the conditional rows, head-major, one copy
+            # each (the conversion of a half-precision block's q and k included)
+            qs = _float_copy(qs.reshape(layers, total, hw, heads, dim_head)[:, rows].transpose(2, 3), hw, dim_head)
+            ks = _float_copy(ks.reshape(layers, total, length, heads, dim_head)[:, rows].transpose(2, 3), length,
+                             dim_head)
+            scores = torch.baddbmm(self._zero(qs.device), qs, ks.transpose(1, 2), beta=0.0,
                                    alpha=1.0 / math.sqrt(dim_head))
             probs = torch.softmax(scores, dim=-1)  # (layers * rows * heads, hw, L)
             weights = self._column_weights(uuid, probs.device, length, heads)  # (items, L)
@@ -241,6 +243,14 @@ class AttentionObserver:
             table = column_weights(self.columns_by_uuid[uuid], length, torch.device("cpu")) / heads
             self._columns[key] = to_device(table.t().contiguous(), device)
         return self._columns[key]
+
+
+def _float_copy(heads_view: torch.Tensor, tokens: int, dim_head: int) -> torch.Tensor:
+    """(layers, rows, heads, tokens, d) strided view -> (layers * rows * heads, tokens, d) contiguous float32: one
+    copy, where a reshape then a float conversion would copy a half-precision q or k twice."""
+    if heads_view.dtype == torch.float32:
+        return heads_view.reshape(-1, tokens, dim_head)
+    return heads_view.to(torch.float32, memory_format=torch.contiguous_format).view(-1, tokens, dim_head)
 
 
 def column_weights(items: list[list[int]], length: int, device: torch.device) -> torch.Tensor:

@@ -105,3 +105,23 @@ def test_scoring_reads_nothing_back() -> None:
                              + [obs.mean()])
     assert count.syncs == 0, dict(count.sync_sites)
     assert obs.count == 3
+
+
+def test_half_precision_blocks_are_scored_in_float32_with_the_same_ops() -> None:
+    """A float16 or bfloat16 block's q and k are scored in float32 (the float64 reference of the same half values),
+    and converting them costs no op beyond a float32 block's: the head-major copy is the conversion."""
+    ops = {}
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        obs, model_options = _observer(False)
+        module = obs.modules[KEY].to(dtype)
+        n, context = torch.randn(2, 4, 6, dtype=dtype), torch.randn(2, TOKENS, 16, dtype=dtype)
+        options = {**_options(1), "transformer_options": model_options["transformer_options"]}
+        with torch.no_grad():  # (inference mode would hide the copies inside composite ops from the counter)
+            _block_call(obs, module, n, context, options, False, False)
+            _block_call(obs, module, n, context, options, False, False)  # two layers' worth: scored together
+            count, got = count_run(obs.mean)
+            want = _want(module, n[1:], context[1:])
+        assert got is not None and got.dtype == torch.float32
+        assert torch.allclose(got.double(), want, atol=1e-6), dtype
+        ops[dtype] = count.ops
+    assert ops[torch.float16] == ops[torch.float32] == ops[torch.bfloat16], ops
