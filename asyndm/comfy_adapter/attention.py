@@ -5,7 +5,9 @@ the text context just before cross-attention) that arms the observer for a layer
 grid, and as the run's ``optimized_attention_override``, which runs the attention unchanged and
 scores softmax(QK^T / sqrt(d)) of the conditional rows from the q and k the block itself
 projected (LoRA-patched weights included), accumulating the columns of the key words' tokens.
-Nothing is read back to the host and nothing is cached. The patch returns its inputs untouched, so
+Where the attention is ComfyUI's sub-quadratic one (its CPU default), which computes those
+probabilities itself, the override runs its exact operations and keeps them (sub_quad.py) instead
+of scoring them a second time. Nothing is read back to the host and nothing is cached. The patch returns its inputs untouched, so
 the optimized attention path and other packs' attention overrides (chained) keep working; a layer
 another pack replaces with attn2_replace is scored from its to_q / to_k instead.
 """
@@ -13,6 +15,8 @@ another pack replaces with attn2_replace is scored from its to_q / to_k instead.
 from __future__ import annotations
 
 import math
+import sys
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -59,8 +63,10 @@ class AttentionObserver:
     The scores are taken from the block's own attention call where it can: the attn2 patch only
     arms the observer for an observed layer, and the run's ``optimized_attention_override`` (chained
     before any other pack's) receives the q and k the block itself projected, runs the attention
-    unchanged, then scores the key words' columns from those q and k. A layer whose attn2 another
-    pack replaces (attn2_replace) has no such call: it is recomputed from the block's to_q / to_k.
+    unchanged, then scores the key words' columns from those q and k; or, for ComfyUI's sub-quadratic
+    attention with no other pack's override, computes it with sub_quad.py (the same result, bit for bit)
+    and averages the probabilities that computation made. A layer whose attn2 another pack replaces
+    (attn2_replace) has no such call: it is recomputed from the block's to_q / to_k.
     """
 
     def __init__(
@@ -83,6 +89,8 @@ class AttentionObserver:
         self._armed: tuple | None = None  # (n, context, plan) of the attn2 call about to run
         self._columns: dict[tuple, torch.Tensor] = {}  # (uuid, device, context length, heads) -> (items, L) weights
         self._zeros: dict[torch.device, torch.Tensor] = {}
+        self._sub_quad: ModuleType | None = None  # sub_quad.py, where ComfyUI is loaded (see install)
+        self._sub_quad_agrees: dict[bool, bool] = {}  # upcast -> sub_quad.agrees, asked at the run's first use
         self.reset()
 
     def install(self, model_options: dict) -> None:
@@ -94,6 +102,10 @@ class AttentionObserver:
         self._replaced = set((to.get("patches_replace") or {}).get("attn2", {}) or {})
         self._previous_override = to.get("optimized_attention_override")
         to["optimized_attention_override"] = self._attention
+        if "comfy.ldm.modules.attention" in sys.modules:  # ComfyUI's attention functions exist to be recognised
+            from . import sub_quad
+
+            self._sub_quad = sub_quad
 
     def reset(self) -> None:
         """Start a new accumulation (the sampler reads and resets once per step)."""
@@ -102,6 +114,9 @@ class AttentionObserver:
         self._armed = None
         # (q, k, the conditional chunk's rows, heads, uuid): the rows are taken when scored, for all layers at once
         self._pending: list[tuple[torch.Tensor, torch.Tensor, slice, int, Any]] = []
+        # (items, rows * heads * h*w) column averages of the probabilities a layer's own attention computed
+        # (sub_quad.py), with (rows, heads, h*w, uuid): summed over layers and heads at `mean`
+        self._pending_columns: list[tuple[torch.Tensor, int, int, int, Any]] = []
 
     def mean(self) -> torch.Tensor | None:
         """(B, h*w, items) average of what was seen since the last reset, or None."""
@@ -125,8 +140,14 @@ class AttentionObserver:
         return n, context, value
 
     def _attention(self, func: Any, *args: Any, **kwargs: Any) -> Any:
-        """The run's attention override: the attention itself, unchanged; an armed call is also scored."""
+        """The run's attention override: the attention itself, unchanged; an armed call is also scored, from the
+        probabilities the attention computed where it is ComfyUI's sub-quadratic one (sub_quad.py), else from its
+        q and k."""
         armed, self._armed = self._armed, None
+        if armed is not None and self._previous_override is None and self._sub_quad is not None:
+            out = self._own_sub_quad(func, args, kwargs, armed)
+            if out is not None:
+                return out
         out = self._previous_override(func, *args, **kwargs) if self._previous_override is not None else \
             func(*args, **kwargs)
         if armed is not None:
@@ -138,6 +159,40 @@ class AttentionObserver:
                 self._score(q, k, plan)
             else:  # not the call the patch armed for (an unusual attention layout): recompute
                 self._score_recomputed(n, context, plan)
+        return out
+
+    def _own_sub_quad(self, func: Any, args: tuple, kwargs: dict, armed: tuple) -> torch.Tensor | None:
+        """The attention's output, its conditional rows' probabilities kept, where the call is ComfyUI's sub_quad
+        and sub_quad.py restates it exactly; else None (the caller runs the attention and scores q and k)."""
+        own = self._sub_quad
+        assert own is not None
+        if not own.is_sub_quad(func):
+            return None
+        call = own.plain_call(args, kwargs)
+        if call is None:
+            return None
+        q, k, v, heads, precision = call
+        n, context, plan = armed
+        if heads != plan[2] or q.shape[:2] != n.shape[:2] or k.shape[:2] != context.shape[:2]:
+            return None
+        upcast = own.float32_scores(q.dtype, precision)
+        if upcast is None:
+            return None
+        if upcast not in self._sub_quad_agrees:
+            self._sub_quad_agrees[upcast] = own.agrees(func, upcast)
+        if not self._sub_quad_agrees[upcast]:
+            return None
+        result = own.attention_with_probs(q, k, v, heads, precision)
+        if result is None:
+            return None
+        out, probs = result
+        _, hw, length = probs.shape
+        for sl, uuid in plan[1]:  # each conditional chunk is a range of rows (_plan), its heads' rows one range
+            start, stop, _ = sl.indices(q.shape[0])
+            cond = probs[start * heads:stop * heads].reshape(-1, length)  # (rows * heads * hw, L), a view
+            # averaged now, so that the layer's probabilities are not held until `mean` (one product per layer)
+            columns = self._column_weights(uuid, probs.device, length, heads) @ cond.t()
+            self._pending_columns.append((columns, stop - start, heads, hw, uuid))
         return out
 
     def _flush(self) -> None:
@@ -202,7 +257,8 @@ class AttentionObserver:
         grow with the number of observed layers: their q (and k) concatenated, the conditional rows' heads
         put together in one copy, one batched product with the 1/sqrt(d) scale, one softmax, and one
         product with the column weights (the head mean folded into them) taken from the transposed side,
-        which keeps the product's output small. The total is kept as (items, B, h*w), the layout it comes in."""
+        which keeps the product's output small. Layers whose own attention kept its probabilities (sub_quad.py)
+        were averaged then; their averages are concatenated and summed the same way. The total is kept as (items, B, h*w), the layout it comes in."""
         groups: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         for q, k, sl, heads, uuid in self._pending:
             key = (tuple(q.shape), tuple(k.shape), sl.indices(q.shape[0]), heads, uuid, q.dtype, k.dtype)
@@ -225,10 +281,22 @@ class AttentionObserver:
                                    alpha=1.0 / math.sqrt(dim_head))
             probs = torch.softmax(scores, dim=-1)  # (layers * rows * heads, hw, L)
             weights = self._column_weights(uuid, probs.device, length, heads)  # (items, L)
-            per_item = (weights @ probs.view(-1, length).t()).view(weights.shape[0], layers, -1, heads, hw)
-            summed = per_item.sum(dim=(1, 3))  # (items, rows, hw)
-            self.total = summed if self.total is None else self.total + summed
-            self.count += layers
+            self._add_columns(weights @ probs.view(-1, length).t(), layers, heads, hw)
+        averaged: dict[tuple, list[torch.Tensor]] = {}
+        for columns, rows, heads, hw, uuid in self._pending_columns:
+            averaged.setdefault((tuple(columns.shape), rows, heads, hw, uuid), []).append(columns)
+        self._pending_columns = []
+        for (_, _, heads, hw, _), layer_columns in averaged.items():
+            columns = torch.cat(layer_columns, dim=1) if len(layer_columns) > 1 else layer_columns[0]
+            self._add_columns(columns, len(layer_columns), heads, hw)
+
+    def _add_columns(self, columns: torch.Tensor, layers: int, heads: int, hw: int) -> None:
+        """Add (items, layers * rows * heads * hw) column averages (layer-major, then row, head, pixel) to the total,
+        summed over the layers and the heads (the head mean is folded into the column weights)."""
+        per_item = columns.view(columns.shape[0], layers, -1, heads, hw)
+        summed = per_item.sum(dim=(1, 3))  # (items, rows, hw)
+        self.total = summed if self.total is None else self.total + summed
+        self.count += layers
 
     def _zero(self, device: torch.device) -> torch.Tensor:
         """A 0-d float32 zero on `device`: baddbmm's ignored input (beta 0), made once per device."""

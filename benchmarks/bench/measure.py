@@ -253,7 +253,9 @@ def wrap_sampler_pieces(stack: contextlib.ExitStack, timer: PieceTimer) -> None:
     interp = sigma_map.SigmaInterpolator
     stack.enter_context(patched(interp, "__call__", timer.wrap(STATE_SIGMA_LABEL, interp.__dict__["__call__"])))
     ao = attention.AttentionObserver
-    for attr in ("__call__", "_score", "mean"):  # the patch, keeping a layer's q and k, and scoring them
+    # the patch, keeping a layer's q and k (or, on ComfyUI's sub-quadratic attention, its own attention's column
+    # averages: the attention itself is the model's, timed apart by the UNet's rows), and scoring them
+    for attr in ("__call__", "_score", "_own_sub_quad", "mean"):
         stack.enter_context(patched(ao, attr, timer.wrap(OBSERVER_LABEL, ao.__dict__[attr])))
     asn = asyn_sampler.AsynSampler
     for attr, label in (("_priorities_from_attention", ITEM_MASKS_LABEL), ("_next_state", NEXT_STATE_LABEL),

@@ -110,7 +110,9 @@ STOCK_MODULE_LABEL = EMB_LAYERS_LABEL  # the stock model runs it too: only what 
 PIECES = [  # (label, what) in report order; the pieces are exclusive of each other
     (UNET_LABEL, "diffusion_model.forward minus the hooks and emb_layers that run inside it"),
     (EMB_LAYERS_LABEL, "every ResBlock's emb_layers module; the stock model runs it too, so it is not a pack piece"),
-    (measure.OBSERVER_LABEL, "AttentionObserver: attn2_patch on every attn2, q/k kept, scored when read (mean)"),
+    (measure.OBSERVER_LABEL, "AttentionObserver: attn2_patch on every attn2, q/k kept, scored when read (mean); on "
+                             "sub-quadratic attention the layer's own probabilities averaged (the attention itself "
+                             "is the UNet's row)"),
     (measure.ITEM_MASKS_LABEL, "AsynSampler._priorities_from_attention"),
     *measure.STEP_PIECES,
     ("hooks: UNet/block pre/post", "PerPixelTimesteps._unet_pre/_unet_post/_block_pre"),
@@ -153,6 +155,11 @@ def install_profile(bench: Bench, stack: contextlib.ExitStack, timer: PieceTimer
         if "_block_pre" in cls.__dict__:
             stack.enter_context(patched(cls, "_block_pre", timer.wrap_factory("hooks: UNet/block pre/post",
                                                                               cls.__dict__["_block_pre"])))
+    # The observed layers' attention, where the observer computes it itself (ComfyUI's sub-quadratic attention, its
+    # probabilities kept: asyndm/comfy_adapter/sub_quad.py), is the model's own work, as the stock run's is.
+    from asyndm.comfy_adapter import sub_quad
+
+    stack.enter_context(patched(sub_quad, "attention_with_probs", timer.wrap(UNET_LABEL, sub_quad.attention_with_probs)))
     for block in unet_time.unet_resblocks(dm):
         emb_layers = block.emb_layers
         stack.enter_context(patched(emb_layers, "forward", timer.wrap(EMB_LAYERS_LABEL, emb_layers.forward)))
