@@ -7,9 +7,10 @@ scores softmax(QK^T / sqrt(d)) of the conditional rows from the q and k the bloc
 projected (LoRA-patched weights included), accumulating the columns of the key words' tokens.
 Where the attention is ComfyUI's sub-quadratic one (its CPU default), which computes those
 probabilities itself, the override runs its exact operations and keeps them (sub_quad.py) instead
-of scoring them a second time. Nothing is read back to the host and nothing is cached. The patch returns its inputs untouched, so
-the optimized attention path and other packs' attention overrides (chained) keep working; a layer
-another pack replaces with attn2_replace is scored from its to_q / to_k instead.
+of scoring them a second time. Nothing is read back to the host and nothing is cached. The patch
+returns its inputs untouched, so the optimized attention path and other packs' attention overrides
+(chained) keep working; a layer another pack replaces with attn2_replace is scored from its to_q /
+to_k instead.
 """
 
 from __future__ import annotations
@@ -258,7 +259,8 @@ class AttentionObserver:
         put together in one copy, one batched product with the 1/sqrt(d) scale, one softmax, and one
         product with the column weights (the head mean folded into them) taken from the transposed side,
         which keeps the product's output small. Layers whose own attention kept its probabilities (sub_quad.py)
-        were averaged then; their averages are concatenated and summed the same way. The total is kept as (items, B, h*w), the layout it comes in."""
+        were averaged then; their averages are concatenated and summed the same way. The total is kept as
+        (items, B, h*w), the layout it comes in."""
         groups: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         for q, k, sl, heads, uuid in self._pending:
             key = (tuple(q.shape), tuple(k.shape), sl.indices(q.shape[0]), heads, uuid, q.dtype, k.dtype)
