@@ -32,9 +32,14 @@ _QUERY_CHUNKS = (4096, 2048, 1024, 512, 256)  # sub_quad's query chunk sizes, la
 
 
 def is_sub_quad(func: Any) -> bool:
-    """Is `func` ComfyUI's attention_sub_quad (the function an attention override receives, or its wrapper)?"""
+    """Is `func` ComfyUI's attention_sub_quad (the function an attention override receives, or its wrapper), defined
+    in ComfyUI's attention module? A function another pack put in its place (to record or change the attention) is
+    not: running sub_quad's operations instead would bypass it."""
     wrapper = getattr(comfy_attention, "attention_sub_quad", None)
-    return wrapper is not None and (func is wrapper or func is getattr(wrapper, "__wrapped__", None))
+    if wrapper is None or (func is not wrapper and func is not getattr(wrapper, "__wrapped__", None)):
+        return False
+    return getattr(func, "__module__", None) == comfy_attention.__name__ and \
+        getattr(func, "__name__", None) == "attention_sub_quad"
 
 
 def plain_call(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, Any] | None:

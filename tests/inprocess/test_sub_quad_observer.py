@@ -43,6 +43,17 @@ def test_the_restatement_is_sub_quad_bit_for_bit(dtype, precision, b, q_tokens, 
 def test_the_check_accepts_sub_quad_and_refuses_another_function():
     assert sub_quad.is_sub_quad(SUB_QUAD) and sub_quad.is_sub_quad(comfy_attention.attention_sub_quad)
     assert not sub_quad.is_sub_quad(comfy_attention.attention_basic)
+
+    def recording(q, k, v, heads, **kwargs):  # another pack's function in sub_quad's place: never bypassed
+        return SUB_QUAD(q, k, v, heads, **kwargs)
+
+    original = comfy_attention.attention_sub_quad
+    try:
+        comfy_attention.attention_sub_quad = recording
+        assert not sub_quad.is_sub_quad(recording)
+    finally:
+        comfy_attention.attention_sub_quad = original
+    assert sub_quad.is_sub_quad(SUB_QUAD)
     assert sub_quad.agrees(SUB_QUAD, False) and sub_quad.agrees(SUB_QUAD, True)
 
     def changed(q, k, v, heads, **kwargs):  # a release whose sub_quad computes something else
