@@ -154,9 +154,7 @@ class AttentionObserver:
         if armed is not None:
             n, context, plan = armed
             q, k = args[0], args[1]
-            heads = plan[2]
-            if torch.is_tensor(q) and torch.is_tensor(k) and q.ndim == 3 and k.ndim == 3 and \
-                    q.shape[:2] == n.shape[:2] and k.shape[:2] == context.shape[:2] and q.shape[-1] % heads == 0:
+            if _armed_call(q, k, n, context, plan[2]):
                 self._score(q, k, plan)
             else:  # not the call the patch armed for (an unusual attention layout): recompute
                 self._score_recomputed(n, context, plan)
@@ -174,7 +172,7 @@ class AttentionObserver:
             return None
         q, k, v, heads, precision = call
         n, context, plan = armed
-        if heads != plan[2] or q.shape[:2] != n.shape[:2] or k.shape[:2] != context.shape[:2]:
+        if heads != plan[2] or not _armed_call(q, k, n, context, heads):
             return None
         upcast = own.float32_scores(q.dtype, precision)
         if upcast is None:
@@ -183,7 +181,7 @@ class AttentionObserver:
             self._sub_quad_agrees[upcast] = own.agrees(func, upcast)
         if not self._sub_quad_agrees[upcast]:
             return None
-        result = own.attention_with_probs(q, k, v, heads, precision)
+        result = own.attention_with_probs(q, k, v, heads, upcast)
         if result is None:
             return None
         out, probs = result
@@ -313,6 +311,13 @@ class AttentionObserver:
             table = column_weights(self.columns_by_uuid[uuid], length, torch.device("cpu")) / heads
             self._columns[key] = to_device(table.t().contiguous(), device)
         return self._columns[key]
+
+
+def _armed_call(q: Any, k: Any, n: torch.Tensor, context: torch.Tensor, heads: int) -> bool:
+    """Are q and k the (B', h*w, heads * d) and (B', L, heads * d) projections of the armed layer's hidden states n and
+    context (the call the attn2 patch armed for, not an unusual attention layout)?"""
+    return torch.is_tensor(q) and torch.is_tensor(k) and q.ndim == 3 and k.ndim == 3 and \
+        q.shape[:2] == n.shape[:2] and k.shape[:2] == context.shape[:2] and q.shape[-1] % heads == 0
 
 
 def _float_copy(heads_view: torch.Tensor, tokens: int, dim_head: int) -> torch.Tensor:

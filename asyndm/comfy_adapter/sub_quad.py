@@ -18,6 +18,7 @@ its q and k as before.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import comfy.ldm.modules.attention as comfy_attention
@@ -56,7 +57,7 @@ def plain_call(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, t
     if q.ndim != 3 or k.ndim != 3 or v.ndim != 3 or not q.dtype == k.dtype == v.dtype:
         return None
     width = q.shape[2]
-    if heads < 1 or width % heads or k.shape[2] != width or v.shape[:] != k.shape or q.shape[0] != k.shape[0]:
+    if heads < 1 or width % heads or k.shape[2] != width or v.shape != k.shape or q.shape[0] != k.shape[0]:
         return None
     return q, k, v, heads, kwargs.get("attn_precision")
 
@@ -69,12 +70,9 @@ def float32_scores(dtype: torch.dtype, attn_precision: Any) -> bool | None:
 
 
 def attention_with_probs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
-                         attn_precision: Any = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+                         upcast: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(sub_quad's output (B, q_tokens, heads * d), the float32 probabilities (B * heads, q_tokens, k_tokens)),
-    or None where sub_quad would chunk or score in another precision than float32."""
-    upcast = float32_scores(q.dtype, attn_precision)
-    if upcast is None:
-        return None
+    or None where sub_quad would chunk. upcast: float32_scores of the call (the caller has found it not None)."""
     b, q_tokens, width = q.shape
     d = width // heads
     k_tokens = k.shape[1]
@@ -87,12 +85,10 @@ def attention_with_probs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head
     query = q.reshape(b, -1, heads, d).permute(0, 2, 1, 3).reshape(b * heads, -1, d)
     value = v.reshape(b, -1, heads, d).permute(0, 2, 1, 3).reshape(b * heads, -1, d)
     key_t = k.reshape(b, -1, heads, d).permute(0, 2, 3, 1).reshape(b * heads, d, -1)
-    if upcast:
-        with torch.autocast(enabled=False, device_type="cuda"):
+    # sub_quad upcasts, and scores, with CUDA autocast off
+    with torch.autocast(enabled=False, device_type="cuda") if upcast else contextlib.nullcontext():
+        if upcast:
             query, key_t = query.float(), key_t.float()
-            scores = torch.baddbmm(torch.empty(1, 1, 1, device=query.device, dtype=query.dtype), query, key_t,
-                                   alpha=d ** -0.5, beta=0)
-    else:
         scores = torch.baddbmm(torch.empty(1, 1, 1, device=query.device, dtype=query.dtype), query, key_t,
                                alpha=d ** -0.5, beta=0)
     probs = scores.softmax(dim=-1)
@@ -106,9 +102,11 @@ def agrees(func: Any, upcast: bool) -> bool:
     generator = torch.Generator().manual_seed(3)
     dtype, precision = (torch.bfloat16, torch.float32) if upcast else (torch.float32, None)
     q, k, v = (torch.randn(2, n, 8, generator=generator).to(dtype) for n in (6, 5, 5))
-    mine = attention_with_probs(q, k, v, 2, precision)
+    if float32_scores(dtype, precision) is not upcast:
+        return False  # upcasting switched off (ComfyUI's --dont-upcast-attention): the observer scores as before
+    mine = attention_with_probs(q, k, v, 2, upcast)
     if mine is None:
-        return False  # (an unusual memory reading, or upcasting switched off): the observer scores as before
+        return False  # (an unusual memory reading): the observer scores as before
     try:
         theirs = func(q, k, v, 2, attn_precision=precision)
     except Exception:  # noqa: BLE001 - a changed signature: not the restated function

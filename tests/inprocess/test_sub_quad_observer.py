@@ -28,7 +28,9 @@ def _qkv(b: int, q_tokens: int, k_tokens: int, width: int, dtype: torch.dtype, s
                                                                          (4, 9, 3, 2, 8)])
 def test_the_restatement_is_sub_quad_bit_for_bit(dtype, precision, b, q_tokens, k_tokens, heads, width):
     q, k, v = _qkv(b, q_tokens, k_tokens, width, dtype)
-    got = sub_quad.attention_with_probs(q, k, v, heads, precision)
+    upcast = sub_quad.float32_scores(dtype, precision)
+    assert upcast is (dtype != torch.float32)
+    got = sub_quad.attention_with_probs(q, k, v, heads, upcast)
     assert got is not None
     out, probs = got
     want = SUB_QUAD(q, k, v, heads, attn_precision=precision)
