@@ -169,12 +169,14 @@ def _image_args(fn: Callable[[dict], Any]) -> Callable[[dict], Any]:
 class AsynSampler(comfy.samplers.Sampler):
     """Asynchronous sampling as a ComfyUI SAMPLER (usable by SamplerCustom / SamplerCustomAdvanced)."""
 
-    # A model call whose pixels all sit at one sigma (before the first step every key pixel waits at the top with
-    # the background; every track ends on the carrier's last sigma) runs as KSampler's own call where the sampler
-    # runs on sigma maps (map_steps.py). The lock step cannot see that on the host and makes its table call of one
-    # row per track there, so the two routes differ by the time embedding's rounding at those calls; with this off
-    # they compute the same bits (the tests that compare the routes turn it off).
-    stock_uniform_calls: bool = True
+    # Where the sampler runs on sigma maps (map_steps.py), a model call's table has one row per distinct sigma of its
+    # tracks (a re-partition leaves many tracks at one sigma: waiting at the top, or apart only in their future), and
+    # a call whose pixels all sit at one sigma (before the first step every key pixel waits at the top with the
+    # background; every track ends on the carrier's last sigma) runs as KSampler's own call. The lock step cannot see
+    # either on the host and makes its table call of one row per track, so the two routes differ by the time
+    # embedding's rounding at those calls (a row's bits can depend on its call's row count); with this off they
+    # compute the same bits (the tests that compare the routes turn it off).
+    distinct_sigma_calls: bool = True
 
     def __init__(self, sampler_name: str, schedule: AsynSchedule | None, *, eta: float | None = None,
                  reference: bool = False, s_noise: float = 1.0, base: comfy.samplers.KSAMPLER | None = None) -> None:
@@ -588,7 +590,7 @@ class AsynSampler(comfy.samplers.Sampler):
         try:
             if kind is not None:  # euler / euler_ancestral / dpmpp_2m: one element-wise update, no instance per track
                 x, final_sigma = run_on_maps(kind, base, tracks, extra_args, callback, start, self.disable_pbar,
-                                             observed, retrack, ms, self.stock_uniform_calls)
+                                             observed, retrack, ms, self.distinct_sigma_calls)
             else:
                 x, final_sigma = run_lockstep(base, model_wrap, tracks, extra_args, callback, start,
                                               self.disable_pbar, observed, retrack)
@@ -682,6 +684,7 @@ class _DynamicMasks:
                  sigmas: torch.Tensor, to_sigma: _HostSigmas, size: tuple[int, int]) -> None:
         self.sampler = sampler
         self.history = history  # (N + 1, B, H, W) on the host, written in place
+        self._history = history.numpy()  # the same memory: compared and written in numpy (no torch dispatch)
         self.observed = observed
         self.sigmas = sigmas
         self.to_sigma = to_sigma
@@ -721,11 +724,12 @@ class _DynamicMasks:
         level_map = copy.wait()
         with host_maths():
             level = level_map.numpy().astype(np.intp).reshape(-1)  # small whole numbers, exact in float32
-            k_map = torch.from_numpy(self.levels[level].reshape(level_map.shape))  # what the k would have given
+            k_values = self.levels[level].reshape(level_map.shape)  # what the k would have given
             # Every reading writes its map to all later steps, so history[first:] is one map: the latest prediction.
-            if torch.equal(self.history[first], k_map):
+            if np.array_equal(self._history[first], k_values):
                 return None  # the masks predicted every pixel's priorities as they are: same histories
-            self.history[first:] = k_map
+            self._history[first:] = k_values
+            k_map = torch.from_numpy(k_values)
         if first >= len(self.sigmas) - 1:
             return None  # only the preview's last map changed
         new = retracked(tracks, first, k_map, self.sampler._state_rows, self.to_sigma, self.sigmas,

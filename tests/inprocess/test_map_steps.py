@@ -21,9 +21,9 @@ from tests.inprocess.sampling import asyn, fixed_masks, rel_err, stock
 MAP_SAMPLERS = [("euler", None), ("ddim", 0.0), ("ddim", 1.0), ("euler_ancestral", None), ("dpmpp_2m", None)]
 
 
-def _run_node(pack_nodes, model, conds, name, eta, words, mode, schedule=None):
-    latent = {"samples": torch.zeros(1, 4, 16, 16)}
-    return pack_nodes.AsynDMKSampler.execute(model, conds[0], conds[1], latent, 3, 6, 5.0, name, "normal", 1.0, words,
+def _run_node(pack_nodes, model, conds, name, eta, words, mode, schedule=None, steps=6, batch=1):
+    latent = {"samples": torch.zeros(batch, 4, 16, 16)}
+    return pack_nodes.AsynDMKSampler.execute(model, conds[0], conds[1], latent, 3, steps, 5.0, name, "normal", 1.0, words,
                                              0.7, "bin", 1.0, mode, eta if eta is not None else 0.0, False,
                                              schedule).args[0]["samples"]
 
@@ -40,7 +40,7 @@ def _lockstep_only(monkeypatch):
 
 def _uniform_calls_as_ksampler(monkeypatch, on: bool) -> None:
     for module in _sampler_modules():
-        monkeypatch.setattr(module.AsynSampler, "stock_uniform_calls", on)
+        monkeypatch.setattr(module.AsynSampler, "distinct_sigma_calls", on)
 
 
 @pytest.fixture(autouse=True)
@@ -198,3 +198,40 @@ def test_a_call_with_every_pixel_at_one_sigma_is_ksamplers_own(tiny_sd15, monkey
     off = asyn(model, pos, neg, latent, schedule=fixed_masks(1, 8, 8), **kw)
     assert sigma_maps == [True] * 6
     assert torch.isfinite(on).all() and rel_err(on, off) < 1e-4, rel_err(on, off)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_tracks_at_one_sigma_share_a_table_row(sd15_checkpoint, conds, pack_nodes, monkeypatch, batch):
+    """Dynamic masks leave many tracks at one sigma in a call (key pixels waiting at the top, tracks apart only in
+    their future): the map route gives each distinct sigma one table row and every pixel its sigma's row, so every
+    sigma map is the one-row-per-track call's, and the run differs from it only by the time embedding's rounding."""
+    model = sd15_checkpoint[0]
+    calls: list[tuple[int, int, torch.Tensor | None]] = []  # (table rows, distinct sigmas, sigma map) per model call
+
+    def spy(real):
+        def call(self, x, sigma_map, carrier, *args, table=None, **kwargs):
+            rows = distinct = 0
+            if table is not None:
+                rows, distinct = table.values.numel(), torch.unique(table.values).numel()
+            calls.append((rows, distinct, None if sigma_map is None else sigma_map.clone()))
+            return real(self, x, sigma_map, carrier, *args, table=table, **kwargs)
+        return call
+
+    for name, module in list(sys.modules.items()):  # as the tests and as the pack's nodes import it
+        if name.endswith("asyndm.comfy_adapter.track_model"):
+            monkeypatch.setattr(module.PixelModel, "__call__", spy(module.PixelModel.__call__))
+    per_track = _run_node(pack_nodes, model, conds, "euler", None, "rabbit, basketball", "dynamic", steps=12,
+                          batch=batch)
+    one_row_per_track = list(calls)
+    calls.clear()
+    _uniform_calls_as_ksampler(monkeypatch, True)
+    shared = _run_node(pack_nodes, model, conds, "euler", None, "rabbit, basketball", "dynamic", steps=12,
+                          batch=batch)
+    # a table has a row per track (or distinct sigma) and image
+    assert any(rows > distinct * batch for rows, distinct, _ in one_row_per_track), "no call had tracks at one sigma"
+    assert all(rows == distinct * batch for rows, distinct, _ in calls)
+    assert len(calls) == len(one_row_per_track)
+    for (rows, _, sigma_map), (_, _, want) in zip(calls, one_row_per_track, strict=True):
+        if rows:  # a table call (the others are KSampler's own, tested above)
+            assert want is not None and torch.equal(sigma_map, want)
+    assert torch.isfinite(shared).all() and rel_err(shared, per_track) < 1e-4, rel_err(shared, per_track)
