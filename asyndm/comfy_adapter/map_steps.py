@@ -142,16 +142,21 @@ class _Tables:
         host = self._host_columns
         if host is None:
             return None
+        keep: list[int] = []  # the first track at each distinct sigma, in track order (the carrier's first)
+        row: list[int] = []
+        seen: dict[float, int] = {}
+        for track, sigma in enumerate(host[:, i].tolist()):  # a few dozen tracks: Python, not numpy's unique
+            r = seen.get(sigma)
+            if r is None:
+                r = seen[sigma] = len(keep)
+                keep.append(track)
+            row.append(r)
+        if len(keep) == len(row):
+            return None
         with host_maths():
-            _, first, inverse = np.unique(host[:, i], return_index=True, return_inverse=True)
-            if first.shape[0] == host.shape[0]:
-                return None
-            order = np.argsort(first)  # the rows in track order: the carrier's first
-            rank = np.empty_like(order)
-            rank[order] = np.arange(order.shape[0])
-            keep, row = first[order], rank[inverse.reshape(-1)]
+            keep_rows, track_rows = torch.tensor(keep), torch.tensor(row)
         device = self.index.device
-        return to_device(torch.from_numpy(keep), device), to_device(torch.from_numpy(row), device)
+        return to_device(keep_rows, device), to_device(track_rows, device)
 
     def _all_columns(self, table: torch.Tensor) -> torch.Tensor:
         """(N, B, 1, H, W): every step's column of a (U, N) table, in one gather (the same values)."""

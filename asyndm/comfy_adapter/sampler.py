@@ -606,6 +606,8 @@ class AsynSampler(comfy.samplers.Sampler):
         if record and self.record is not None:
             with host_maths():
                 self.record.states = [tracks.state_map(i) for i in range(num_steps)]
+                if retrack is not None:
+                    history = retrack.written()
                 self.record.priorities = list(history[1:].unbind(0))
         if self.reference:  # the paper ends at t = 0 and returns x_0 in its own (variance-preserving) scaling
             return ms.calculate_input(sigmas[-1:].expand(b), x)
@@ -683,8 +685,7 @@ class _DynamicMasks:
     def __init__(self, sampler: AsynSampler, history: torch.Tensor, observed: _ObservedModel,
                  sigmas: torch.Tensor, to_sigma: _HostSigmas, size: tuple[int, int]) -> None:
         self.sampler = sampler
-        self.history = history  # (N + 1, B, H, W) on the host, written in place
-        self._history = history.numpy()  # the same memory: compared and written in numpy (no torch dispatch)
+        self.history = history  # (N + 1, B, H, W) on the host, written by `written` (the readings kept till then)
         self.observed = observed
         self.sigmas = sigmas
         self.to_sigma = to_sigma
@@ -697,6 +698,13 @@ class _DynamicMasks:
         k = np.array(sampler.schedule.k, dtype=np.float32)
         self.item_level = torch.from_numpy(np.searchsorted(self.levels, k).astype(np.float32))  # (items,) on the CPU
         self._item_level_on: dict[torch.device, torch.Tensor] = {}  # the same, per device (uploaded once)
+        # The latest prediction (every map from the last reading on is the one it wrote) as each pixel's level, and
+        # the readings (first, level) still to be written into the history: a step compares levels only.
+        latest = history[-1].numpy().reshape(-1)
+        level = np.searchsorted(self.levels, latest)
+        exact = bool((self.levels[np.minimum(level, self.levels.size - 1)] == latest).all())
+        self._level: np.ndarray | None = level if exact else None
+        self._unwritten: list[tuple[int, np.ndarray]] = []
 
     def begin(self, begun: int) -> tuple[int, HostCopy] | None:
         """At a rendezvous (`begun` carrier steps begun): the priorities from the latest attention, on
@@ -724,18 +732,26 @@ class _DynamicMasks:
         level_map = copy.wait()
         with host_maths():
             level = level_map.numpy().astype(np.intp).reshape(-1)  # small whole numbers, exact in float32
-            k_values = self.levels[level].reshape(level_map.shape)  # what the k would have given
             # Every reading writes its map to all later steps, so history[first:] is one map: the latest prediction.
-            if np.array_equal(self._history[first], k_values):
+            if self._level is not None and (level == self._level).all():
                 return None  # the masks predicted every pixel's priorities as they are: same histories
-            self._history[first:] = k_values
-            k_map = torch.from_numpy(k_values)
+            self._level = level
+            self._unwritten.append((first, level))
         if first >= len(self.sigmas) - 1:
             return None  # only the preview's last map changed
-        new = retracked(tracks, first, k_map, self.sampler._state_rows, self.to_sigma, self.sigmas,
+        new = retracked(tracks, first, None, self.sampler._state_rows, self.to_sigma, self.sigmas,
                         self.to_sigma.host_carrier, levels=self.levels, numpy_states=self.sampler._numpy_state_rows,
-                        level=level)
+                        level=level, shape=tuple(level_map.shape))
         if new.same_partition(tracks):
             return None
         self.tracks = new
         return new
+
+    def written(self) -> torch.Tensor:
+        """The history (N + 1, B, H, W), every reading written: its priorities, from its first step on."""
+        with host_maths():
+            history = self.history.numpy()
+            for first, level in self._unwritten:
+                history[first:] = self.levels[level].reshape(history.shape[1:])
+            self._unwritten = []
+        return self.history

@@ -73,7 +73,8 @@ class TrackSet:
         step always runs): its pixels wait at their first sigma, and its sampler run starts at step m on
         sigmas[m:]. From the host sigmas, in one pass over the table (a re-partition asks every step)."""
         def make() -> list[int]:
-            rows = self.host.to(torch.float64).numpy()
+            host = self.host
+            rows = (host if host.dtype in (torch.float32, torch.float64) else host.to(torch.float64)).numpy()
             same = rows[:, 1:-1] == rows[:, :1]  # sigma m + 1 == sigma 0, for m = 0 .. N - 2
             return np.cumprod(same, axis=1).sum(axis=1).tolist()
         return self._once("holds", make)
@@ -149,11 +150,12 @@ def tracks_from_host_history(host_history: torch.Tensor, carrier: torch.Tensor,
                       constant_from)
 
 
-def retracked(tracks: TrackSet, first: int, k_map: torch.Tensor,
+def retracked(tracks: TrackSet, first: int, k_map: torch.Tensor | None,
               state_rows: Callable[..., torch.Tensor],
               to_sigma: Callable[[torch.Tensor], torch.Tensor], carrier: torch.Tensor,
               host_carrier: torch.Tensor, *, levels: np.ndarray | None = None,
-              numpy_states: NumpyStates | None = None, level: np.ndarray | None = None) -> TrackSet:
+              numpy_states: NumpyStates | None = None, level: np.ndarray | None = None,
+              shape: tuple[int, ...] | None = None) -> TrackSet:
     """The tracks once every pixel takes the priority k_map (B, H, W, on the CPU) from step `first` on,
     its history before `first` being its track's: what tracks_from_host_history gives for the new
     history, the same TrackSet, built from the track table and one integer key per pixel (its track
@@ -163,11 +165,16 @@ def retracked(tracks: TrackSet, first: int, k_map: torch.Tensor,
     step, on a few dozen tracks, where a torch dispatch per operation would cost more than the work.
     levels: the sorted priorities k_map may hold (else found with np.unique); numpy_states: state_rows
     on numpy rows, or None where it does not apply (then state_rows runs); level: each pixel's index among
-    the given levels (k_map == levels[level], flattened), when the caller has it."""
+    the given levels (k_map == levels[level], flattened), when the caller has it; then k_map may be None, with the
+    map's shape given (B, H, W)."""
     assert tracks.history is not None and tracks.states is not None and tracks.host_index is not None
     with host_maths():
         if level is None or levels is None:
+            assert k_map is not None
             levels, level = _levels_of(k_map.numpy().astype(np.float32, copy=False).reshape(-1), levels)
+        if shape is None:
+            assert k_map is not None
+            shape = tuple(k_map.shape)
         key = tracks.host_index.numpy().reshape(-1) * levels.size + level
         used = np.zeros(tracks.count * levels.size, dtype=bool)
         used[key] = True
@@ -192,7 +199,7 @@ def retracked(tracks: TrackSet, first: int, k_map: torch.Tensor,
         rows, index, background = _with_background(rows, index)
         if background:  # track 0 of every track set is the background, with the background's states
             states = np.concatenate([tracks.states.numpy()[:1], states])
-    return _track_set(torch.from_numpy(rows), torch.from_numpy(index).reshape(k_map.shape), torch.from_numpy(states),
+    return _track_set(torch.from_numpy(rows), torch.from_numpy(index).reshape(shape), torch.from_numpy(states),
                       carrier, host_carrier, to_sigma, first)
 
 

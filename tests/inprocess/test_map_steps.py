@@ -235,3 +235,33 @@ def test_tracks_at_one_sigma_share_a_table_row(sd15_checkpoint, conds, pack_node
         if rows:  # a table call (the others are KSampler's own, tested above)
             assert want is not None and torch.equal(sigma_map, want)
     assert torch.isfinite(shared).all() and rel_err(shared, per_track) < 1e-4, rel_err(shared, per_track)
+
+
+def test_the_dynamic_history_is_what_the_tracks_followed(sd15_checkpoint, conds, pack_nodes, monkeypatch):
+    """The readings are written into the priority history once, after the run (the preview's priorities): every
+    step's map equals, pixel by pixel, the priority the run's last tracks reached that step's state with."""
+    made, tracks = [], []
+    for module in _sampler_modules():
+        cls, masks = module.AsynSampler, module._DynamicMasks
+        real_init, real_finish = cls.__init__, masks.finish
+
+        def init(self, *args, real=real_init, **kwargs):
+            real(self, *args, **kwargs)
+            made.append(self)
+
+        def finish(self, reading, current, real=real_finish):
+            new = real(self, reading, current)
+            tracks.append(current if new is None else new)
+            return new
+
+        monkeypatch.setattr(cls, "__init__", init)
+        monkeypatch.setattr(masks, "finish", finish)
+    _run_node(pack_nodes, sd15_checkpoint[0], conds, "euler", None, "rabbit, basketball", "dynamic", steps=8)
+    last = tracks[-1]
+    assert last.history is not None and last.host_index is not None and len(tracks) >= 5
+    priorities = made[-1].record.priorities
+    changed = 0
+    for i in range(1, last.history.shape[1]):  # state i is reached with history[:, i] (state 0: the start)
+        assert torch.equal(priorities[i - 1], last.history[:, i][last.host_index]), i
+        changed += int(not torch.equal(priorities[i - 1], priorities[0]))
+    assert changed, "no reading changed the priorities"
