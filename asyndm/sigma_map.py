@@ -122,29 +122,22 @@ class SigmaInterpolator:
     def _on_host(self, s: torch.Tensor) -> torch.Tensor:
         """_on_device's operations, one for one, in numpy on CPU states (the sampler's track tables live on the
         host and a re-partition asks every step): the same IEEE arithmetic in the same dtypes, and torch's own
-        exp, so the same values bit for bit, without a torch dispatch per operation on a few dozen states. Each
-        interval's ends and differences are taken in one row of a table made once (the same subtractions of
-        the same numbers), which leaves fewer numpy calls per use."""
+        exp, so the same values bit for bit, without a torch dispatch per operation on a few dozen states."""
         if self._host_knots is None:
-            ks, kv, log_kv = self.ks.numpy(), self.kv.numpy(), self.log_kv.numpy()
-            above = np.arange(1, ks.shape[0])  # interval j spans knots j - 1 .. j
-            ends = np.stack([ks[above - 1], ks[above], ks[above] - ks[above - 1]], axis=1)  # in the knots' dtype
-            values = np.stack([kv[above - 1], kv[above], log_kv[above - 1], log_kv[above] - log_kv[above - 1]], axis=1)
-            self._host_knots = (ks, kv, self.final.numpy(), np.concatenate([ends[:1], ends]),
-                                np.concatenate([values[:1], values]))  # row j for idx j (row 0 unused)
-        ks, kv, final, ends, values = self._host_knots
+            self._host_knots = (self.ks.numpy(), self.kv.numpy(), self.log_kv.numpy(), self.final.numpy())
+        ks, kv, log_kv, final = self._host_knots
         flat = s.detach().reshape(-1).to(self.ks.dtype).numpy()  # no copy where s has the knots' dtype
         idx = np.clip(np.searchsorted(ks, flat, side="right"), 1, ks.shape[0] - 1)
-        lo_s, hi_s, span = ends[idx].T
-        lo_v, hi_v, lo_log, log_span = values[idx].T
-        w = np.clip(((flat - lo_s) / span).astype(np.float64), 0.0, 1.0)
-        interp = torch.exp(torch.from_numpy(lo_log + w * log_span)).numpy()
+        below = idx - 1
+        lo_s, hi_s = ks[below], ks[idx]
+        lo_v, hi_v = kv[below], kv[idx]
+        w = np.clip(((flat - lo_s) / (hi_s - lo_s)).astype(np.float64), 0.0, 1.0)
+        lo_log = log_kv[below]
+        interp = torch.exp(torch.from_numpy(lo_log + w * (log_kv[idx] - lo_log))).numpy()
         out = np.where(flat == lo_s, lo_v, np.where(flat == hi_s, hi_v, interp))
         last_s = ks[0]
-        low = flat < last_s
-        if low.any():  # below the last positive anchor (the run's end)
-            frac = np.clip((flat / last_s).astype(np.float64), 0.0, 1.0)
-            out = np.where(low, final + frac * (kv[0] - final), out)
+        frac = np.clip((flat / last_s).astype(np.float64), 0.0, 1.0)
+        out = np.where(flat < last_s, final + frac * (kv[0] - final), out)
         out = np.where(flat >= ks[-1], kv[-1], out)  # np.where makes a new contiguous array
         return torch.from_numpy(out).reshape(s.shape).to(self.out_dtype)
 

@@ -92,6 +92,8 @@ class AttentionObserver:
         self._zeros: dict[torch.device, torch.Tensor] = {}
         self._sub_quad: ModuleType | None = None  # sub_quad.py, where ComfyUI is loaded (see install)
         self._sub_quad_agrees: dict[bool, bool] = {}  # upcast -> sub_quad.agrees, asked at the run's first use
+        self._sub_quad_funcs: dict[Any, bool] = {}  # attention function -> sub_quad.is_sub_quad, asked once per run
+        self._sub_quad_upcast: dict[tuple, bool | None] = {}  # (dtype, precision) -> sub_quad.float32_scores
         self.reset()
 
     def install(self, model_options: dict) -> None:
@@ -165,7 +167,10 @@ class AttentionObserver:
         and sub_quad.py restates it exactly; else None (the caller runs the attention and scores q and k)."""
         own = self._sub_quad
         assert own is not None
-        if not own.is_sub_quad(func):
+        is_own = self._sub_quad_funcs.get(func)
+        if is_own is None:
+            is_own = self._sub_quad_funcs[func] = own.is_sub_quad(func)
+        if not is_own:
             return None
         call = own.plain_call(args, kwargs)
         if call is None:
@@ -174,7 +179,10 @@ class AttentionObserver:
         n, context, plan = armed
         if heads != plan[2] or not _armed_call(q, k, n, context, heads):
             return None
-        upcast = own.float32_scores(q.dtype, precision)
+        scores = (q.dtype, precision)
+        if scores not in self._sub_quad_upcast:
+            self._sub_quad_upcast[scores] = own.float32_scores(q.dtype, precision)
+        upcast = self._sub_quad_upcast[scores]
         if upcast is None:
             return None
         if upcast not in self._sub_quad_agrees:
@@ -186,8 +194,8 @@ class AttentionObserver:
             return None
         out, probs = result
         _, hw, length = probs.shape
-        for sl, uuid in plan[1]:  # each conditional chunk is a range of rows (_plan), its heads' rows one range
-            start, stop, _ = sl.indices(q.shape[0])
+        for sl, uuid in plan[1]:  # each conditional chunk is a range of rows (_plan: whole numbers), its heads' rows
+            start, stop = sl.start, sl.stop
             cond = probs[start * heads:stop * heads].reshape(-1, length)  # (rows * heads * hw, L), a view
             # averaged now, so that the layer's probabilities are not held until `mean` (one product per layer)
             columns = self._column_weights(uuid, probs.device, length, heads) @ cond.t()
