@@ -120,8 +120,7 @@ PIECES = [  # (label, what) in report order; the pieces are exclusive of each ot
                               "the stock time MLP call)"),
     (EMB_LABEL, "rest of the emb_layers hooks"),
     ("hooks: index maps", "PerPixelTimesteps._index (block_index_map, cached per forward)"),
-    ("hooks: per-pixel selection", "PerPixelTimesteps._per_pixel / _per_pixel_again ((B', C, h, w) per ResBlock: one "
-                                   "gather per image)"),
+    ("hooks: per-pixel selection", "PerPixelTimesteps._per_pixel ((B', C, h, w) per ResBlock: one gather per image)"),
     ("naive: time MLP on every pixel", "naive baseline only"),
     ("naive: index positions", "naive baseline only"),
     *measure.SAMPLER_PIECES,
@@ -146,7 +145,6 @@ def install_profile(bench: Bench, stack: contextlib.ExitStack, timer: PieceTimer
                             ("_time_pre", "hooks: time-MLP table"), ("_time_post", "hooks: time-MLP table"),
                             ("_index", "hooks: index maps"),
                             ("_per_pixel", "hooks: per-pixel selection"),
-                            ("_per_pixel_again", "hooks: per-pixel selection"),
                             ("_pixel_embedding", "naive: time MLP on every pixel"),
                             ("_positions", "naive: index positions")):
             if attr in cls.__dict__:

@@ -46,7 +46,7 @@ NODE_BOUNDS = {
     # On the CPU ComfyUI's attention is its sub-quadratic one, whose probabilities the observer keeps on the observed
     # layers (sub_quad.py); "dynamic-fused" runs both KSampler and the pack on PyTorch's fused attention, as on an
     # NVIDIA GPU, where the observer scores those layers from their q and k.
-    "dynamic": 150,  # measured 78 (euler), 61 (euler_ancestral) and 85 (dpmpp_2m), beyond their KSampler's
+    "dynamic": 150,  # measured 78 (euler), 66 (euler_ancestral) and 85 (dpmpp_2m), beyond their KSampler's
     "dynamic-fused": 150,  # measured 91 (euler): the observed layers scored from q and k
     "dynamic-ancestral": 150,
     "dynamic-2m": 150,

@@ -173,9 +173,6 @@ class PerPixelTimesteps(TimeHooks):
         self._index_cache: dict[tuple, torch.Tensor] = {}
         # Per block: (map object, table layout, rows, size, index) of the last gather, see _block_index.
         self._index_by_block: list[tuple | None] = [None] * len(self.blocks)
-        # Per block: (map object, size, index, output shape) of its last one-table, one-image gather, which the
-        # next forward with that map repeats without the general path's bookkeeping (_per_pixel_again).
-        self._gathers: list[tuple | None] = [None] * len(self.blocks)
         super().__init__()
 
     def attention_observer(self, latent_hw: tuple[int, int], batch: int,
@@ -306,11 +303,6 @@ class PerPixelTimesteps(TimeHooks):
             if self._inverse is None:
                 return None
             size = self._sizes[i]
-            kept = self._gathers[i]
-            if (kept is not None and kept[0] is self._inverse and kept[1] == size and self._emb_table
-                    and self._in_forward and output.ndim == 2 and output.shape[0] > 1):
-                self._fired[i] += 1
-                return self._per_pixel_again(output, kept)
             if size is None or not self._in_forward:
                 raise RuntimeError("PerPixelTimesteps: a ResBlock ran outside a UNet forward while a map was set")
             if not self._emb_table and not self._table_handles:
@@ -412,16 +404,9 @@ class PerPixelTimesteps(TimeHooks):
             by_channel = out_tab.permute(2, 1, 0) if u_major else out_tab.permute(2, 0, 1)
             by_channel = by_channel.reshape(channels, -1)
         picked = self._gather(by_channel, idx, h, w)
-        if not per_row and picked.shape[0] == 1 and u_major:
-            self._gathers[block] = (self._inverse, size, idx, picked.shape)
         if picked.shape[0] in (1, rows):  # one image: broadcasts over the CFG chunks in `h + emb`
             return picked
         return picked.repeat(rows // picked.shape[0], 1, 1, 1)
-
-    def _per_pixel_again(self, out_tab: torch.Tensor, kept: tuple) -> torch.Tensor:
-        """_per_pixel's one-table, one-image gather (U, C) -> (1, C, h, w), as a block's last one with this map made
-        it (the same index, the same ops)."""
-        return out_tab.t().index_select(1, kept[2]).view(kept[3])
 
     @staticmethod
     def _gather(by_channel: torch.Tensor, idx: torch.Tensor, h: int, w: int) -> torch.Tensor:
