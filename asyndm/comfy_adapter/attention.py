@@ -92,8 +92,7 @@ class AttentionObserver:
         self._zeros: dict[torch.device, torch.Tensor] = {}
         self._sub_quad: ModuleType | None = None  # sub_quad.py, where ComfyUI is loaded (see install)
         self._sub_quad_agrees: dict[bool, bool] = {}  # upcast -> sub_quad.agrees, asked at the run's first use
-        self._sub_quad_funcs: dict[Any, bool] = {}  # attention function -> sub_quad.is_sub_quad, asked once per run
-        self._sub_quad_upcast: dict[tuple, bool | None] = {}  # (dtype, precision) -> sub_quad.float32_scores
+        self._sub_quad_routes: dict[tuple, bool | None] = {}  # (function, dtype, precision) -> _sub_quad_upcast
         self.reset()
 
     def install(self, model_options: dict) -> None:
@@ -167,11 +166,6 @@ class AttentionObserver:
         and sub_quad.py restates it exactly; else None (the caller runs the attention and scores q and k)."""
         own = self._sub_quad
         assert own is not None
-        is_own = self._sub_quad_funcs.get(func)
-        if is_own is None:
-            is_own = self._sub_quad_funcs[func] = own.is_sub_quad(func)
-        if not is_own:
-            return None
         call = own.plain_call(args, kwargs)
         if call is None:
             return None
@@ -179,15 +173,8 @@ class AttentionObserver:
         n, context, plan = armed
         if heads != plan[2] or not _armed_call(q, k, n, context, heads):
             return None
-        scores = (q.dtype, precision)
-        if scores not in self._sub_quad_upcast:
-            self._sub_quad_upcast[scores] = own.float32_scores(q.dtype, precision)
-        upcast = self._sub_quad_upcast[scores]
+        upcast = self._sub_quad_upcast(func, q.dtype, precision)
         if upcast is None:
-            return None
-        if upcast not in self._sub_quad_agrees:
-            self._sub_quad_agrees[upcast] = own.agrees(func, upcast)
-        if not self._sub_quad_agrees[upcast]:
             return None
         result = own.attention_with_probs(q, k, v, heads, upcast)
         if result is None:
@@ -201,6 +188,20 @@ class AttentionObserver:
             columns = self._column_weights(uuid, probs.device, length, heads) @ cond.t()
             self._pending_columns.append((columns, stop - start, heads, hw, uuid))
         return out
+
+    def _sub_quad_upcast(self, func: Any, dtype: torch.dtype, precision: Any) -> bool | None:
+        """sub_quad.float32_scores of a call of `func` in this dtype and precision, where `func` is ComfyUI's sub_quad,
+        scores in float32 and is restated exactly (sub_quad.agrees, once per upcast); else None. Decided once per run
+        and (function, dtype, precision): every observed layer asks."""
+        key = (func, dtype, precision)
+        if key not in self._sub_quad_routes:
+            own = self._sub_quad
+            assert own is not None
+            upcast = own.float32_scores(dtype, precision) if own.is_sub_quad(func) else None
+            if upcast is not None and upcast not in self._sub_quad_agrees:
+                self._sub_quad_agrees[upcast] = own.agrees(func, upcast)
+            self._sub_quad_routes[key] = upcast if upcast is not None and self._sub_quad_agrees[upcast] else None
+        return self._sub_quad_routes[key]
 
     def _flush(self) -> None:
         """An armed layer whose attention call never came (replaced after install): recompute it."""

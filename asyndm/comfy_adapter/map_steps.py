@@ -34,7 +34,7 @@ import torch
 from .host import host_maths, to_device
 from .lockstep import CARRIER_HOLDS, Retrack, StartLatent
 from .model_wrapper import CallTable
-from .track_model import TrackSet
+from .track_model import TrackSet, call_entries
 
 __all__ = ["agrees_with_comfy", "map_kind", "run_on_maps"]
 
@@ -90,8 +90,8 @@ class _Tables:
             ones = sigmas.new_ones(flat.shape[0], 1, 1, 1)
             self.input_scales = model_sampling.calculate_input(flat, ones).view(sigmas.shape)
         with host_maths():  # the flags in numpy: a re-partition makes a table set every step
+            host = tracks.host_array  # exact, whatever the sigmas' dtype
             rows = tracks.host
-            host = (rows if rows.dtype in (torch.float32, torch.float64) else rows.double()).numpy()  # exact either way
             n = int(rows.shape[1]) - 1
             starts = np.array(tracks.holds)
             if starts[0]:
@@ -293,9 +293,7 @@ def call_sigmas(tracks: TrackSet, i: int, s_in: torch.Tensor, dtype: torch.dtype
     index = tracks.call_index
     if shared is not None:  # one row per distinct sigma: the tracks' rows, and each pixel's entry among them
         keep, row = shared
-        column, index = column[keep], row[tracks.index]
-        if batch > 1:
-            index = index * batch + torch.arange(batch, device=index.device).view(-1, 1, 1)
+        column, index = column[keep], call_entries(row[tracks.index])
     values = column[:, None].expand(-1, batch).reshape(-1).to(dtype)
     if tables is None or tables.timesteps is None or tables.input_scales is None:
         return carrier, values[index][:, None], CallTable(values, index)

@@ -40,7 +40,7 @@ from .map_steps import agrees_with_comfy, map_kind, run_on_maps
 from .model_wrapper import WRAPPER_KEY, AreaRecorder, CallTable, PerPixelApplyModel, StepMaps
 from .per_pixel import per_pixel
 from .tokens import KEY as TOKENS_KEY
-from .track_model import PixelModel, TrackSet, retracked, tracks_from_host_history
+from .track_model import PixelModel, TrackSet, levels_of, retracked, tracks_from_host_history
 
 __all__ = ["AsynSampler", "ETA_SAMPLERS", "REFUSED_SAMPLERS", "StepRecord", "check_inputs", "check_sampler_name",
            "sampler_names"]
@@ -700,10 +700,8 @@ class _DynamicMasks:
         self._item_level_on: dict[torch.device, torch.Tensor] = {}  # the same, per device (uploaded once)
         # The latest prediction (every map from the last reading on is the one it wrote) as each pixel's level, and
         # the readings (first, level) still to be written into the history: a step compares levels only.
-        latest = history[-1].numpy().reshape(-1)
-        level = np.searchsorted(self.levels, latest)
-        exact = bool((self.levels[np.minimum(level, self.levels.size - 1)] == latest).all())
-        self._level: np.ndarray | None = level if exact else None
+        found, level = levels_of(history[-1].numpy().reshape(-1), self.levels)
+        self._level: np.ndarray | None = level if found is self.levels else None
         self._unwritten: list[tuple[int, np.ndarray]] = []
 
     def begin(self, begun: int) -> tuple[int, HostCopy] | None:
@@ -741,7 +739,7 @@ class _DynamicMasks:
             return None  # only the preview's last map changed
         new = retracked(tracks, first, None, self.sampler._state_rows, self.to_sigma, self.sigmas,
                         self.to_sigma.host_carrier, levels=self.levels, numpy_states=self.sampler._numpy_state_rows,
-                        level=level, shape=tuple(level_map.shape))
+                        level=level)
         if new.same_partition(tracks):
             return None
         self.tracks = new

@@ -21,7 +21,8 @@ from .host import host_maths, model_call_queued, to_device, to_host
 from .model_wrapper import CallTable, StepMaps, model_timesteps
 from .per_pixel import per_pixel
 
-__all__ = ["NumpyStates", "TrackSet", "PixelModel", "retracked", "tracks_from_host_history", "unique_rows"]
+__all__ = ["NumpyStates", "TrackSet", "PixelModel", "call_entries", "levels_of", "retracked",
+           "tracks_from_host_history", "unique_rows"]
 
 # (histories (U, N), first, states before first (U,)) -> the states from first on (U, N + 1 - first), or None
 NumpyStates = Callable[[np.ndarray, int, np.ndarray], "np.ndarray | None"]
@@ -63,6 +64,15 @@ class TrackSet:
         return self._once("host", lambda: to_host(self.sigmas))
 
     @property
+    def host_array(self) -> np.ndarray:
+        """The host sigmas as a numpy array of the same values (a view of float32 or float64 ones; other dtypes in
+        float64, which holds them exactly), for the host's comparisons in numpy."""
+        def make() -> np.ndarray:
+            host = self.host
+            return (host if host.dtype in (torch.float32, torch.float64) else host.to(torch.float64)).numpy()
+        return self._once("host_array", make)
+
+    @property
     def rows(self) -> list[tuple[float, ...]]:
         """Each track's sigmas as Python numbers (to compare and look up tracks on the host)."""
         return self._once("rows", lambda: [tuple(row) for row in self.host.tolist()])
@@ -73,8 +83,7 @@ class TrackSet:
         step always runs): its pixels wait at their first sigma, and its sampler run starts at step m on
         sigmas[m:]. From the host sigmas, in one pass over the table (a re-partition asks every step)."""
         def make() -> list[int]:
-            host = self.host
-            rows = (host if host.dtype in (torch.float32, torch.float64) else host.to(torch.float64)).numpy()
+            rows = self.host_array
             same = rows[:, 1:-1] == rows[:, :1]  # sigma m + 1 == sigma 0, for m = 0 .. N - 2
             return np.cumprod(same, axis=1).sum(axis=1).tolist()
         return self._once("holds", make)
@@ -88,12 +97,7 @@ class TrackSet:
     def call_index(self) -> torch.Tensor:
         """(B, H, W) long: each pixel's entry in a model call's (U * B,) table of per-track, per-image
         sigmas (track-major), so that a call's sigma map is one gather and needs no torch.unique."""
-        def make() -> torch.Tensor:
-            if self.index.shape[0] == 1:  # one image: the entries are the tracks (index * 1 + 0, without the two ops)
-                return self.index
-            batch = torch.arange(self.index.shape[0], device=self.index.device).view(-1, 1, 1)
-            return self.index * self.index.shape[0] + batch
-        return self._once("call_index", make)
+        return self._once("call_index", lambda: call_entries(self.index))
 
     def sigma_map(self, column: int) -> torch.Tensor:
         """(B, 1, H, W): every pixel's sigma at position `column` of its track."""
@@ -116,6 +120,15 @@ class TrackSet:
             if not torch.equal(self.host_index, other.host_index):
                 return False
         return self.rows == other.rows
+
+
+def call_entries(rows: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) each pixel's row (a track, or a call's shared row) -> its entry in a (rows * B,) table of per-row,
+    per-image values (row-major): row * B + image."""
+    if rows.shape[0] == 1:  # one image: the entries are the rows (rows * 1 + 0, without the two ops)
+        return rows
+    batch = torch.arange(rows.shape[0], device=rows.device).view(-1, 1, 1)
+    return rows * rows.shape[0] + batch
 
 
 def tracks_from_host_history(host_history: torch.Tensor, carrier: torch.Tensor,
@@ -154,8 +167,7 @@ def retracked(tracks: TrackSet, first: int, k_map: torch.Tensor | None,
               state_rows: Callable[..., torch.Tensor],
               to_sigma: Callable[[torch.Tensor], torch.Tensor], carrier: torch.Tensor,
               host_carrier: torch.Tensor, *, levels: np.ndarray | None = None,
-              numpy_states: NumpyStates | None = None, level: np.ndarray | None = None,
-              shape: tuple[int, ...] | None = None) -> TrackSet:
+              numpy_states: NumpyStates | None = None, level: np.ndarray | None = None) -> TrackSet:
     """The tracks once every pixel takes the priority k_map (B, H, W, on the CPU) from step `first` on,
     its history before `first` being its track's: what tracks_from_host_history gives for the new
     history, the same TrackSet, built from the track table and one integer key per pixel (its track
@@ -165,16 +177,12 @@ def retracked(tracks: TrackSet, first: int, k_map: torch.Tensor | None,
     step, on a few dozen tracks, where a torch dispatch per operation would cost more than the work.
     levels: the sorted priorities k_map may hold (else found with np.unique); numpy_states: state_rows
     on numpy rows, or None where it does not apply (then state_rows runs); level: each pixel's index among
-    the given levels (k_map == levels[level], flattened), when the caller has it; then k_map may be None, with the
-    map's shape given (B, H, W)."""
+    the given levels (k_map == levels[level], flattened), when the caller has it; then k_map may be None."""
     assert tracks.history is not None and tracks.states is not None and tracks.host_index is not None
     with host_maths():
         if level is None or levels is None:
             assert k_map is not None
-            levels, level = _levels_of(k_map.numpy().astype(np.float32, copy=False).reshape(-1), levels)
-        if shape is None:
-            assert k_map is not None
-            shape = tuple(k_map.shape)
+            levels, level = levels_of(k_map.numpy().astype(np.float32, copy=False).reshape(-1), levels)
         key = tracks.host_index.numpy().reshape(-1) * levels.size + level
         used = np.zeros(tracks.count * levels.size, dtype=bool)
         used[key] = True
@@ -199,11 +207,11 @@ def retracked(tracks: TrackSet, first: int, k_map: torch.Tensor | None,
         rows, index, background = _with_background(rows, index)
         if background:  # track 0 of every track set is the background, with the background's states
             states = np.concatenate([tracks.states.numpy()[:1], states])
-    return _track_set(torch.from_numpy(rows), torch.from_numpy(index).reshape(shape), torch.from_numpy(states),
-                      carrier, host_carrier, to_sigma, first)
+    return _track_set(torch.from_numpy(rows), torch.from_numpy(index).reshape(tracks.host_index.shape),
+                      torch.from_numpy(states), carrier, host_carrier, to_sigma, first)
 
 
-def _levels_of(k: np.ndarray, levels: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+def levels_of(k: np.ndarray, levels: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     """(the priorities, each pixel's index among them): from the given sorted levels when they hold every value of
     k (three vector ops), else np.unique's (a sort of the pixels); -0.0 is 0.0 either way."""
     if levels is not None and levels.size:

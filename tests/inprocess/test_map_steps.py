@@ -28,9 +28,13 @@ def _run_node(pack_nodes, model, conds, name, eta, words, mode, schedule=None, s
                                              schedule).args[0]["samples"]
 
 
+def _pack_modules(module: str = "sampler") -> list:
+    """An adapter module as the tests import it and as the pack's nodes import it (under the pack's name)."""
+    return [m for name, m in list(sys.modules.items()) if name.endswith(f"asyndm.comfy_adapter.{module}")]
+
+
 def _sampler_modules() -> list:
-    """The sampler module as the tests import it and as the pack's nodes import it (under the pack's name)."""
-    return [m for name, m in list(sys.modules.items()) if name.endswith("asyndm.comfy_adapter.sampler")]
+    return _pack_modules("sampler")
 
 
 def _lockstep_only(monkeypatch):
@@ -38,7 +42,7 @@ def _lockstep_only(monkeypatch):
         monkeypatch.setattr(module, "map_kind", lambda *args, **kwargs: None)
 
 
-def _uniform_calls_as_ksampler(monkeypatch, on: bool) -> None:
+def _distinct_sigma_calls(monkeypatch, on: bool) -> None:
     for module in _sampler_modules():
         monkeypatch.setattr(module.AsynSampler, "distinct_sigma_calls", on)
 
@@ -47,7 +51,7 @@ def _uniform_calls_as_ksampler(monkeypatch, on: bool) -> None:
 def _same_calls_on_both_routes(monkeypatch):
     """The routes are compared with the same table call everywhere: the map route's KSampler calls where every
     pixel sits at one sigma (which the lock step cannot see) are tested on their own below."""
-    _uniform_calls_as_ksampler(monkeypatch, False)
+    _distinct_sigma_calls(monkeypatch, False)
 
 
 @pytest.mark.parametrize(("name", "eta"), MAP_SAMPLERS)
@@ -187,13 +191,13 @@ def test_a_call_with_every_pixel_at_one_sigma_is_ksamplers_own(tiny_sd15, monkey
         return seen[0], out
 
     want, _ = first_denoised(lambda callback: stock(model, pos, neg, latent, callback=callback, **kw))
-    _uniform_calls_as_ksampler(monkeypatch, True)
+    _distinct_sigma_calls(monkeypatch, True)
     monkeypatch.setattr(track_model.PixelModel, "__call__", spy)
     got, on = first_denoised(lambda callback: asyn(model, pos, neg, latent, schedule=fixed_masks(1, 8, 8),
                                                    callback=callback, **kw))
     assert sigma_maps == [False, True, True, True, True, False]
     assert torch.equal(got, want)
-    _uniform_calls_as_ksampler(monkeypatch, False)
+    _distinct_sigma_calls(monkeypatch, False)
     sigma_maps.clear()
     off = asyn(model, pos, neg, latent, schedule=fixed_masks(1, 8, 8), **kw)
     assert sigma_maps == [True] * 6
@@ -217,14 +221,13 @@ def test_tracks_at_one_sigma_share_a_table_row(sd15_checkpoint, conds, pack_node
             return real(self, x, sigma_map, carrier, *args, table=table, **kwargs)
         return call
 
-    for name, module in list(sys.modules.items()):  # as the tests and as the pack's nodes import it
-        if name.endswith("asyndm.comfy_adapter.track_model"):
-            monkeypatch.setattr(module.PixelModel, "__call__", spy(module.PixelModel.__call__))
+    for module in _pack_modules("track_model"):
+        monkeypatch.setattr(module.PixelModel, "__call__", spy(module.PixelModel.__call__))
     per_track = _run_node(pack_nodes, model, conds, "euler", None, "rabbit, basketball", "dynamic", steps=12,
                           batch=batch)
     one_row_per_track = list(calls)
     calls.clear()
-    _uniform_calls_as_ksampler(monkeypatch, True)
+    _distinct_sigma_calls(monkeypatch, True)
     shared = _run_node(pack_nodes, model, conds, "euler", None, "rabbit, basketball", "dynamic", steps=12,
                           batch=batch)
     # a table has a row per track (or distinct sigma) and image
