@@ -26,8 +26,8 @@ from .checks import (
     require_float_tensor,
 )
 
-__all__ = ["SCHEDULE_CURVES", "NUMPY_CURVES", "step", "next_state", "history_states", "numpy_history_states",
-           "timestep_maps"]
+__all__ = ["SCHEDULE_CURVES", "NUMPY_CURVES", "step", "next_state", "history_states", "numpy_curve_constants",
+           "numpy_history_states", "numpy_state_step", "timestep_maps"]
 
 SCHEDULE_CURVES = ("linear", "bin", "lin", "exp")
 NUMPY_CURVES = ("bin", "linear")  # the curves numpy_history_states runs
@@ -308,8 +308,7 @@ def numpy_history_states(states_in: np.ndarray, ks: np.ndarray, first: int, curv
     every step, on rows it made from checked ones)."""
     if curve not in NUMPY_CURVES:
         raise ValueError(f"numpy_history_states runs the bin and linear curves, not {curve!r}")
-    kind = states_in.dtype.type
-    tgt, bend = kind(target), kind(t / (n * n))
+    tgt, bend = numpy_curve_constants(states_in.dtype, target, t=t, n=n)
     out = np.empty((n + 1 - first, states_in.shape[0]), dtype=states_in.dtype)  # a state column per row: contiguous
     cur = states_in
     # The curve's k * bend of every step at once (the same products), and which steps have a key row: taken out of
@@ -319,14 +318,30 @@ def numpy_history_states(states_in: np.ndarray, ks: np.ndarray, first: int, curv
         keyed = cast("list[bool]", (ks[:, first:n] > 0).any(axis=0).tolist())
     bent = ks[:, first:n].T * bend if any(keyed) else None
     for col, i in enumerate(range(first, n)):
-        r = kind(n - i)
-        nxt = cur + (tgt - cur) / r  # the linear step
-        if keyed[col]:  # k = 0 rows: an added exact zero, the linear step
-            assert bent is not None
-            nxt = nxt + bent[col] * (r - kind(1))
-        cur = np.minimum(nxt, cur, out=out[col])
+        cur = numpy_state_step(cur, bent[col] if keyed[col] and bent is not None else None, n - i, tgt,
+                               out=out[col])
     out[-1] = 0
     return out.T
+
+
+def numpy_curve_constants(dtype: np.dtype, target: float, *, t: int, n: int) -> tuple[np.floating, np.floating]:
+    """(target, the "bin" curve's bend T / N^2) in the states' dtype, as numpy_state_step takes them."""
+    kind = np.dtype(dtype).type
+    return kind(target), kind(t / (n * n))
+
+
+def numpy_state_step(cur: np.ndarray, bent: np.ndarray | None, remaining: int, target: np.floating,
+                     out: np.ndarray | None = None) -> np.ndarray:
+    """One column of numpy_history_states: the states after `cur` with `remaining` steps left (r = N - i for the
+    state i), in cur's dtype. bent: each row's k * bend ("bin"), or None where no row of the column is keyed (k = 0
+    adds an exact zero: the linear step)."""
+    kind = cur.dtype.type
+    r = kind(remaining)
+    nxt = cur + (target - cur) / r  # the linear step
+    if bent is not None:
+        nxt = nxt + bent * (r - kind(1))
+    stepped: np.ndarray = np.minimum(nxt, cur, out=out)
+    return stepped
 
 
 def timestep_maps(

@@ -127,19 +127,28 @@ class SigmaInterpolator:
             self._host_knots = (self.ks.numpy(), self.kv.numpy(), self.log_kv.numpy(), self.final.numpy())
         ks, kv, log_kv, final = self._host_knots
         flat = s.detach().reshape(-1).to(self.ks.dtype).numpy()  # no copy where s has the knots' dtype
-        idx = np.clip(np.searchsorted(ks, flat, side="right"), 1, ks.shape[0] - 1)
+        idx = np.searchsorted(ks, flat, side="right")
+        np.minimum(np.maximum(idx, 1, out=idx), ks.shape[0] - 1, out=idx)  # np.clip, in place, without its wrapper
         below = idx - 1
         lo_s, hi_s = ks[below], ks[idx]
-        lo_v, hi_v = kv[below], kv[idx]
-        w = np.clip(((flat - lo_s) / (hi_s - lo_s)).astype(np.float64), 0.0, 1.0)
+        w = ((flat - lo_s) / (hi_s - lo_s)).astype(np.float64)
+        np.minimum(np.maximum(w, 0.0, out=w), 1.0, out=w)
         lo_log = log_kv[below]
-        interp = torch.exp(torch.from_numpy(lo_log + w * (log_kv[idx] - lo_log))).numpy()
-        out = np.where(flat == lo_s, lo_v, np.where(flat == hi_s, hi_v, interp))
+        step = log_kv[idx] - lo_log
+        step *= w  # w * (hi - lo) and lo + that: products and sums commute bit for bit
+        step += lo_log
+        out = torch.exp(torch.from_numpy(step)).numpy()
+        out = np.where(flat == hi_s, kv[idx], out)
+        out = np.where(flat == lo_s, kv[below], out)
+        # The two ends, where some state lies there (only the run's last states reach below the last anchor).
         last_s = ks[0]
-        frac = np.clip((flat / last_s).astype(np.float64), 0.0, 1.0)
-        out = np.where(flat < last_s, final + frac * (kv[0] - final), out)
-        out = np.where(flat >= ks[-1], kv[-1], out)  # np.where makes a new contiguous array
-        return torch.from_numpy(out).reshape(s.shape).to(self.out_dtype)
+        if flat.size and flat.min() < last_s:
+            frac = (flat / last_s).astype(np.float64)
+            np.minimum(np.maximum(frac, 0.0, out=frac), 1.0, out=frac)
+            out = np.where(flat < last_s, final + frac * (kv[0] - final), out)
+        if flat.size and flat.max() >= ks[-1]:
+            out = np.where(flat >= ks[-1], kv[-1], out)
+        return torch.from_numpy(np.ascontiguousarray(out)).reshape(s.shape).to(self.out_dtype)
 
     def _on_device(self, s: torch.Tensor) -> torch.Tensor:
         ks, kv, log_kv = self.ks.to(s.device), self.kv.to(s.device), self.log_kv.to(s.device)

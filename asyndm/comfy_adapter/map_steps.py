@@ -36,7 +36,7 @@ from .lockstep import CARRIER_HOLDS, Retrack, StartLatent
 from .model_wrapper import CallTable
 from .track_model import TrackSet, call_entries
 
-__all__ = ["agrees_with_comfy", "map_kind", "run_on_maps"]
+__all__ = ["agrees_with_comfy", "euler_step", "map_kind", "run_on_maps"]
 
 _EULER_OPTIONS = frozenset({"s_churn", "s_tmin", "s_tmax", "s_noise"})
 _ANCESTRAL_OPTIONS = frozenset({"eta", "s_noise", "noise_sampler"})
@@ -242,12 +242,17 @@ def dpmpp_2m_update(i: int, tables: _Tables, x: torch.Tensor, denoised: torch.Te
     return new
 
 
+def euler_step(x: torch.Tensor, denoised: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
+    """sample_euler's step (no churn) element by element, from `sigma` to `sigma_next` (maps or numbers)."""
+    d = (x - denoised) / sigma  # kdiff.to_d
+    return x + d * (sigma_next - sigma)
+
+
 def euler_update(kind: str, i: int, tables: _Tables, x: torch.Tensor, denoised: torch.Tensor, sigma: torch.Tensor,
                  noise: Callable[[], torch.Tensor] | None, s_noise: float) -> torch.Tensor:
     """Step i of every pixel from x at `sigma` (B, 1, H, W), as each track's instance would take it."""
     if kind == "euler":
-        d = (x - denoised) / sigma  # kdiff.to_d
-        new = x + d * (tables.column(tables.tables[0], i) - sigma)
+        new = euler_step(x, denoised, sigma, tables.column(tables.tables[0], i))
     elif tables.all_land[i]:
         new = denoised
     else:
@@ -332,7 +337,9 @@ def run_on_maps(kind: str, sampler: Any, tracks: TrackSet, extra_args: dict, cal
     for i in kdiff.trange(n, disable=disable_pbar):
         reading = retrack.begin(i) if retrack is not None else None
         carrier, sigma_map, table = call_sigmas(tracks, i, s_in, x.dtype, tables)
-        denoised = pixel_model(x, sigma_map, carrier, model_options, seed=seed, table=table)
+        # no reading takes the last call's attention (the observer is then off for it)
+        observe = {} if retrack is None else {"observe": i + 1 < n}
+        denoised = pixel_model(x, sigma_map, carrier, model_options, seed=seed, table=table, **observe)
         if reading is not None:
             assert retrack is not None
             new = retrack.finish(reading, tracks)

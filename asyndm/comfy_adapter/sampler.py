@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from ..masks import initial_item_masks, item_masks, priority_map
 from ..schedule_spec import AsynSchedule
 from ..schedule_table import table_step
-from ..schedules import NUMPY_CURVES, history_states, numpy_history_states
+from ..schedules import NUMPY_CURVES, history_states, numpy_curve_constants, numpy_history_states, numpy_state_step
 from ..schedules import step as schedule_step
 from ..sigma_map import SigmaInterpolator, TimestepTable, background_track, track_on_table
 from ..timesteps import round_clamp
@@ -39,6 +39,7 @@ from .lockstep import REFUSED, refusal, run_lockstep
 from .map_steps import agrees_with_comfy, map_kind, run_on_maps
 from .model_wrapper import WRAPPER_KEY, AreaRecorder, CallTable, PerPixelApplyModel, StepMaps
 from .per_pixel import per_pixel
+from .pixel_steps import NextStates, run_on_pixels
 from .tokens import KEY as TOKENS_KEY
 from .track_model import PixelModel, TrackSet, levels_of, retracked, tracks_from_host_history
 
@@ -177,6 +178,10 @@ class AsynSampler(comfy.samplers.Sampler):
     # embedding's rounding at those calls (a row's bits can depend on its call's row count); with this off they
     # compute the same bits (the tests that compare the routes turn it off).
     distinct_sigma_calls: bool = True
+    # With dynamic masks, euler (and ddim, its eta-0 name) steps every pixel's state on the host instead of
+    # re-partitioning tracks at every reading (pixel_steps.py): the same sigma maps, far less host work per step.
+    # Needs distinct_sigma_calls (its tables are made that way); the tests that compare the routes turn it off.
+    pixel_steps: bool = True
 
     def __init__(self, sampler_name: str, schedule: AsynSchedule | None, *, eta: float | None = None,
                  reference: bool = False, s_noise: float = 1.0, base: comfy.samplers.KSAMPLER | None = None) -> None:
@@ -508,6 +513,21 @@ class AsynSampler(comfy.samplers.Sampler):
         return numpy_history_states(start, history.astype(start.dtype, copy=False), first, curve,
                                     n=int(history.shape[1]), t=self.num_train_timesteps, target=float(self.offset))
 
+    def _pixel_next_states(self, num_steps: int) -> NextStates | None:
+        """The state recurrence of _numpy_state_rows one column at a time, on every pixel (pixel_steps.py), where
+        this sampler runs there (pixel_steps on, distinct sigma calls, a numpy curve); else None."""
+        curve = self.schedule.curve
+        if not (self.pixel_steps and self.distinct_sigma_calls) or self.schedule.table is not None or (
+                curve not in NUMPY_CURVES):
+            return None
+        t, target = self.num_train_timesteps, float(self.offset)
+
+        def next_states(states: np.ndarray, k: np.ndarray, remaining: int) -> np.ndarray:
+            tgt, bend = numpy_curve_constants(states.dtype, target, t=t, n=num_steps)
+            keyed = curve == "bin" and bool((k > 0).any())  # k = 0 adds an exact zero: the linear step
+            return numpy_state_step(states, k * bend if keyed else None, remaining, tgt)
+        return next_states
+
     def _to_sigma(self, model_wrap: Any, sigmas: torch.Tensor) -> tuple[_HostSigmas, bool]:
         """(state -> sigma for this run, KSampler's max_denoise for these sigmas). The function works on
         host (CPU) states: it is built from a CPU copy of the sigmas, read back once here."""
@@ -587,8 +607,13 @@ class AsynSampler(comfy.samplers.Sampler):
                 history = history.clone()  # re-read masks are written into it
             retrack = _DynamicMasks(self, history, observed, sigmas, to_sigma, (h, w))
         kind = self._map_kind(base, ms, noise, tracks)
+        next_states = self._pixel_next_states(num_steps) if kind == "euler" and retrack is not None else None
+        state_maps: list[torch.Tensor] | None = None
         try:
-            if kind is not None:  # euler / euler_ancestral / dpmpp_2m: one element-wise update, no instance per track
+            if next_states is not None and retrack is not None and tracks.sigmas.dtype in (torch.float32, torch.float64):
+                x, final_sigma, state_maps = run_on_pixels(tracks, retrack, next_states, to_sigma, extra_args,
+                                                           callback, start, self.disable_pbar, observed)
+            elif kind is not None:  # euler / euler_ancestral / dpmpp_2m: one element-wise update, no instance per track
                 x, final_sigma = run_on_maps(kind, base, tracks, extra_args, callback, start, self.disable_pbar,
                                              observed, retrack, ms, self.distinct_sigma_calls)
             else:
@@ -605,7 +630,7 @@ class AsynSampler(comfy.samplers.Sampler):
             tracks = retrack.tracks or tracks
         if record and self.record is not None:
             with host_maths():
-                self.record.states = [tracks.state_map(i) for i in range(num_steps)]
+                self.record.states = state_maps or [tracks.state_map(i) for i in range(num_steps)]
                 if retrack is not None:
                     history = retrack.written()
                 self.record.priorities = list(history[1:].unbind(0))
@@ -654,9 +679,10 @@ class _ObservedModel:
 
     def __call__(self, x: torch.Tensor, sigma_map: torch.Tensor | None, carrier: torch.Tensor,
                  model_options: dict | None = None, seed: int | None = None,
-                 table: CallTable | None = None) -> torch.Tensor:
+                 table: CallTable | None = None, observe: bool = True) -> torch.Tensor:
+        """observe: False where no reading will take this call's attention (a run's last call)."""
         comfy.model_management.throw_exception_if_processing_interrupted()
-        if self.observer is None:
+        if self.observer is None or not (observe or self.collect):
             return self.model(x, sigma_map, carrier, model_options, seed=seed, table=table)
         self.observer.enabled = True
         self.observer.reset()
@@ -724,8 +750,9 @@ class _DynamicMasks:
                                                             levels=self._item_level_on[attn.device])
         return first, HostCopy(level_map)
 
-    def finish(self, reading: tuple[int, HostCopy], tracks: TrackSet) -> TrackSet | None:
-        """After the next model call was queued: the new partition, or None when it is unchanged."""
+    def level_of(self, reading: tuple[int, HostCopy]) -> np.ndarray | None:
+        """After the next model call was queued: every pixel's new level (flattened), or None when the reading
+        predicts every pixel's priorities as they are. The reading is kept for the history (`written`)."""
         first, copy = reading
         level_map = copy.wait()
         with host_maths():
@@ -735,8 +762,14 @@ class _DynamicMasks:
                 return None  # the masks predicted every pixel's priorities as they are: same histories
             self._level = level
             self._unwritten.append((first, level))
-        if first >= len(self.sigmas) - 1:
-            return None  # only the preview's last map changed
+        return level
+
+    def finish(self, reading: tuple[int, HostCopy], tracks: TrackSet) -> TrackSet | None:
+        """After the next model call was queued: the new partition, or None when it is unchanged."""
+        first = reading[0]
+        level = self.level_of(reading)
+        if level is None or first >= len(self.sigmas) - 1:
+            return None  # the same histories, or only the preview's last map changed
         new = retracked(tracks, first, None, self.sampler._state_rows, self.to_sigma, self.sigmas,
                         self.to_sigma.host_carrier, levels=self.levels, numpy_states=self.sampler._numpy_state_rows,
                         level=level)

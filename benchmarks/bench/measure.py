@@ -195,19 +195,21 @@ OVER_KSAMPLER_LABELS = frozenset(label for label, _ in LOOP_PIECES)
 # (label, what) of the sampler-side pieces in the transformer families' report order: the per-step
 # maps before the family's hook pieces, the rest after them (bench/dit.py pieces()).
 STEP_PIECES = [
-    (STEP_MAPS_LABEL, "distinct model timesteps of the distinct sigmas, per step"),
+    (STEP_MAPS_LABEL, "distinct model timesteps of the distinct sigmas, per step (with dynamic masks on euler: each "
+                      "call's sigma map and table, pixel_steps._call)"),
     (SET_MAP_LABEL, "TimeHooks.set_map"),
 ]
 SAMPLER_PIECES = [
     (WRAPPER_LABEL, "PerPixelApplyModel.__call__ minus its children"),
     (PER_PIXEL_LABEL, "model_wrapper.per_pixel"),
     (NOISE_SCALING_LABEL, "sampler.per_pixel (once per run)"),
-    (GROUPING_LABEL, "track_model.tracks_from_host_history / retracked, dynamic masks' begin / finish, lockstep "
-                     "compose, map_steps tables"),
+    (GROUPING_LABEL, "track_model.tracks_from_host_history / retracked, dynamic masks' begin / finish / level_of, "
+                     "lockstep compose, map_steps tables, pixel_steps' group splits"),
     (NEXT_STATE_LABEL, "AsynSampler._state_rows / _next_state on the distinct priority histories"),
     (STATE_SIGMA_LABEL, "SigmaInterpolator on the tracks' states"),
     (STEP_MATH_LABEL, "lockstep _Instance.resume/start (ComfyUI's sampler between model calls), or "
-                      "map_steps.euler_update / dpmpp_2m_update (euler, euler_ancestral, dpmpp_2m on sigma maps)"),
+                      "map_steps.euler_update / dpmpp_2m_update (euler, euler_ancestral, dpmpp_2m on sigma maps; "
+                      "pixel_steps' euler step)"),
 ]
 
 
@@ -217,7 +219,7 @@ def wrap_sampler_pieces(stack: contextlib.ExitStack, timer: PieceTimer) -> None:
     import comfy.samplers
 
     from asyndm import sigma_map
-    from asyndm.comfy_adapter import attention, lockstep, map_steps, model_wrapper, track_model
+    from asyndm.comfy_adapter import attention, lockstep, map_steps, model_wrapper, pixel_steps, track_model
     from asyndm.comfy_adapter import sampler as asyn_sampler
     from asyndm.comfy_adapter.families import base
 
@@ -241,12 +243,16 @@ def wrap_sampler_pieces(stack: contextlib.ExitStack, timer: PieceTimer) -> None:
         GROUPING_LABEL, asyn_sampler.tracks_from_host_history)))
     stack.enter_context(patched(asyn_sampler, "retracked", timer.wrap(GROUPING_LABEL, asyn_sampler.retracked)))
     dyn = asyn_sampler._DynamicMasks  # dynamic masks' per-step bookkeeping (the read, the comparison, the history)
-    for attr in ("begin", "finish"):
+    for attr in ("begin", "finish", "level_of"):
         stack.enter_context(patched(dyn, attr, timer.wrap(GROUPING_LABEL, dyn.__dict__[attr])))
+    groups = pixel_steps._Groups  # euler with dynamic masks: the pixels' groups split by a reading, each call's maps
+    stack.enter_context(patched(groups, "split", timer.wrap(GROUPING_LABEL, groups.__dict__["split"])))
+    stack.enter_context(patched(pixel_steps, "_call", timer.wrap(STEP_MAPS_LABEL, pixel_steps._call)))
     stack.enter_context(patched(lockstep, "_compose", timer.wrap(GROUPING_LABEL, lockstep._compose)))
     tables = map_steps._Tables
     stack.enter_context(patched(tables, "__init__", timer.wrap(GROUPING_LABEL, tables.__dict__["__init__"])))
     stack.enter_context(patched(map_steps, "euler_update", timer.wrap(STEP_MATH_LABEL, map_steps.euler_update)))
+    stack.enter_context(patched(pixel_steps, "euler_step", timer.wrap(STEP_MATH_LABEL, pixel_steps.euler_step)))
     stack.enter_context(patched(map_steps, "dpmpp_2m_update", timer.wrap(STEP_MATH_LABEL, map_steps.dpmpp_2m_update)))
     stack.enter_context(patched(map_steps, "dpmpp_2m_tables", timer.wrap(GROUPING_LABEL, map_steps.dpmpp_2m_tables)))
     stack.enter_context(patched(map_steps, "call_sigmas", timer.wrap(STEP_MAPS_LABEL, map_steps.call_sigmas)))

@@ -21,10 +21,11 @@ from tests.inprocess.sampling import asyn, fixed_masks, rel_err, stock
 MAP_SAMPLERS = [("euler", None), ("ddim", 0.0), ("ddim", 1.0), ("euler_ancestral", None), ("dpmpp_2m", None)]
 
 
-def _run_node(pack_nodes, model, conds, name, eta, words, mode, schedule=None, steps=6, batch=1):
+def _run_node(pack_nodes, model, conds, name, eta, words, mode, schedule=None, steps=6, batch=1, scheduler="normal",
+              denoise=1.0):
     latent = {"samples": torch.zeros(batch, 4, 16, 16)}
-    return pack_nodes.AsynDMKSampler.execute(model, conds[0], conds[1], latent, 3, steps, 5.0, name, "normal", 1.0, words,
-                                             0.7, "bin", 1.0, mode, eta if eta is not None else 0.0, False,
+    return pack_nodes.AsynDMKSampler.execute(model, conds[0], conds[1], latent, 3, steps, 5.0, name, scheduler, denoise,
+                                             words, 0.7, "bin", 1.0, mode, eta if eta is not None else 0.0, False,
                                              schedule).args[0]["samples"]
 
 
@@ -268,3 +269,76 @@ def test_the_dynamic_history_is_what_the_tracks_followed(sd15_checkpoint, conds,
         assert torch.equal(priorities[i - 1], last.history[:, i][last.host_index]), i
         changed += int(not torch.equal(priorities[i - 1], priorities[0]))
     assert changed, "no reading changed the priorities"
+
+
+def _pixel_steps(monkeypatch, on: bool) -> None:
+    for module in _sampler_modules():
+        monkeypatch.setattr(module.AsynSampler, "pixel_steps", on)
+
+
+@pytest.mark.parametrize(("batch", "name", "scheduler", "denoise"), [
+    (1, "euler", "normal", 1.0), (2, "euler", "normal", 1.0), (1, "ddim", "normal", 1.0),
+    (1, "euler", "karras", 0.6),  # img2img: the run starts below the top
+    (1, "euler", "ddim_uniform", 1.0),  # states to sigmas through the model's own table (TimestepTable)
+])
+def test_pixel_steps_follow_the_tracks_sigmas(sd15_checkpoint, conds, pack_nodes, monkeypatch, batch, name, scheduler,
+                                              denoise):
+    """Euler with dynamic masks steps every pixel's state on the host (pixel_steps.py) instead of re-partitioning
+    tracks: every call has the track route's carrier, sigma map and table values (one row per distinct sigma and
+    image), and every step's states and priorities are the track route's."""
+    model = sd15_checkpoint[0]
+    calls: list[tuple] = []
+    records: list = []
+    routes: list[str] = []
+
+    def spy(real):
+        def call(self, x, sigma_map, carrier, *args, table=None, **kwargs):
+            values = None if table is None else torch.sort(table.values).values
+            mapped = None if table is None else table.values[table.index]
+            calls.append((carrier.clone(), None if sigma_map is None else sigma_map.clone(), values, mapped))
+            return real(self, x, sigma_map, carrier, *args, table=table, **kwargs)
+        return call
+
+    for module in _pack_modules("track_model"):
+        monkeypatch.setattr(module.PixelModel, "__call__", spy(module.PixelModel.__call__))
+    for module in _sampler_modules():
+        real_init, real_pixels = module.AsynSampler.__init__, module.run_on_pixels
+
+        def init(self, *args, real=real_init, **kwargs):
+            real(self, *args, **kwargs)
+            records.append(self)
+
+        def pixels(*args, real=real_pixels, **kwargs):
+            routes.append("pixels")
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module.AsynSampler, "__init__", init)
+        monkeypatch.setattr(module, "run_on_pixels", pixels)
+    _distinct_sigma_calls(monkeypatch, True)
+    run = lambda: _run_node(pack_nodes, model, conds, name, 0.0 if name == "ddim" else None,  # noqa: E731
+                            "rabbit, basketball", "dynamic", steps=12, batch=batch, scheduler=scheduler,
+                            denoise=denoise)
+    _pixel_steps(monkeypatch, False)
+    on_tracks = run()
+    want_calls, want_record = list(calls), records[-1].record
+    assert not routes
+    calls.clear()
+    _pixel_steps(monkeypatch, True)
+    on_pixels = run()
+    got_record = records[-1].record
+    assert routes == ["pixels"]
+    assert len(calls) == len(want_calls) >= 12  # (ddim_uniform may give a step more)
+    assert sum(table is not None for _, _, table, _ in calls) >= 8, "too few table calls to compare"
+    for step, (got, want) in enumerate(zip(calls, want_calls, strict=True)):
+        assert torch.equal(got[0], want[0]), step
+        assert (got[1] is None) == (want[1] is None), step
+        if got[1] is not None:
+            assert torch.equal(got[1], want[1]), step
+            assert torch.equal(got[2], want[2]), step  # the same rows, in another order
+            assert torch.equal(got[3], got[1][:, 0]), step  # the table's entries are the map
+    for got_state, want_state in zip(got_record.states, want_record.states, strict=True):
+        assert torch.equal(got_state, want_state)
+    for got_k, want_k in zip(got_record.priorities, want_record.priorities, strict=True):
+        assert torch.equal(got_k, want_k)
+    # The rows' order can change the time embedding's rounding (a row's bits can depend on its place in the call)
+    assert torch.isfinite(on_pixels).all() and rel_err(on_pixels, on_tracks) < 1e-5, rel_err(on_pixels, on_tracks)
