@@ -364,6 +364,28 @@ def agrees_with_comfy(kind: str, sampler: Any) -> bool:
         return _agrees_with_comfy(kind, sampler)
 
 
+def _check_denoise(x: torch.Tensor, sigma: torch.Tensor, tenth: torch.Tensor) -> torch.Tensor:
+    """The check's denoiser: it depends on x and sigma, in two ops (it runs 8 times per check)."""
+    return torch.addcdiv(tenth, x, 1.0 + sigma, value=0.75)
+
+
+class _CheckModel:
+    """What a k-diffusion sampler function reads of its model: model_sampling, and calls (counted)."""
+
+    class inner_model:  # noqa: N801 - the attribute path k-diffusion reads
+        class inner_model:  # noqa: N801
+            model_sampling = None
+
+    def __init__(self, start: int, tenth: torch.Tensor) -> None:
+        self.start = start
+        self.tenth = tenth
+        self.calls = 0
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **_: Any) -> torch.Tensor:
+        self.calls += 1
+        return _check_denoise(x, sigma.view(-1, 1, 1, 1), self.tenth)
+
+
 def _agrees_with_comfy(kind: str, sampler: Any) -> bool:
     # A mid-run hold (h = 0) sends the multistep sampler's next step to inf / NaN, its own result too.
     second = [8.0, 8.0, 6.5, 4.0, 0.0] if kind == "dpmpp_2m" else [8.0, 8.0, 6.0, 6.0, 0.0]
@@ -372,29 +394,12 @@ def _agrees_with_comfy(kind: str, sampler: Any) -> bool:
     tracks = TrackSet(rows, index, None, rows, index)
     generator = torch.Generator().manual_seed(7)
     x0 = torch.randn(1, 2, 2, 3, generator=generator)
-    draws = [torch.randn(1, 2, 2, 3, generator=generator) for _ in range(rows.shape[1])]
+    draws = ([torch.randn(1, 2, 2, 3, generator=generator) for _ in range(rows.shape[1])]
+             if kind == "euler_ancestral" else [])  # only the ancestral steps draw noise
     options = dict(sampler.extra_options)
-
-    tenth = torch.tensor(0.1)
-
-    def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:  # two ops: it runs 8 times per check
-        return torch.addcdiv(tenth, x, 1.0 + sigma, value=0.75)
-
-    class Proxy:  # what the function reads of its model: model_sampling, and calls
-        class inner_model:  # noqa: N801 - the attribute path k-diffusion reads
-            class inner_model:  # noqa: N801
-                model_sampling = None
-
-        def __init__(self, start: int) -> None:
-            self.start = start
-            self.calls = 0
-
-        def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **_: Any) -> torch.Tensor:
-            self.calls += 1
-            return denoise(x, sigma.view(-1, 1, 1, 1))
-
     start = tracks.holds[1]
-    proxy = Proxy(start)
+    tenth = torch.tensor(0.1)
+    proxy = _CheckModel(start, tenth)
     if kind == "euler_ancestral":
         options["noise_sampler"] = lambda s, sn: draws[proxy.start + proxy.calls - 1]
     with torch.no_grad():
@@ -407,7 +412,7 @@ def _agrees_with_comfy(kind: str, sampler: Any) -> bool:
     for i in range(rows.shape[1] - 1):
         sigma = tracks.sigma_map(i)
         noise = (lambda i=i: draws[i]) if tables.draws[i] else None
-        denoised = denoise(x, sigma)
+        denoised = _check_denoise(x, sigma, tenth)
         x = _update(kind, i, tables, x, denoised, sigma, noise, s_noise, old)
         old = denoised
     second_track = (index == 1)[:, None].expand_as(x)
