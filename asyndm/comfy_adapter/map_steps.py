@@ -337,9 +337,7 @@ def run_on_maps(kind: str, sampler: Any, tracks: TrackSet, extra_args: dict, cal
     for i in kdiff.trange(n, disable=disable_pbar):
         reading = retrack.begin(i) if retrack is not None else None
         carrier, sigma_map, table = call_sigmas(tracks, i, s_in, x.dtype, tables)
-        # no reading takes the last call's attention (the observer is then off for it)
-        observe = {} if retrack is None else {"observe": i + 1 < n}
-        denoised = pixel_model(x, sigma_map, carrier, model_options, seed=seed, table=table, **observe)
+        denoised = pixel_model(x, sigma_map, carrier, model_options, seed=seed, table=table)
         if reading is not None:
             assert retrack is not None
             new = retrack.finish(reading, tracks)

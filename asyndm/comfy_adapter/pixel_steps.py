@@ -128,7 +128,7 @@ def run_on_pixels(tracks: TrackSet, reader: LevelReader, next_states: NextStates
     for i in kdiff.trange(n, disable=disable_pbar):
         reading = reader.begin(i)
         denoised = pixel_model(x, None if table is None else sigma, tracks.sigmas[0, i] * s_in, model_options,
-                               seed=seed, table=table, observe=i + 1 < n)  # no reading takes the last call's
+                               seed=seed, table=table)
         level = reader.level_of(reading) if reading is not None else None
         with host_maths():
             split = level is not None and i + 1 < n  # (the last reading only changes the preview's last map)

@@ -679,10 +679,9 @@ class _ObservedModel:
 
     def __call__(self, x: torch.Tensor, sigma_map: torch.Tensor | None, carrier: torch.Tensor,
                  model_options: dict | None = None, seed: int | None = None,
-                 table: CallTable | None = None, observe: bool = True) -> torch.Tensor:
-        """observe: False where no reading will take this call's attention (a run's last call)."""
+                 table: CallTable | None = None) -> torch.Tensor:
         comfy.model_management.throw_exception_if_processing_interrupted()
-        if self.observer is None or not (observe or self.collect):
+        if self.observer is None:
             return self.model(x, sigma_map, carrier, model_options, seed=seed, table=table)
         self.observer.enabled = True
         self.observer.reset()
