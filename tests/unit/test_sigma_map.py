@@ -130,3 +130,8 @@ def test_the_host_interpolation_is_the_device_one_bit_for_bit(seed: int) -> None
     assert host.dtype == device.dtype == torch.float32 and host.shape == states.shape
     assert torch.equal(host, device)
     assert torch.equal(interp(states), device)
+    # the host path skips an end where no state lies there: states strictly inside, and none at all
+    inside = states[(states >= float(track[-1])) & (states < 1001.0)]
+    assert 0 < inside.numel() < states.numel()
+    assert torch.equal(interp._on_host(inside), interp._on_device(inside))
+    assert interp._on_host(states[:, :0]).shape == (1, 0)
