@@ -3,14 +3,14 @@
 With dynamic masks the map route (map_steps.py) re-partitions the pixels into tracks at every reading that changes
 a priority: a new track table, its states and sigmas for the whole run, its flags, and its calls' tables, most of
 it a prediction of a future that the next reading replaces. Euler reads only each pixel's sigma now and next. So
-here every pixel's AsynDM state is kept on the host and stepped one column per step, with the operations the
-tracks' recurrence runs (numpy_state_step, the same IEEE operations element by element), placed on the run's
-sigmas by the same function, and a pixel whose priorities were all 0 so far, and are predicted 0, follows the
-carrier exactly, as the background track does. A pixel therefore sits at its track's sigma at every call, and
-waits (holds at its first sigma) exactly when its track's sampler has not started. Each call's table has one row
-per distinct sigma (the carrier's among them) and image, as map_steps' distinct calls make it, and a call whose
-pixels all sit at the carrier's sigma is KSampler's own. Only the order of a table's rows can differ from the
-track route's (sorted here, by track there).
+here every pixel's AsynDM state is kept on the host (per group of pixels that share it, _Groups) and stepped one
+column per step, with the operations the tracks' recurrence runs (numpy_state_step, the same IEEE operations element
+by element), placed on the run's sigmas by the same function, and a pixel whose priorities were all 0 so far, and
+are predicted 0, follows the carrier exactly, as the background track does. A pixel therefore sits at its track's
+sigma at every call, and waits (holds at its first sigma) exactly when its track's sampler has not started. Each
+call's table has one row per distinct sigma (the carrier's among them) and image, as map_steps' distinct calls make
+it, and a call whose pixels all sit at the carrier's sigma is KSampler's own. Only the order of a table's rows can
+differ from the track route's (sorted here, by track there).
 
 What the host reads of the device is the dynamic masks' one pipelined read per step (the reading, taken after the
 next model call was queued); what goes to the device is uploaded without a stream sync (host.to_device).

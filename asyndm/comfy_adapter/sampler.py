@@ -179,7 +179,7 @@ class AsynSampler(comfy.samplers.Sampler):
     # compute the same bits (the tests that compare the routes turn it off).
     distinct_sigma_calls: bool = True
     # With dynamic masks, euler (and ddim, its eta-0 name) steps every pixel's state on the host instead of
-    # re-partitioning tracks at every reading (pixel_steps.py): the same sigma maps, far less host work per step.
+    # re-partitioning tracks at every reading (pixel_steps.py): the same sigma maps, less host work per step.
     # Needs distinct_sigma_calls (its tables are made that way); the tests that compare the routes turn it off.
     pixel_steps: bool = True
 
@@ -514,7 +514,7 @@ class AsynSampler(comfy.samplers.Sampler):
                                     n=int(history.shape[1]), t=self.num_train_timesteps, target=float(self.offset))
 
     def _pixel_next_states(self, num_steps: int) -> NextStates | None:
-        """The state recurrence of _numpy_state_rows one column at a time, on every pixel (pixel_steps.py), where
+        """The state recurrence of _numpy_state_rows one column at a time, on the pixels' groups (pixel_steps.py), where
         this sampler runs there (pixel_steps on, distinct sigma calls, a numpy curve); else None."""
         curve = self.schedule.curve
         if not (self.pixel_steps and self.distinct_sigma_calls) or self.schedule.table is not None or (
