@@ -29,7 +29,7 @@ from .host import host_maths, to_device
 from .lockstep import CARRIER_HOLDS, StartLatent
 from .map_steps import euler_step
 from .model_wrapper import CallTable
-from .track_model import TrackSet
+from .track_model import TrackSet, call_entries
 
 __all__ = ["LevelReader", "NextStates", "run_on_pixels"]
 
@@ -60,9 +60,7 @@ class _Groups:
         self.state = states[:, 0]
         self.level_count = levels.shape[0]
         self.priorities = levels.astype(states.dtype)
-        # the first tracks' priorities as levels (every later step's priority: their histories are constant)
-        self.level = np.searchsorted(levels, tracks.history.numpy()[:, -1])
-        self.k = self.priorities[self.level]
+        self.k = tracks.history.numpy()[:, -1].astype(states.dtype)  # the first tracks' (constant) priorities
         self.background = np.arange(tracks.count) == 0  # every priority so far, and predicted, 0: the carrier
         self.first_sigma = sigmas[:, 0]
         self.held = np.ones(tracks.count, dtype=bool)  # still at the first sigma: the track's sampler not started
@@ -74,9 +72,9 @@ class _Groups:
         used[key] = True
         pairs = np.flatnonzero(used)  # (old group, new level) in use
         self.pixel = (np.cumsum(used) - 1)[key]
-        old, self.level = np.divmod(pairs, self.level_count)
+        old, new_level = np.divmod(pairs, self.level_count)
         self.state, self.first_sigma, self.held = self.state[old], self.first_sigma[old], self.held[old]
-        self.k = self.priorities[self.level]
+        self.k = self.priorities[new_level]
         self.background = self.background[old] & (self.k == 0)
 
 
@@ -88,18 +86,15 @@ def _call(sigma: np.ndarray, pixel: np.ndarray, carrier: np.floating, shape: tup
     (the run's sigmas')."""
     per_pixel = sigma[pixel].reshape(shape[0], 1, *shape[1:])
     sigma_map = to_device(torch.from_numpy(per_pixel), like.device).to(like.dtype)
-    values = sorted({*sigma.tolist(), float(carrier)})  # a few dozen numbers: Python's set, not np.unique
+    listed = sigma.tolist()
+    values = sorted({*listed, float(carrier)})  # a few dozen numbers: Python's set, not np.unique
     if len(values) == 1:
         return sigma_map, None
     row = {value: r for r, value in enumerate(values)}
-    entries = np.array([row[value] for value in sigma.tolist()])[pixel].reshape(shape)
-    table = np.array(values, dtype=sigma.dtype)
-    batch = shape[0]
-    if batch > 1:  # one entry per row and image (row * B + image), as map_steps' calls
-        table = np.repeat(table, batch)
-        entries = entries * batch + np.arange(batch).reshape(-1, 1, 1)
+    rows = torch.from_numpy(np.array([row[value] for value in listed])[pixel].reshape(shape))
+    table = np.repeat(np.array(values, dtype=sigma.dtype), shape[0])  # one entry per row and image (row-major)
     return sigma_map, CallTable(to_device(torch.from_numpy(table), like.device).to(like.dtype),
-                                to_device(torch.from_numpy(entries), like.device))
+                                to_device(call_entries(rows), like.device))
 
 
 def run_on_pixels(tracks: TrackSet, reader: LevelReader, next_states: NextStates,

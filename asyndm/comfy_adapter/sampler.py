@@ -607,10 +607,11 @@ class AsynSampler(comfy.samplers.Sampler):
                 history = history.clone()  # re-read masks are written into it
             retrack = _DynamicMasks(self, history, observed, sigmas, to_sigma, (h, w))
         kind = self._map_kind(base, ms, noise, tracks)
-        next_states = self._pixel_next_states(num_steps) if kind == "euler" and retrack is not None else None
+        pixel_route = kind == "euler" and retrack is not None and tracks.sigmas.dtype in (torch.float32, torch.float64)
+        next_states = self._pixel_next_states(num_steps) if pixel_route else None
         state_maps: list[torch.Tensor] | None = None
         try:
-            if next_states is not None and retrack is not None and tracks.sigmas.dtype in (torch.float32, torch.float64):
+            if next_states is not None and retrack is not None:
                 x, final_sigma, state_maps = run_on_pixels(tracks, retrack, next_states, to_sigma, extra_args,
                                                            callback, start, self.disable_pbar, observed)
             elif kind is not None:  # euler / euler_ancestral / dpmpp_2m: one element-wise update, no instance per track
