@@ -20,11 +20,12 @@ def pick_steps(num_steps: int, count: int = 8) -> list[int]:
     return sorted({round(i * (num_steps - 1) / (count - 1)) for i in range(count)})
 
 
-def _tile(values: torch.Tensor, tile: int) -> torch.Tensor:
-    """(H, W) in [0, 1] -> (tile_h, tile_w) nearest-upscaled so the shorter side is >= tile."""
-    h, w = values.shape
+def _tiles(values: torch.Tensor, tile: int) -> torch.Tensor:
+    """(B, S, H, W) in [0, 1] -> (B, S, tile_h, tile_w) float32, nearest-upscaled by a whole factor so that the
+    shorter side is >= tile: every map of the strip in one call."""
+    h, w = values.shape[-2:]
     scale = max(1, -(-tile // min(h, w)))
-    return F.interpolate(values[None, None].float(), scale_factor=scale, mode="nearest")[0, 0]
+    return F.interpolate(values.float(), scale_factor=scale, mode="nearest")
 
 
 def timestep_strip(states: list[torch.Tensor], priorities: list[torch.Tensor], *, start_value: float,
@@ -32,26 +33,19 @@ def timestep_strip(states: list[torch.Tensor], priorities: list[torch.Tensor], *
     """One image per batch item: a row of timestep maps (white = noisy) over a row of priority maps.
 
     states / priorities: one (B, H, W) tensor per step. Priority maps are drawn in orange
-    (brightness = k), background black.
+    (brightness = k), background black; the tiles sit on a grey canvas, `gap` pixels apart.
+    The whole strip is a few tensor ops (the node draws it after every run).
     """
     if not states:
         return torch.zeros(1, tile, tile, 3)
     steps = pick_steps(len(states), count)
-    batch = states[0].shape[0]
-    images = []
-    for b in range(batch):
-        top, bottom = [], []
-        for i in steps:
-            t = _tile((states[i][b] / start_value).clamp(0, 1), tile)
-            p = _tile(priorities[i][b].clamp(0, 1), tile)
-            top.append(t[..., None].expand(-1, -1, 3))
-            bottom.append(torch.stack([p, p * 0.55, p * 0.1], dim=-1))
-        th, tw = top[0].shape[:2]
-        width = len(steps) * (tw + gap) - gap
-        canvas = torch.full((2 * th + gap, width, 3), 0.2)
-        for j, (a, c) in enumerate(zip(top, bottom, strict=True)):
-            x0 = j * (tw + gap)
-            canvas[:th, x0 : x0 + tw] = a
-            canvas[th + gap :, x0 : x0 + tw] = c
-        images.append(canvas)
-    return torch.stack(images)
+    top = _tiles((torch.stack([states[i] for i in steps], dim=1) / start_value).clamp(0, 1), tile)
+    bottom = _tiles(torch.stack([priorities[i] for i in steps], dim=1).clamp(0, 1), tile)
+    batch, shown, th, tw = top.shape
+    width = shown * (tw + gap) - gap
+    canvas = torch.full((batch, 2 * th + gap, width, 3), 0.2)
+    # the canvas as (B, rows, tiles, tile width, RGB): tile j's columns start at j * (tw + gap)
+    tiles = canvas.as_strided((batch, 2 * th + gap, shown, tw, 3), (*canvas.stride()[:2], (tw + gap) * 3, 3, 1))
+    tiles[:, :th] = top.permute(0, 2, 1, 3)[..., None]
+    tiles[:, th + gap:] = bottom.permute(0, 2, 1, 3)[..., None] * torch.tensor([1.0, 0.55, 0.1])  # orange
+    return canvas
