@@ -214,3 +214,47 @@ def test_memory_is_measured_in_a_fresh_process(bench):
     mem = bench.measure_memory_subprocess(spec, timeout=600)
     assert finite(float(mem["peak_mib"])) and mem["peak_mib"] > 0
     assert finite(float(mem["delta_mib"]))
+
+
+def test_switch_ab_alternates_the_values_and_restores_the_switch(bench, monkeypatch):
+    """benchmarks/switch_ab.py's comparison: every profiled run sees the value it is filed under, the order of the
+    values alternates from pair to pair, KSampler's run comes once per pair, and the switch is what it was after."""
+    from bench import report, switch_ab
+
+    from asyndm.comfy_adapter.sampler import AsynSampler
+
+    seen: list[tuple[str, object]] = []
+
+    def fake_profile(_bench, variant, _device, _runs=1):
+        seen.append((variant, AsynSampler.pixel_steps))
+        return {"total": 100.0, "hooks: per-pixel selection": 2.0 if AsynSampler.pixel_steps else 3.0}
+
+    monkeypatch.setattr(report.FAMILY_ROWS["unet"], "profile_variant", fake_profile)
+    owner, name = switch_ab.resolve_switch("asyndm.comfy_adapter.sampler:AsynSampler.pixel_steps")
+    assert owner is AsynSampler and name == "pixel_steps"
+    runs = switch_ab.compare(None, "unet", owner, name, [False, True], ["fixed"], pairs=2, warmup=0)
+    assert seen == [("ksampler", True), ("fixed", False), ("fixed", True),
+                    ("ksampler", True), ("fixed", True), ("fixed", False)]
+    assert AsynSampler.pixel_steps is True and "pixel_steps" in vars(AsynSampler)
+    assert [p["hooks: per-pixel selection"] for p in runs[("fixed", 0)]] == [3.0, 3.0]
+    text = switch_ab.markdown(runs, "pixel_steps", [False, True], ["fixed"], ["per-pixel"], "unet")
+    assert "| fixed | false | 3.00 | 3.00% | 3.00 |" in text and "| fixed | true | 2.00 | 2.00% | 2.00 |" in text
+    assert switch_ab.parse_value("0.5") == 0.5 and switch_ab.parse_value("euler") == "euler"
+    with pytest.raises(ValueError, match="no attribute"):
+        switch_ab.resolve_switch("asyndm.comfy_adapter.sampler:AsynSampler.no_such_switch")
+
+
+def test_switch_ab_main_on_a_tiny_model():
+    """The script end to end: a table with a finite row per variant and value."""
+    spec = importlib.util.spec_from_file_location("asyndm_switch_ab", REPO_ROOT / "benchmarks" / "switch_ab.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    text = module.main(["--switch", "asyndm.comfy_adapter.sampler:AsynSampler.pixel_steps", "--values", "true,false",
+                        "--variants", "dynamic,fixed", "--model", "tiny", "--case", "16x16:1:4", "--pairs", "1",
+                        "--warmup", "0", "--watch", "per-pixel"])
+    rows = [line for line in text.splitlines() if line.startswith("| dynamic") or line.startswith("| fixed")]
+    assert len(rows) == 4
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert math.isfinite(float(cells[2])) and float(cells[2]) > 0, row
