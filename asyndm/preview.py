@@ -47,5 +47,6 @@ def timestep_strip(states: list[torch.Tensor], priorities: list[torch.Tensor], *
     # the canvas as (B, rows, tiles, tile width, RGB): tile j's columns start at j * (tw + gap)
     tiles = canvas.as_strided((batch, 2 * th + gap, shown, tw, 3), (*canvas.stride()[:2], (tw + gap) * 3, 3, 1))
     tiles[:, :th] = top.permute(0, 2, 1, 3)[..., None]
-    tiles[:, th + gap:] = bottom.permute(0, 2, 1, 3)[..., None] * torch.tensor([1.0, 0.55, 0.1])  # orange
+    orange = torch.tensor([1.0, 0.55, 0.1], device=bottom.device)
+    tiles[:, th + gap:] = bottom.permute(0, 2, 1, 3)[..., None] * orange  # maps on any device; the strip on the CPU
     return canvas
