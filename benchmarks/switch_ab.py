@@ -21,7 +21,7 @@ _HERE = str(Path(__file__).resolve().parent)
 if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
-from bench.fixtures import Case, build_model, family_of, setup_comfyui  # noqa: E402
+from bench.fixtures import build_model, family_of, setup_comfyui  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--values", default="true,false", help="the two (or more) values, comma-separated, JSON each")
     p.add_argument("--variants", default="fixed,dynamic", help="the pack's variants to profile")
     p.add_argument("--model", default="reduced")
-    p.add_argument("--case", default="32x32:1:10", help="latent HxW : batch : steps")
+    p.add_argument("--case", dest="cases", default="32x32:1:10", help="one case: latent HxW : batch : steps")
     p.add_argument("--pairs", type=int, default=6, help="profiled runs per variant and value")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--watch", default="", help="comma-separated texts: the pieces whose labels contain them")
@@ -53,12 +53,11 @@ def main(argv: Sequence[str] | None = None) -> str:
         owner, name = switch_ab.resolve_switch(args.switch)
         values = [switch_ab.parse_value(v.strip()) for v in args.values.split(",")]
         variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-        size, batch, steps = args.case.split(":")
-        h, _, w = size.partition("x")
+        (case,) = cli.parse_cases(args)
         family = family_of(args.model)
         spec = {"seed": 0, "sampler": "euler", "device": args.device, **cli.FAMILY_DEFAULTS[family]}
         patcher = build_model(args.model, **cli.model_kwargs(spec))
-        bench = cli.make_bench(args.model, patcher, Case(int(h), int(w or h), int(batch), int(steps)), spec)
+        bench = cli.make_bench(args.model, patcher, case, spec)
         runs = switch_ab.compare(bench, family, owner, name, values, variants, args.pairs, args.device, args.warmup)
         watch = [t.strip() for t in args.watch.split(",") if t.strip()]
         text = switch_ab.markdown(runs, args.switch, values, variants, watch, family)
