@@ -74,7 +74,8 @@ def compare(bench: Any, family: str, owner: Any, name: str, values: Sequence[Any
 def markdown(runs: dict[Any, list[dict[str, float]]], switch: str, values: Sequence[Any], variants: Sequence[str],
              watch: Sequence[str], family: str) -> str:
     """A table: per variant and value, the median of the pack's pieces (ms and % of KSampler's median run) and of
-    each watched piece (labels containing the given text)."""
+    each watched piece (labels containing the given text); first KSampler's own watched pieces (such as the UNet's
+    compute, which the pack's pieces do not count but a change of the pack can move)."""
     rows_module = FAMILY_ROWS[family]
     ks = runs["ksampler"]
     labels = {label for profile in ks for label in profile}
@@ -86,6 +87,8 @@ def markdown(runs: dict[Any, list[dict[str, float]]], switch: str, values: Seque
 
     head = ["variant", switch, "pack's pieces, ms", "% of KSampler", *watch]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    # KSampler's own watched pieces (the UNet's rows above all): what the pack's rows compare with
+    lines.append("| " + " | ".join(["ksampler", "-", "-", "-", *(f"{piece(ks, text):.2f}" for text in watch)]) + " |")
     for v in variants:
         for k, value in enumerate(values):
             profiles = runs[(v, k)]

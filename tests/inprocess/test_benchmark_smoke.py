@@ -239,6 +239,7 @@ def test_switch_ab_alternates_the_values_and_restores_the_switch(bench, monkeypa
     assert [p["hooks: per-pixel selection"] for p in runs[("fixed", 0)]] == [3.0, 3.0]
     text = switch_ab.markdown(runs, "pixel_steps", [False, True], ["fixed"], ["per-pixel"], "unet")
     assert "| fixed | false | 3.00 | 3.00% | 3.00 |" in text and "| fixed | true | 2.00 | 2.00% | 2.00 |" in text
+    assert "| ksampler | - | - | - | 2.00 |" in text  # KSampler's runs (the switch on for both) and its watched piece
     assert switch_ab.parse_value("0.5") == 0.5 and switch_ab.parse_value("euler") == "euler"
     with pytest.raises(ValueError, match="no attribute"):
         switch_ab.resolve_switch("asyndm.comfy_adapter.sampler:AsynSampler.no_such_switch")
