@@ -93,6 +93,9 @@ class AttentionObserver:
         self._sub_quad: ModuleType | None = None  # sub_quad.py, where ComfyUI is loaded (see install)
         self._sub_quad_agrees: dict[bool, bool] = {}  # upcast -> sub_quad.agrees, asked at the run's first use
         self._sub_quad_routes: dict[tuple, bool | None] = {}  # (function, dtype, precision) -> _sub_quad_upcast
+        self._last_route: tuple | None = None  # the last (function, dtype, precision, upcast) asked: every layer's
+        self._last_columns: tuple | None = None  # the last (uuid, device, length, heads, weights) asked
+        self._conds_kept: tuple | None = None  # (cond_or_uncond, uuids, rows, conds) of the last model call seen
         self.reset()
 
     def install(self, model_options: dict) -> None:
@@ -193,6 +196,9 @@ class AttentionObserver:
         """sub_quad.float32_scores of a call of `func` in this dtype and precision, where `func` is ComfyUI's sub_quad,
         scores in float32 and is restated exactly (sub_quad.agrees, once per upcast); else None. Decided once per run
         and (function, dtype, precision): every observed layer asks."""
+        last = self._last_route
+        if last is not None and last[0] is func and last[1] is dtype and last[2] is precision:
+            return last[3]
         key = (func, dtype, precision)
         if key not in self._sub_quad_routes:
             own = self._sub_quad
@@ -201,6 +207,7 @@ class AttentionObserver:
             if upcast is not None and upcast not in self._sub_quad_agrees:
                 self._sub_quad_agrees[upcast] = own.agrees(func, upcast)
             self._sub_quad_routes[key] = upcast if upcast is not None and self._sub_quad_agrees[upcast] else None
+        self._last_route = (func, dtype, precision, self._sub_quad_routes[key])
         return self._sub_quad_routes[key]
 
     def _flush(self) -> None:
@@ -226,20 +233,31 @@ class AttentionObserver:
         module = self.modules.get(key)
         if module is None:
             return None
-        cond_or_uncond = extra_options.get("cond_or_uncond", [0])
-        uuids = extra_options.get("uuids", [None] * len(cond_or_uncond))
-        chunks = len(cond_or_uncond)
-        if chunks == 0 or n.shape[0] % chunks:
-            return None
-        rows = n.shape[0] // chunks
-        if rows != self.batch:
-            return None
-        conds = [(slice(o * rows, (o + 1) * rows), uuids[o]) for o in range(chunks)
-                 if cond_or_uncond[o] == 0 and self.columns_by_uuid.get(uuids[o]) is not None]
+        conds = self._call_conds(n.shape[0], extra_options)
         if not conds:
             return None
         replaced = key in self._replaced or block in self._replaced
         return (module, conds, int(extra_options["n_heads"])), replaced
+
+    def _call_conds(self, total: int, extra_options: dict) -> list[tuple[slice, Any]]:
+        """[(row slice, uuid)] of the conditional chunks of a model call of `total` rows whose prompt has key words
+        (empty where none, or where the rows are not whole chunks of the observed batch). Worked out at the call's
+        first observed layer and kept while its cond_or_uncond and uuids lists, the same objects in all the call's
+        layers, come back (the lists are held, so their identity is not reused)."""
+        given, uuids_given = extra_options.get("cond_or_uncond"), extra_options.get("uuids")
+        kept = self._conds_kept
+        if kept is not None and kept[0] is given and kept[1] is uuids_given and kept[2] == total:
+            return kept[3]
+        cond_or_uncond = [0] if given is None else given
+        uuids = [None] * len(cond_or_uncond) if uuids_given is None else uuids_given
+        chunks = len(cond_or_uncond)
+        conds: list[tuple[slice, Any]] = []
+        if chunks and total % chunks == 0 and total // chunks == self.batch:
+            rows = self.batch
+            conds = [(slice(o * rows, (o + 1) * rows), uuids[o]) for o in range(chunks)
+                     if cond_or_uncond[o] == 0 and self.columns_by_uuid.get(uuids[o]) is not None]
+        self._conds_kept = (given, uuids_given, total, conds)
+        return conds
 
     @torch.no_grad()
     def _score_recomputed(self, n: torch.Tensor, context: torch.Tensor, plan: tuple) -> None:
@@ -315,10 +333,14 @@ class AttentionObserver:
 
     def _column_weights(self, uuid: Any, device: torch.device, length: int, heads: int) -> torch.Tensor:
         """(items, L): column_weights transposed, divided by the number of heads (their mean)."""
+        last = self._last_columns
+        if last is not None and last[0] is uuid and last[2] == length and last[3] == heads and last[1] == device:
+            return last[4]
         key = (uuid, device, length, heads)
         if key not in self._columns:
             table = column_weights(self.columns_by_uuid[uuid], length, torch.device("cpu")) / heads
             self._columns[key] = to_device(table.t().contiguous(), device)
+        self._last_columns = (uuid, device, length, heads, self._columns[key])
         return self._columns[key]
 
 

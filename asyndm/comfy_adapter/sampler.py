@@ -521,9 +521,13 @@ class AsynSampler(comfy.samplers.Sampler):
                 curve not in NUMPY_CURVES):
             return None
         t, target = self.num_train_timesteps, float(self.offset)
+        constants: dict[np.dtype, tuple[np.floating, np.floating]] = {}  # the states' dtype -> (target, bend)
 
         def next_states(states: np.ndarray, k: np.ndarray, remaining: int) -> np.ndarray:
-            tgt, bend = numpy_curve_constants(states.dtype, target, t=t, n=num_steps)
+            kept = constants.get(states.dtype)
+            if kept is None:
+                kept = constants[states.dtype] = numpy_curve_constants(states.dtype, target, t=t, n=num_steps)
+            tgt, bend = kept
             keyed = curve == "bin" and bool((k > 0).any())  # k = 0 adds an exact zero: the linear step
             return numpy_state_step(states, k * bend if keyed else None, remaining, tgt)
         return next_states
