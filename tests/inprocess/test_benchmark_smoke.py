@@ -259,3 +259,34 @@ def test_switch_ab_main_on_a_tiny_model():
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert math.isfinite(float(cells[2])) and float(cells[2]) > 0, row
+
+
+def test_piece_timer_counts_exclusive_time_and_calls(bench):
+    """The profile's timer: a piece's time excludes the wrapped pieces it calls (which keep theirs), nested calls of
+    one label add up, and an exception still closes the piece."""
+    import time
+
+    from bench.measure import PieceTimer
+
+    timer = PieceTimer("cpu")
+
+    def child() -> None:
+        time.sleep(0.02)
+
+    timed_child = timer.wrap("child", child)
+
+    def parent(fail: bool) -> None:
+        time.sleep(0.01)
+        timed_child()
+        timed_child()
+        if fail:
+            raise KeyError("boom")
+
+    timed_parent = timer.wrap("parent", parent)
+    timed_parent(False)
+    with pytest.raises(KeyError):
+        timed_parent(True)
+    assert timer.calls == {"parent": 2, "child": 4}
+    assert 0.08 <= timer.exclusive["child"] < 0.12, timer.exclusive
+    assert 0.02 <= timer.exclusive["parent"] < 0.04, timer.exclusive  # the children's 80 ms are not the parent's
+    assert timer._stack == []
