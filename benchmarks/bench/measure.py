@@ -137,40 +137,28 @@ class PieceTimer:
 
     def wrap(self, label: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         """fn, timed under label. The wrapper's own work lands in the pieces it wraps and in their callers, so it is
-        kept small: on the CPU no device sync call, and the timer's state bound to locals once."""
+        kept small: the timer's state bound to locals once, and on the CPU no device-sync call."""
         exclusive, calls, stack, clock = self.exclusive, self.calls, self._stack, time.perf_counter
-        if not self.device.startswith("cuda"):
-            def timed_call(*args: Any, **kwargs: Any) -> Any:
-                t0 = clock()
-                stack.append(0.0)
-                try:
-                    return fn(*args, **kwargs)
-                finally:
-                    dt = clock() - t0
-                    exclusive[label] += dt - stack.pop()
-                    calls[label] += 1
-                    if stack:
-                        stack[-1] += dt
-
-            return timed_call
-
         device = self.device
+        synced = device.startswith("cuda")
 
-        def synced_call(*args: Any, **kwargs: Any) -> Any:
-            _sync(device)
+        def timed_call(*args: Any, **kwargs: Any) -> Any:
+            if synced:
+                _sync(device)
             t0 = clock()
             stack.append(0.0)
             try:
                 return fn(*args, **kwargs)
             finally:
-                _sync(device)
+                if synced:
+                    _sync(device)
                 dt = clock() - t0
                 exclusive[label] += dt - stack.pop()
                 calls[label] += 1
                 if stack:
                     stack[-1] += dt
 
-        return synced_call
+        return timed_call
 
     def wrap_factory(self, label: str, factory: Callable[..., Any]) -> Callable[..., Any]:
         """A method that makes a hook (``self._emb_pre(i)``): the hooks it makes are timed under label."""
