@@ -125,3 +125,30 @@ def test_half_precision_blocks_are_scored_in_float32_with_the_same_ops() -> None
         assert torch.allclose(got.double(), want, atol=1e-6), dtype
         ops[dtype] = count.ops
     assert ops[torch.float16] == ops[torch.float32] == ops[torch.bfloat16], ops
+
+
+def test_each_model_calls_chunks_are_read_from_its_own_lists() -> None:
+    """The conditional chunks are worked out once per model call (its cond_or_uncond and uuids lists, shared by the
+    call's layers) and kept for its other layers; the next call, with lists of its own, is read afresh: a call whose
+    cond chunk comes first scores its own rows, and one with no cond chunk scores nothing."""
+    obs, model_options = _observer(False)
+    module = obs.modules[KEY]
+    n, context = torch.randn(2, 4, 6), torch.randn(2, TOKENS, 16)
+    to = model_options["transformer_options"]
+    with torch.no_grad():
+        for order in (["u", "c"], ["c", "u"], ["u", "c"]):  # uncond first, cond first, uncond first again
+            obs.reset()
+            cond_first = order == ["c", "u"]
+            options = {**_options(1), "cond_or_uncond": [0, 1] if cond_first else [1, 0], "uuids": list(order),
+                       "transformer_options": to}
+            for _layer in range(2):  # two observed layers of one call: the second reuses the call's chunks
+                _block_call(obs, module, n, context, options, False)
+            got = obs.mean()
+            rows = slice(0, 1) if cond_first else slice(1, 2)
+            want = _want(module, n[rows], context[rows])
+            assert got is not None and obs.count == 2
+            assert torch.allclose(got.double(), want, atol=1e-6), order
+        obs.reset()
+        options = {**_options(1), "cond_or_uncond": [1, 1], "uuids": ["u", "u"], "transformer_options": to}
+        _block_call(obs, module, n, context, options, False)  # no conditional chunk: nothing scored
+        assert obs.mean() is None
